@@ -1,0 +1,158 @@
+"""The meaning of every op, in plain PyTorch.
+
+This module is the specification the kernels are tested against: readable,
+autograd-capable, and correct in any dtype (fp64 included). It is not tuned for
+speed; the op layer (`flextron_kernels.ops`) dispatches to fast backends.
+
+Conventions (see the README):
+- weights use ``nn.Linear``'s layout ``[out_features, in_features]``;
+- a width ``w`` always means the *first* ``w`` rows or columns (a prefix);
+- output positions a token does not use are exactly zero.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Union
+
+import torch
+
+Width = Union[None, int, torch.Tensor]
+
+
+# --------------------------------------------------------------------------- #
+# Routing metadata
+# --------------------------------------------------------------------------- #
+class RoutingMetadata(NamedTuple):
+    """Tokens grouped by width, and a tile schedule over the groups.
+
+    All tensors are int32 and live on the widths' device. With ``T`` tokens,
+    ``G`` groups and block size ``block_m``, ``max_tiles = cdiv(T, block_m) + G``.
+
+    - ``sorted_token_idx [T]``: token indices ordered by group; within a group,
+      by increasing token index (a stable sort).
+    - ``group_offsets [G + 1]``: group ``g`` occupies
+      ``sorted_token_idx[group_offsets[g]:group_offsets[g + 1]]``.
+    - ``tile_group [max_tiles]``: the group of each tile, ``-1`` past the last tile.
+    - ``tile_start [max_tiles]``, ``tile_end [max_tiles]``: the tile covers
+      ``sorted_token_idx[tile_start:tile_end]`` (at most ``block_m`` rows, never
+      crossing a group boundary); both are ``T`` past the last tile.
+    - ``num_tiles [1]``: how many leading entries of the tile arrays are used.
+    """
+
+    sorted_token_idx: torch.Tensor
+    group_offsets: torch.Tensor
+    tile_group: torch.Tensor
+    tile_start: torch.Tensor
+    tile_end: torch.Tensor
+    num_tiles: torch.Tensor
+
+
+def max_tiles(num_tokens: int, num_groups: int, block_m: int) -> int:
+    """Size of the tile arrays: an upper bound on sum_g cdiv(count_g, block_m)."""
+    return -(-num_tokens // block_m) + num_groups
+
+
+def routing_metadata(widths: torch.Tensor, boundaries: torch.Tensor, block_m: int) -> RoutingMetadata:
+    """Group tokens by width and lay out tiles of at most ``block_m`` tokens.
+
+    Args:
+        widths: ``[T]`` integer tensor, each token's width (or head count).
+        boundaries: ``[G]`` strictly increasing integer tensor, the groups' upper
+            bounds (usually the allowed widths). Token ``t`` is in group ``g``, the
+            smallest ``g`` with ``widths[t] <= boundaries[g]``; a width above the
+            last boundary is put in the last group (the op layer rejects such widths
+            before they get here).
+        block_m: tile height in tokens (> 0).
+    """
+    num_tokens, num_groups = widths.numel(), boundaries.numel()
+    device = widths.device
+    group = torch.bucketize(widths.to(torch.int64), boundaries.to(torch.int64), right=False)
+    group = group.clamp_(max=num_groups - 1)
+
+    counts = torch.zeros(num_groups, dtype=torch.int64, device=device)
+    counts.scatter_add_(0, group, torch.ones_like(group))
+    group_offsets = torch.zeros(num_groups + 1, dtype=torch.int64, device=device)
+    group_offsets[1:] = torch.cumsum(counts, 0)
+    sorted_token_idx = torch.sort(group, stable=True).indices
+
+    tiles_per_group = (counts + block_m - 1) // block_m
+    first_tile_of_group = torch.cumsum(tiles_per_group, 0) - tiles_per_group
+    num_tiles = tiles_per_group.sum()
+
+    n_slots = max_tiles(num_tokens, num_groups, block_m)
+    slot = torch.arange(n_slots, device=device)
+    # The group of tile `slot` is the last group whose first tile is <= slot
+    # (groups without tiles share their first tile with the next group, so
+    # `right=True` skips them).
+    slot_group = torch.searchsorted(first_tile_of_group, slot, right=True) - 1
+    slot_group = slot_group.clamp_(0, num_groups - 1)
+    used = slot < num_tiles
+    start = group_offsets[slot_group] + (slot - first_tile_of_group[slot_group]) * block_m
+    end = torch.minimum(start + block_m, group_offsets[slot_group + 1])
+    tile_group = torch.where(used, slot_group, -1)
+    tile_start = torch.where(used, start, num_tokens)
+    tile_end = torch.where(used, end, num_tokens)
+
+    i32 = torch.int32
+    return RoutingMetadata(
+        sorted_token_idx.to(i32),
+        group_offsets.to(i32),
+        tile_group.to(i32),
+        tile_start.to(i32),
+        tile_end.to(i32),
+        num_tiles.reshape(1).to(i32),
+    )
+
+
+# --------------------------------------------------------------------------- #
+# Elastic linear
+# --------------------------------------------------------------------------- #
+def _prefix_mask(widths: torch.Tensor, size: int) -> torch.Tensor:
+    """``[..., size]`` bool: position ``j`` is inside the token's prefix."""
+    return torch.arange(size, device=widths.device) < widths.unsqueeze(-1)
+
+
+def elastic_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    out_features: Width = None,
+    in_features: Width = None,
+    max_out_features: Optional[int] = None,
+) -> torch.Tensor:
+    """Linear layer on a prefix of the weight.
+
+    Shapes: ``weight [N, K]``, ``bias [N]``, ``x [..., Kx]`` with ``Kx = K``, or
+    ``Kx = k`` when ``in_features`` is the int ``k``.
+
+    - ``in_features`` ``k`` (int or None = ``Kx``): ``y = x[..., :k] @ weight[:n, :k].T``.
+      As a tensor of shape ``x.shape[:-1]``, token ``t`` uses ``x[t, :k_t]`` and
+      ``weight[:, :k_t]``; entries of ``x`` beyond ``k_t`` are ignored.
+    - ``out_features`` ``n`` (int or None = ``N``): output ``[..., n]``. As a tensor
+      of shape ``x.shape[:-1]``: output ``[..., max_out_features or N]`` with
+      ``y[t, j]`` computed for ``j < n_t`` and exactly 0 beyond.
+    - ``bias[:n]`` (or ``bias[j]`` for ``j < n_t``) is added where the output is used.
+    """
+    lead = x.shape[:-1]
+    n_full, k_full = weight.shape
+    k_in = x.shape[-1]
+
+    if isinstance(in_features, torch.Tensor):
+        k_used = k_in
+        x = torch.where(_prefix_mask(in_features, k_in), x, torch.zeros((), dtype=x.dtype, device=x.device))
+    else:
+        k_used = k_in if in_features is None else in_features
+        x = x[..., :k_used]
+
+    if isinstance(out_features, torch.Tensor):
+        n_used = n_full if max_out_features is None else max_out_features
+    else:
+        n_used = n_full if out_features is None else out_features
+
+    y = x @ weight[:n_used, :k_used].T
+    if bias is not None:
+        y = y + bias[:n_used]
+    if isinstance(out_features, torch.Tensor):
+        y = torch.where(_prefix_mask(out_features, n_used), y, torch.zeros((), dtype=y.dtype, device=y.device))
+    return y.reshape(*lead, n_used)
