@@ -1,0 +1,17 @@
+"""The op layer: argument checks, backend dispatch, autograd and torch.library registration.
+
+One module per op. Kernels live in ``flextron_kernels.triton`` and the compiled
+extension; the meaning of every op is in ``flextron_kernels.reference``.
+"""
+
+from flextron_kernels.ops.checks import skip_width_value_checks
+from flextron_kernels.ops.elastic_linear import elastic_linear, full_size_weight_grads
+from flextron_kernels.ops.routing import default_boundaries, routing_metadata
+
+__all__ = [
+    "default_boundaries",
+    "elastic_linear",
+    "full_size_weight_grads",
+    "routing_metadata",
+    "skip_width_value_checks",
+]

@@ -1,0 +1,114 @@
+"""Argument checks shared by every op.
+
+Each check raises ``TypeError`` (wrong kind of object or dtype) or ``ValueError``
+(wrong device, rank, shape or value) with a message that names the argument, what
+was expected and what was given.
+
+Checking the *values* of a widths tensor (every width in range) needs one device to
+host copy. It runs by default, except while a CUDA graph is being captured; set
+``FLEXTRON_CHECK_WIDTHS=0`` or use :func:`skip_width_value_checks` to skip it on a
+hot path whose widths come from trusted code (a router's argmax).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from typing import Iterator, Optional, Sequence, Union
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+_skip_values: contextvars.ContextVar[bool] = contextvars.ContextVar("flextron_skip_width_values", default=False)
+
+
+@contextlib.contextmanager
+def skip_width_value_checks() -> Iterator[None]:
+    """Inside the block, widths tensors are not copied to the host to check their range."""
+    token = _skip_values.set(True)
+    try:
+        yield
+    finally:
+        _skip_values.reset(token)
+
+
+def _value_checks_enabled(t: torch.Tensor) -> bool:
+    if _skip_values.get() or os.environ.get("FLEXTRON_CHECK_WIDTHS", "1") == "0":
+        return False
+    if t.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False
+    return True
+
+
+def check_tensor(
+    name: str,
+    t: object,
+    *,
+    dtypes: Optional[Sequence[torch.dtype]] = None,
+    device: Optional[torch.device] = None,
+    ndim: Optional[int] = None,
+    min_ndim: Optional[int] = None,
+    shape: Optional[Sequence[int]] = None,
+) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name}: expected dtype in ({', '.join(map(str, dtypes))}), got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device} (the device of the other inputs), got {t.device}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name}: expected {ndim} dimensions, got shape {tuple(t.shape)}")
+    if min_ndim is not None and t.dim() < min_ndim:
+        raise ValueError(f"{name}: expected at least {min_ndim} dimension(s), got shape {tuple(t.shape)}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
+    return t
+
+
+def check_same_dtype(name: str, t: torch.Tensor, dtype: torch.dtype, other: str) -> None:
+    if t.dtype != dtype:
+        raise TypeError(f"{name}: expected dtype {dtype} (the dtype of {other}), got {t.dtype}")
+
+
+def check_int(name: str, value: object, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if not low <= value <= high:
+        raise ValueError(f"{name}: expected an int in [{low}, {high}], got {value}")
+    return value
+
+
+def check_widths(
+    name: str,
+    widths: Union[None, int, torch.Tensor],
+    *,
+    high: int,
+    default: int,
+    token_shape: Sequence[int],
+    device: torch.device,
+) -> tuple[Optional[torch.Tensor], int]:
+    """Normalise a width argument: None (full), an int, or a per-token integer tensor.
+
+    Returns ``(per_token, static)``: ``per_token`` is the tensor flattened to ``[T]``
+    (or None), ``static`` is the int width (``high`` for a per-token argument).
+    """
+    if widths is None:
+        return None, default
+    if not isinstance(widths, torch.Tensor):
+        return None, check_int(name, widths, 0, high)
+    if widths.dtype not in INTEGER_DTYPES:
+        raise TypeError(f"{name}: expected an integer tensor (int32 or int64), got dtype {widths.dtype}")
+    if widths.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device} (the device of x), got {widths.device}")
+    if tuple(widths.shape) != tuple(token_shape):
+        raise ValueError(f"{name}: expected shape {tuple(token_shape)} (x.shape[:-1]), got {tuple(widths.shape)}")
+    flat = widths.reshape(-1)
+    if flat.numel() and _value_checks_enabled(flat):
+        low_seen, high_seen = torch.aminmax(flat)
+        low_seen, high_seen = int(low_seen), int(high_seen)
+        if low_seen < 0 or high_seen > high:
+            raise ValueError(f"{name}: expected every width in [0, {high}], got values in [{low_seen}, {high_seen}]")
+    return flat, high
