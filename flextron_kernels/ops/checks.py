@@ -7,7 +7,8 @@ was expected and what was given.
 Checking the *values* of a widths tensor (every width in range) needs one device to
 host copy. It runs by default, except while a CUDA graph is being captured; set
 ``FLEXTRON_CHECK_WIDTHS=0`` or use :func:`skip_width_value_checks` to skip it on a
-hot path whose widths come from trusted code (a router's argmax).
+hot path whose widths come from trusted code (a router's argmax). Code traced by
+``torch.compile`` skips it too.
 """
 
 from __future__ import annotations
@@ -36,11 +37,24 @@ def skip_width_value_checks() -> Iterator[None]:
 
 
 def _value_checks_enabled(t: torch.Tensor) -> bool:
+    # A traced graph cannot copy to the host; compiled code relies on eager runs' checks.
+    if torch.compiler.is_compiling():
+        return False
     if _skip_values.get() or os.environ.get("FLEXTRON_CHECK_WIDTHS", "1") == "0":
         return False
     if t.is_cuda and torch.cuda.is_current_stream_capturing():
         return False
     return True
+
+
+def new_output(shape, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised output buffer; filled with NaN (integers: -999999) when
+    ``FLEXTRON_POISON_OUTPUTS=1`` (the tests set it, so that an element a kernel
+    forgets to write fails)."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if os.environ.get("FLEXTRON_POISON_OUTPUTS", "0") == "1":
+        out.fill_(float("nan") if out.is_floating_point() else -999999)
+    return out
 
 
 def check_tensor(

@@ -40,6 +40,7 @@ from flextron_kernels.ops.checks import (
     check_same_dtype,
     check_tensor,
     check_widths,
+    new_output,
 )
 from flextron_kernels.ops.routing import default_boundaries, routing_metadata
 
@@ -114,7 +115,7 @@ def _forward_impl(x, weight, bias, out_widths, in_widths, n, k):
 
     config = _triton_config(x, x.shape[0])
     routing, _, _ = _routing_for(out_widths, in_widths, n, k, config["BLOCK_M"])
-    y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    y = new_output((x.shape[0], n), dtype=x.dtype, device=x.device)
     return routed_matmul(
         x, x.stride(), weight, weight.stride(), bias, y,
         out_widths=out_widths, red_widths=in_widths, out_limit=n, red_limit=k, routing=routing, config=config,
@@ -136,7 +137,7 @@ def _grad_input_impl(dy, weight, out_widths, in_widths, k, kx):
 
     config = _triton_config(dy, num_rows)
     routing, _, _ = _routing_for(out_widths, in_widths, n, k, config["BLOCK_M"])
-    dx = torch.empty(num_rows, kx, dtype=dy.dtype, device=dy.device)
+    dx = new_output((num_rows, kx), dtype=dy.dtype, device=dy.device)
     w_strides = weight.stride()
     return routed_matmul(
         dy, dy.stride(), weight, (w_strides[1], w_strides[0]), None, dx,
@@ -297,9 +298,9 @@ def _accumulates_in_place(weight: torch.Tensor, bias: Optional[torch.Tensor]) ->
         return isinstance(t, torch.nn.Parameter) and t.is_leaf
 
     return (
-        torch.is_grad_enabled()
+        not torch.compiler.is_compiling()
+        and torch.is_grad_enabled()
         and not _full_size_grads.get()
-        and not torch.compiler.is_compiling()
         and weight.requires_grad
         and is_param_leaf(weight)
         and (bias is None or not bias.requires_grad or is_param_leaf(bias))

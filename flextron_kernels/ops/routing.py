@@ -15,7 +15,7 @@ import torch
 
 from flextron_kernels import reference
 from flextron_kernels.backends import extension, select_backend
-from flextron_kernels.ops.checks import check_int, check_tensor, INTEGER_DTYPES
+from flextron_kernels.ops.checks import INTEGER_DTYPES, check_int, check_tensor, new_output
 from flextron_kernels.reference import RoutingMetadata
 
 # Per-token widths that are not given as a list of allowed values are grouped into at
@@ -70,7 +70,7 @@ def _extension_routing_metadata(widths: torch.Tensor, boundaries: torch.Tensor, 
     n_slots = reference.max_tiles(num_tokens, num_groups, block_m)
 
     def new(size):
-        return torch.empty(size, dtype=torch.int32, device=widths.device)
+        return new_output((size,), dtype=torch.int32, device=widths.device)
 
     out = RoutingMetadata(new(num_tokens), new(num_groups + 1), new(n_slots), new(n_slots), new(n_slots), new(1))
     pointers = (widths.data_ptr(), num_tokens, boundaries.data_ptr(), num_groups, block_m) + tuple(
