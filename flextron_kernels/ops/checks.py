@@ -36,7 +36,7 @@ def skip_width_value_checks() -> Iterator[None]:
         _skip_values.reset(token)
 
 
-def _value_checks_enabled(t: torch.Tensor) -> bool:
+def value_checks_enabled(t: torch.Tensor) -> bool:
     # A traced graph cannot copy to the host; compiled code relies on eager runs' checks.
     if torch.compiler.is_compiling():
         return False
@@ -120,7 +120,7 @@ def check_widths(
     if tuple(widths.shape) != tuple(token_shape):
         raise ValueError(f"{name}: expected shape {tuple(token_shape)} (x.shape[:-1]), got {tuple(widths.shape)}")
     flat = widths.reshape(-1)
-    if flat.numel() and _value_checks_enabled(flat):
+    if flat.numel() and value_checks_enabled(flat):
         low_seen, high_seen = torch.aminmax(flat)
         low_seen, high_seen = int(low_seen), int(high_seen)
         if low_seen < 0 or high_seen > high:

@@ -15,7 +15,7 @@ import torch
 
 from flextron_kernels import reference
 from flextron_kernels.backends import extension, select_backend
-from flextron_kernels.ops.checks import INTEGER_DTYPES, check_int, check_tensor, new_output
+from flextron_kernels.ops.checks import INTEGER_DTYPES, check_int, check_tensor, new_output, value_checks_enabled
 from flextron_kernels.reference import RoutingMetadata
 
 # Per-token widths that are not given as a list of allowed values are grouped into at
@@ -106,6 +106,8 @@ def routing_metadata(widths: torch.Tensor, boundaries: torch.Tensor, block_m: in
     if boundaries.numel() == 0:
         raise ValueError("boundaries: expected at least one group boundary, got an empty tensor")
     check_int("block_m", block_m, 1, 1 << 20)
+    if value_checks_enabled(boundaries) and not bool((boundaries.diff() > 0).all()):
+        raise ValueError(f"boundaries: expected strictly increasing values, got {boundaries.tolist()}")
     ext = extension()
     if ext is not None and boundaries.numel() > ext.ROUTING_MAX_GROUPS:
         raise ValueError(f"boundaries: expected at most {ext.ROUTING_MAX_GROUPS} groups, got {boundaries.numel()}")
