@@ -63,6 +63,13 @@ def test_build_info_keys():
         assert set(info["extension_build"]) >= {"cuda", "cuda_archs", "cxx_compiler"}
 
 
+@pytest.mark.skipif(os.environ.get("FLEXTRON_EXPECT_EXT") != "1", reason="the test command did not ask for the extension")
+def test_extension_was_built_and_installed():
+    info = fk.build_info()
+    assert info["extension"], f"flextron_kernels._C did not import: {info['extension_error']}"
+    assert "cuda" in info["backends"]["cpu"]
+
+
 def test_package_works_without_extension():
     code = (
         "import torch, flextron_kernels as fk\n"

@@ -195,9 +195,11 @@ def test_noncontiguous_and_narrow_inputs(backend, device):
                 xx.double(), w.double(), out_features=torch.arange(9) * 2, in_features=torch.arange(9) + 10
             )
             assert rel_err(y, ref) < 1e-5
-        # x holding only the used columns (in_features the int k).
+        # x holding only the used columns (in_features the int k), zero of them included.
         y = fk.elastic_linear(x[:, :8], w, in_features=8, out_features=5)
         assert rel_err(y, x[:, :8].double() @ w[:5, :8].double().T) < 1e-5
+        y = fk.elastic_linear(x[:, :0], w, in_features=0, out_features=5)
+        assert y.shape == (9, 5) and (y == 0).all()
 
 
 def test_inputs_beyond_width_are_ignored(device):

@@ -27,6 +27,7 @@ Under ``torch.compile``, for plain tensors, or inside
 from __future__ import annotations
 
 import contextlib
+import math
 import contextvars
 from typing import Iterator, Optional, Union
 
@@ -364,7 +365,7 @@ def elastic_linear(
         "out_features", out_features, high=out_high, default=n_full, token_shape=token_shape, device=x.device
     )
 
-    x2d = x.reshape(-1, kx)
+    x2d = x.reshape(math.prod(token_shape), kx)
     if _accumulates_in_place(weight, bias):
         y = _PrefixGradAccumulation.apply(x2d, weight, bias, out_widths, in_widths, n, k)
     else:

@@ -1,0 +1,92 @@
+"""Timing, ceilings and result files shared by the benchmark scripts.
+
+On a GPU, times are medians of ``triton.testing.do_bench`` (CUDA events, after
+warm-up, L2 flushed between repeats). On a CPU (smoke runs only), a median of
+wall-clock repeats. Every figure is meant to be reported beside a baseline measured
+in the same run.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+def time_ms(fn: Callable[[], object], *, warmup: int = 25, rep: int = 100) -> float:
+    """Median milliseconds per call of ``fn``."""
+    if torch.cuda.is_available():
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+    for _ in range(2):
+        fn()
+    samples = []
+    deadline = time.perf_counter() + rep / 1000
+    while len(samples) < 3 or (time.perf_counter() < deadline and len(samples) < 50):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1000)
+    return statistics.median(samples)
+
+
+def copy_bandwidth_tbps(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy rate, counting bytes read plus bytes written (TB/s)."""
+    if device.type != "cuda":
+        nbytes = 1 << 26
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src))
+    return 2 * nbytes / (ms * 1e-3) / 1e12
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype, size: int = 8192) -> float:
+    """Dense ``size^3`` matmul rate (TFLOP/s)."""
+    if device.type != "cuda":
+        size, dtype = 512, torch.float32
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    ms = time_ms(lambda: a @ b)
+    return 2 * size**3 / (ms * 1e-3) / 1e12
+
+
+def environment() -> dict:
+    """Device, versions and date, for every result file."""
+    from flextron_kernels.backends import build_info
+
+    info = build_info()
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": info["device"],
+        "torch": info["torch"],
+        "cuda": info["torch_cuda"],
+        "triton": info["triton"],
+        "flextron_kernels": info["version"],
+        "extension": info["extension_build"],
+        "python": platform.python_version(),
+    }
+
+
+def write_results(path: str | Path, payload: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"environment": environment(), **payload}, indent=2) + "\n")
+    return path
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+    """A plain fixed-width table of ``rows`` (dicts) over ``columns``."""
+
+    def cell(value):
+        return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+    widths = [max(len(c), *(len(cell(r.get(c, ""))) for r in rows)) if rows else len(c) for c in columns]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(cell(r.get(c, "")).ljust(w) for c, w in zip(columns, widths)) for r in rows]
+    return "\n".join(lines)
