@@ -156,3 +156,67 @@ def elastic_linear(
     if isinstance(out_features, torch.Tensor):
         y = torch.where(_prefix_mask(out_features, n_used), y, torch.zeros((), dtype=y.dtype, device=y.device))
     return y.reshape(*lead, n_used)
+
+
+# --------------------------------------------------------------------------- #
+# Elastic MLP
+# --------------------------------------------------------------------------- #
+GATED_ACTIVATIONS = ("silu", "gelu")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2")
+
+
+def activation(name: str, z: torch.Tensor) -> torch.Tensor:
+    """The MLP activations: ``silu``, ``gelu`` (erf), ``gelu_tanh`` (GPT-2), ``relu``,
+    ``relu2`` (squared ReLU)."""
+    if name == "silu":
+        return torch.nn.functional.silu(z)
+    if name == "gelu":
+        return torch.nn.functional.gelu(z)
+    if name == "gelu_tanh":
+        return torch.nn.functional.gelu(z, approximate="tanh")
+    if name == "relu":
+        return torch.relu(z)
+    if name == "relu2":
+        return torch.relu(z).square()
+    raise ValueError(f"activation: expected one of {', '.join(ACTIVATIONS)}, got {name!r}")
+
+
+def elastic_mlp(
+    x: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    *,
+    width: Union[int, torch.Tensor],
+    w_gate: Optional[torch.Tensor] = None,
+    b_up: Optional[torch.Tensor] = None,
+    b_down: Optional[torch.Tensor] = None,
+    activation: str = "silu",
+    scale: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """An MLP whose hidden width is chosen per token (or once for all tokens).
+
+    Shapes: ``x [..., D]``, ``w_up [F, D]``, ``w_gate [F, D]`` or None, ``w_down [D, F]``,
+    ``b_up [F]``, ``b_down [D]``, ``width`` an int or ``[...]`` integer tensor in
+    ``[0, F]``, ``scale`` ``[...]`` float or None. For token ``t`` with width ``w``:
+
+        h = act(x @ w_gate[:w].T) * (x @ w_up[:w].T + b_up[:w])     (gated)
+        h = act(x @ w_up[:w].T + b_up[:w])                          (ungated)
+        out = scale * (h @ w_down[:, :w].T) + b_down
+    """
+    ffn = w_up.shape[0]
+    widths = width if isinstance(width, torch.Tensor) else torch.full(x.shape[:-1], width, device=x.device)
+    used = torch.arange(ffn, device=x.device) < widths.unsqueeze(-1)
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+
+    up = x @ w_up.T
+    if b_up is not None:
+        up = up + b_up
+    _act = globals()["activation"]
+    hidden = _act(activation, x @ w_gate.T) * up if w_gate is not None else _act(activation, up)
+    hidden = torch.where(used, hidden, zero)
+    out = hidden @ w_down.T
+    if scale is not None:
+        out = out * scale.unsqueeze(-1)
+    if b_down is not None:
+        out = out + b_down
+    return out

@@ -20,6 +20,12 @@ def _gpu_present() -> bool:
 
 if not _gpu_present():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # Import triton now, so that a test which changes TRITON_INTERPRET later (to check
+    # backend selection) cannot make torch import it in compiled mode.
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        pass
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
