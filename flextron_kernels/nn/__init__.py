@@ -1,5 +1,6 @@
 """Module wrappers around the ops (no kernel code here)."""
 
 from flextron_kernels.nn.linear import ElasticLinear
+from flextron_kernels.nn.mlp import ElasticMLP
 
-__all__ = ["ElasticLinear"]
+__all__ = ["ElasticLinear", "ElasticMLP"]

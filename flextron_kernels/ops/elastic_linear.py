@@ -26,10 +26,8 @@ Under ``torch.compile``, for plain tensors, or inside
 
 from __future__ import annotations
 
-import contextlib
 import math
-import contextvars
-from typing import Iterator, Optional, Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -43,60 +41,22 @@ from flextron_kernels.ops.checks import (
     check_widths,
     new_output,
 )
-from flextron_kernels.ops.routing import default_boundaries, routing_metadata
+from flextron_kernels.ops.common import (
+    accumulates_in_place,
+    grad_buffer,
+    group_tokens,
+    mask_columns,
+    matmul_config,
+    weight_grad_config,
+)
 
 Width = Union[None, int, torch.Tensor]
-
-_full_size_grads: contextvars.ContextVar[bool] = contextvars.ContextVar("flextron_full_size_grads", default=False)
-
-
-@contextlib.contextmanager
-def full_size_weight_grads() -> Iterator[None]:
-    """Inside the block, weight gradients go through autograd at full size (for
-    ``torch.autograd.grad``, gradient hooks, or wrappers that need them)."""
-    token = _full_size_grads.set(True)
-    try:
-        yield
-    finally:
-        _full_size_grads.reset(token)
-
-
-# --------------------------------------------------------------------------- #
-# Backend implementations
-# --------------------------------------------------------------------------- #
-def _mask_columns(t: torch.Tensor, widths: Optional[torch.Tensor]) -> torch.Tensor:
-    """Zero ``t[i, j]`` for ``j >= widths[i]`` (a select, so NaN/inf there are dropped)."""
-    if widths is None:
-        return t
-    keep = torch.arange(t.shape[1], device=t.device) < widths.unsqueeze(1)
-    return torch.where(keep, t, torch.zeros((), dtype=t.dtype, device=t.device))
-
-
-def _triton_config(t: torch.Tensor, num_rows: int) -> dict:
-    precision = "ieee" if t.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
-    if t.device.type == "cpu":  # the Triton interpreter: small tiles keep it quick
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, INPUT_PRECISION=precision)
-    # Tiles sized for Hopper bf16 tensor cores; short row tiles for decode-sized batches.
-    block_m = 16 if num_rows <= 16 else 32 if num_rows <= 32 else 64 if num_rows <= 64 else 128
-    return dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=64, INPUT_PRECISION=precision, num_warps=8, num_stages=3)
-
-
-def _weight_grad_config(t: torch.Tensor) -> dict:
-    precision = "ieee" if t.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
-    if t.device.type == "cpu":
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, INPUT_PRECISION=precision)
-    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, INPUT_PRECISION=precision, num_warps=8, num_stages=3)
-
 
 def _routing_for(out_widths, in_widths, n, k, block_m):
     """Group tokens by their output width if per token, else by their input width."""
     if out_widths is not None:
-        boundaries = default_boundaries(max(n, 1), out_widths.device)
-        return routing_metadata(out_widths, boundaries, block_m), boundaries, True
-    if in_widths is not None:
-        boundaries = default_boundaries(max(k, 1), in_widths.device)
-        return routing_metadata(in_widths, boundaries, block_m), boundaries, False
-    return None, None, True
+        return (*group_tokens(out_widths, n, block_m), True)
+    return (*group_tokens(in_widths, k, block_m), False)
 
 
 def _select(op: str, t: torch.Tensor, per_token: bool) -> str:
@@ -108,13 +68,13 @@ def _select(op: str, t: torch.Tensor, per_token: bool) -> str:
 def _forward_impl(x, weight, bias, out_widths, in_widths, n, k):
     per_token = out_widths is not None or in_widths is not None
     if _select("elastic_linear", x, per_token) == "torch":
-        xs = _mask_columns(x[:, :k], in_widths)
+        xs = mask_columns(x[:, :k], in_widths)
         y = F.linear(xs, weight[:n, :k], None if bias is None else bias[:n])
-        return _mask_columns(y, out_widths)
+        return mask_columns(y, out_widths)
 
     from flextron_kernels.triton.routed_matmul import routed_matmul
 
-    config = _triton_config(x, x.shape[0])
+    config = matmul_config(x, x.shape[0])
     routing, _, _ = _routing_for(out_widths, in_widths, n, k, config["BLOCK_M"])
     y = new_output((x.shape[0], n), dtype=x.dtype, device=x.device)
     return routed_matmul(
@@ -127,7 +87,7 @@ def _grad_input_impl(dy, weight, out_widths, in_widths, k, kx):
     num_rows, n = dy.shape
     per_token = out_widths is not None or in_widths is not None
     if _select("elastic_linear", dy, per_token) == "torch":
-        dx_used = _mask_columns(_mask_columns(dy, out_widths) @ weight[:n, :k], in_widths)
+        dx_used = mask_columns(mask_columns(dy, out_widths) @ weight[:n, :k], in_widths)
         if k == kx:
             return dx_used
         dx = dy.new_zeros(num_rows, kx)
@@ -136,7 +96,7 @@ def _grad_input_impl(dy, weight, out_widths, in_widths, k, kx):
 
     from flextron_kernels.triton.routed_matmul import routed_matmul
 
-    config = _triton_config(dy, num_rows)
+    config = matmul_config(dy, num_rows)
     routing, _, _ = _routing_for(out_widths, in_widths, n, k, config["BLOCK_M"])
     dx = new_output((num_rows, kx), dtype=dy.dtype, device=dy.device)
     w_strides = weight.stride()
@@ -152,20 +112,20 @@ def _grad_weight_impl_(grad_weight, grad_bias, dy, x, out_widths, in_widths, k):
     backend = _select("elastic_linear", dy, per_token)
     dy_used = None
     if grad_bias is not None and (backend == "torch" or grad_weight is None):
-        dy_used = _mask_columns(dy, out_widths)
+        dy_used = mask_columns(dy, out_widths)
         grad_bias[:n] += dy_used.sum(0).to(grad_bias.dtype)
         grad_bias = None
     if grad_weight is None:
         return
     if backend == "torch":
-        dy_used = _mask_columns(dy, out_widths) if dy_used is None else dy_used
-        xs = _mask_columns(x[:, :k], in_widths)
+        dy_used = mask_columns(dy, out_widths) if dy_used is None else dy_used
+        xs = mask_columns(x[:, :k], in_widths)
         grad_weight[:n, :k].addmm_(dy_used.T.to(grad_weight.dtype), xs.to(grad_weight.dtype))
         return
 
     from flextron_kernels.triton.prefix_weight_grad import prefix_weight_grad_
 
-    config = _weight_grad_config(dy)
+    config = weight_grad_config(dy)
     routing, boundaries, sort_by_out = _routing_for(out_widths, in_widths, n, k, config["BLOCK_M"])
     prefix_weight_grad_(
         grad_weight, grad_bias, dy, x, out_widths=out_widths, in_widths=in_widths, in_limit=k,
@@ -266,7 +226,7 @@ def _autograd_backward(ctx, dy):
 _elastic_linear_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
-def _grad_buffer(param: torch.Tensor) -> torch.Tensor:
+def grad_buffer(param: torch.Tensor) -> torch.Tensor:
     if param.grad is None:
         param.grad = torch.zeros_like(param)
     return param.grad
@@ -288,24 +248,10 @@ class _PrefixGradAccumulation(torch.autograd.Function):
         x, weight, out_widths, in_widths = ctx.saved_tensors
         weight_param, bias_param = ctx.params
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_weight = _grad_buffer(weight_param) if need_w else None
-        grad_bias = _grad_buffer(bias_param) if (need_b and bias_param is not None) else None
+        grad_weight = grad_buffer(weight_param) if need_w else None
+        grad_bias = grad_buffer(bias_param) if (need_b and bias_param is not None) else None
         dx = _backward(dy, x, weight, out_widths, in_widths, ctx.k, need_x, grad_weight, grad_bias)
         return dx, None, None, None, None, None, None
-
-
-def _accumulates_in_place(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
-    def is_param_leaf(t):
-        return isinstance(t, torch.nn.Parameter) and t.is_leaf
-
-    return (
-        not torch.compiler.is_compiling()
-        and torch.is_grad_enabled()
-        and not _full_size_grads.get()
-        and weight.requires_grad
-        and is_param_leaf(weight)
-        and (bias is None or not bias.requires_grad or is_param_leaf(bias))
-    )
 
 
 # --------------------------------------------------------------------------- #
@@ -366,7 +312,7 @@ def elastic_linear(
     )
 
     x2d = x.reshape(math.prod(token_shape), kx)
-    if _accumulates_in_place(weight, bias):
+    if weight.requires_grad and accumulates_in_place(weight, bias):
         y = _PrefixGradAccumulation.apply(x2d, weight, bias, out_widths, in_widths, n, k)
     else:
         y = torch.ops.flextron.elastic_linear(x2d, weight, bias, out_widths, in_widths, n, k)

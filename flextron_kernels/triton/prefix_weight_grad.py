@@ -19,7 +19,7 @@ import triton.language as tl
 
 @triton.jit
 def prefix_weight_grad_kernel(
-    dy_ptr, x_ptr, grad_weight_ptr, grad_bias_ptr,
+    dy_ptr, x_ptr, grad_weight_ptr, grad_bias_ptr, row_scale_ptr,
     out_widths_ptr, in_widths_ptr,
     sorted_token_idx_ptr, group_offsets_ptr, boundaries_ptr, num_groups,
     num_rows, out_limit, in_limit,
@@ -31,6 +31,7 @@ def prefix_weight_grad_kernel(
     HAS_OUT_WIDTHS: tl.constexpr,
     HAS_IN_WIDTHS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_ROW_SCALE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     GROUPS_POW2: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -39,7 +40,8 @@ def prefix_weight_grad_kernel(
 ):
     """Shapes: ``dy [num_rows, >= out_limit]``, ``x [num_rows, >= in_limit]``,
     ``grad_weight [>= out_limit, >= in_limit]``, ``grad_bias [>= out_limit]`` (fp32
-    accumulation, stored in their own dtype). Grid:
+    accumulation, stored in their own dtype). With ``HAS_ROW_SCALE``, row ``t`` of ``dy``
+    is multiplied by ``row_scale[t]`` for the weight gradient (not for the bias's). Grid:
     ``(cdiv(out_limit, BLOCK_N), cdiv(in_limit, BLOCK_K))``.
     """
     pid_n = tl.program_id(0)
@@ -84,9 +86,12 @@ def prefix_weight_grad_kernel(
             use_k = use_k & (cols_k[None, :] < in_w[:, None])
         dy = tl.load(dy_ptr + rows[:, None] * stride_dyt + cols_n[None, :] * stride_dyj, mask=use_n, other=0.0)
         x = tl.load(x_ptr + rows[:, None] * stride_xt + cols_k[None, :] * stride_xc, mask=use_k, other=0.0)
-        acc = tl.dot(tl.trans(dy), x, acc, input_precision=INPUT_PRECISION)
         if HAS_BIAS:
             bias_acc += tl.sum(dy.to(tl.float32), axis=0)
+        if HAS_ROW_SCALE:
+            row_scale = tl.load(row_scale_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+            dy = (dy.to(tl.float32) * row_scale[:, None]).to(x.dtype)
+        acc = tl.dot(tl.trans(dy), x, acc, input_precision=INPUT_PRECISION)
 
     gw_ptrs = grad_weight_ptr + cols_n[:, None] * stride_gwj + cols_k[None, :] * stride_gwc
     gw_mask = mask_n[:, None] & mask_k[None, :]
@@ -99,7 +104,7 @@ def prefix_weight_grad_kernel(
 
 
 def prefix_weight_grad_(grad_weight, grad_bias, dy, x, *, out_widths, in_widths, in_limit, routing, boundaries,
-                        sort_by_out, config):
+                        sort_by_out, config, row_scale=None):
     """Launch :func:`prefix_weight_grad_kernel`: accumulate into ``grad_weight[:n, :in_limit]``
     and ``grad_bias[:n]`` with ``n = dy.shape[1]``.
 
@@ -120,6 +125,7 @@ def prefix_weight_grad_(grad_weight, grad_bias, dy, x, *, out_widths, in_widths,
     grid = (triton.cdiv(out_limit, block_n), k_blocks)
     prefix_weight_grad_kernel[grid](
         dy, x, grad_weight, grad_bias if grad_bias is not None else dummy,
+        row_scale if row_scale is not None else dummy,
         out_widths if out_widths is not None else dummy,
         in_widths if in_widths is not None else dummy,
         routing.sorted_token_idx if routing is not None else dummy,
@@ -135,6 +141,7 @@ def prefix_weight_grad_(grad_weight, grad_bias, dy, x, *, out_widths, in_widths,
         HAS_OUT_WIDTHS=out_widths is not None,
         HAS_IN_WIDTHS=in_widths is not None,
         HAS_BIAS=grad_bias is not None,
+        HAS_ROW_SCALE=row_scale is not None,
         GROUPS_POW2=triton.next_power_of_2(num_groups),
         **config,
     )

@@ -1,9 +1,18 @@
-"""Row-routed matmul: ``C[t, j] = sum_{r < red_t} A[t, r] * B[j, r] (+ bias[j])`` for ``j < out_t``.
+"""Row-routed matmul with a fused epilogue.
 
-One kernel serves the elastic linear forward (``A = x``, ``B = W``) and its input
-gradient (``A = dy``, ``B = W.T``, given as strides). Each row (token) has its own
-output width ``out_t`` and reduction width ``red_t``; outputs at ``j >= out_t`` are
-written as exact zeros.
+``C[t, j] = epilogue(sum_{r < red_t} A[t, r] * B[j, r])`` for ``j < out_t``, exact zeros
+for ``j >= out_t``. Each row (token) has its own output width ``out_t`` and reduction
+width ``red_t``. The epilogue, chosen by constexpr flags, is, in order:
+``* row_scale[t]``, ``+ bias[j]``, then for an MLP's first layer
+``act(A @ B2.T) * (.)`` (gated, ``B2`` the gate weight) or ``act(.)``, and finally
+``+ C[t, j]`` (accumulate). The pre-activation values can be stored on the side for
+the backward pass.
+
+One kernel serves:
+- elastic linear forward (``A = x``, ``B = W``) and input gradient (``A = dy``,
+  ``B = W.T`` given as strides);
+- the MLP's fused gate/up/activation (``A = x``, ``B = W_up``, ``B2 = W_gate``) and its
+  down projection (``A = h``, ``B = W_down``, row scale, bias).
 
 With routing metadata (``ROUTED``), a program's rows are one tile of tokens grouped
 by width: rows are gathered through ``sorted_token_idx`` on load and scattered on
@@ -16,28 +25,37 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from flextron_kernels.triton.activations import apply_activation
+
 
 @triton.jit
 def routed_matmul_kernel(
-    a_ptr, b_ptr, bias_ptr, c_ptr,
+    a_ptr, b_ptr, b2_ptr, bias_ptr, row_scale_ptr, c_ptr, pre_ptr, pre2_ptr,
     out_widths_ptr, red_widths_ptr,
     sorted_token_idx_ptr, tile_start_ptr, tile_end_ptr,
     num_rows, out_size, out_limit, red_limit,
     stride_at, stride_ar,
     stride_bj, stride_br,
+    stride_b2j, stride_b2r,
     stride_ct, stride_cj,
     ROUTED: tl.constexpr,
     HAS_OUT_WIDTHS: tl.constexpr,
     HAS_RED_WIDTHS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_ROW_SCALE: tl.constexpr,
+    GATED: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    STORE_PRE: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """Shapes: ``A [num_rows, >= red]``, ``B [>= out_limit, >= red]`` (any strides),
-    ``C [num_rows, out_size]``; ``out_limit <= out_size`` bounds every ``out_t`` and
-    ``red_limit`` every ``red_t``. Widths are int32/int64 ``[num_rows]``.
+    """Shapes: ``A [num_rows, >= red]``, ``B`` and ``B2 [>= out_limit, >= red]`` (any
+    strides), ``C [num_rows, out_size]`` and, with ``STORE_PRE``, ``pre`` (``B``'s
+    pre-activation) and ``pre2`` (``B2``'s) laid out like ``C``. ``out_limit <= out_size``
+    bounds every ``out_t``, ``red_limit`` every ``red_t``. Widths are integer ``[num_rows]``.
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -64,6 +82,7 @@ def routed_matmul_kernel(
 
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # Column blocks past every row's output width only store zeros.
     if pid_n * BLOCK_N < tile_out:
         col_in_b = cols < tile_out
@@ -74,55 +93,87 @@ def routed_matmul_kernel(
                 mask=row_mask[:, None] & (r[None, :] < red_w[:, None]),
                 other=0.0,
             )
-            b = tl.load(
-                b_ptr + cols[:, None] * stride_bj + r[None, :] * stride_br,
-                mask=col_in_b[:, None] & (r[None, :] < tile_red),
-                other=0.0,
-            )
+            b_mask = col_in_b[:, None] & (r[None, :] < tile_red)
+            b = tl.load(b_ptr + cols[:, None] * stride_bj + r[None, :] * stride_br, mask=b_mask, other=0.0)
             acc = tl.dot(a, tl.trans(b), acc, input_precision=INPUT_PRECISION)
+            if GATED:
+                b2 = tl.load(b2_ptr + cols[:, None] * stride_b2j + r[None, :] * stride_b2r, mask=b_mask, other=0.0)
+                acc2 = tl.dot(a, tl.trans(b2), acc2, input_precision=INPUT_PRECISION)
+        if HAS_ROW_SCALE:
+            row_scale = tl.load(row_scale_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+            acc = acc * row_scale[:, None]
         if HAS_BIAS:
             bias = tl.load(bias_ptr + cols, mask=col_in_b, other=0.0)
             acc += bias[None, :].to(tl.float32)
 
     used = cols[None, :] < out_w[:, None]
+    store_mask = row_mask[:, None] & (cols[None, :] < out_size)
+    c_offsets = rows[:, None] * stride_ct + cols[None, :] * stride_cj
+    if STORE_PRE:
+        tl.store(pre_ptr + c_offsets, tl.where(used, acc, 0.0).to(pre_ptr.dtype.element_ty), mask=store_mask)
+        if GATED:
+            tl.store(pre2_ptr + c_offsets, tl.where(used, acc2, 0.0).to(pre2_ptr.dtype.element_ty), mask=store_mask)
+    if GATED:
+        acc = apply_activation(acc2, ACTIVATION) * acc
+    else:
+        acc = apply_activation(acc, ACTIVATION)
     result = tl.where(used, acc, 0.0)
-    tl.store(
-        c_ptr + rows[:, None] * stride_ct + cols[None, :] * stride_cj,
-        result.to(c_ptr.dtype.element_ty),
-        mask=row_mask[:, None] & (cols[None, :] < out_size),
-    )
+    if ACCUMULATE:
+        result += tl.load(c_ptr + c_offsets, mask=store_mask, other=0.0).to(tl.float32)
+    tl.store(c_ptr + c_offsets, result.to(c_ptr.dtype.element_ty), mask=store_mask)
 
 
-def routed_matmul(a, a_strides, b, b_strides, bias, out, *, out_widths, red_widths, out_limit, red_limit, routing, config):
+def routed_matmul(
+    a, a_strides, b, b_strides, bias, out, *, out_widths, red_widths, out_limit, red_limit, routing, config,
+    gate=None, gate_strides=None, activation="none", row_scale=None, pre_out=None, gate_pre_out=None,
+    accumulate=False,
+):
     """Launch :func:`routed_matmul_kernel` writing every element of ``out [T, out_size]``.
 
-    ``a`` / ``b`` are tensors whose elements are addressed with the given strides
+    ``a`` / ``b`` / ``gate`` are tensors addressed with the given strides
     (``b_strides = (stride along j, stride along r)``, so ``W.T`` is ``W`` with its
     strides swapped). ``routing`` is a RoutingMetadata built with
     ``block_m = config["BLOCK_M"]``, or None for unrouted (static) rows.
+    ``pre_out`` / ``gate_pre_out`` (like ``out``), when given, receive the
+    pre-activation values of ``b`` / ``gate``.
     """
     num_rows, out_size = out.shape
     if num_rows == 0 or out_size == 0:
         return out
     block_m, block_n = config["BLOCK_M"], config["BLOCK_N"]
     num_row_blocks = routing.tile_start.numel() if routing is not None else triton.cdiv(num_rows, block_m)
-    dummy = out
+    gated = gate is not None
+    if gated:
+        assert gate_strides is not None
+    store_pre = pre_out is not None
+    for t in (pre_out, gate_pre_out if gated else None):
+        if t is not None:
+            assert t.shape == out.shape and t.stride() == out.stride()
+
+    def opt(t):
+        return t if t is not None else out
+
     grid = (num_row_blocks, triton.cdiv(out_size, block_n))
     routed_matmul_kernel[grid](
-        a, b, bias if bias is not None else dummy, out,
-        out_widths if out_widths is not None else dummy,
-        red_widths if red_widths is not None else dummy,
-        routing.sorted_token_idx if routing is not None else dummy,
-        routing.tile_start if routing is not None else dummy,
-        routing.tile_end if routing is not None else dummy,
+        a, b, opt(gate), opt(bias), opt(row_scale), out, opt(pre_out), opt(gate_pre_out),
+        opt(out_widths), opt(red_widths),
+        routing.sorted_token_idx if routing is not None else out,
+        routing.tile_start if routing is not None else out,
+        routing.tile_end if routing is not None else out,
         num_rows, out_size, out_limit, red_limit,
         a_strides[0], a_strides[1],
         b_strides[0], b_strides[1],
+        *(gate_strides if gated else (0, 0)),
         out.stride(0), out.stride(1),
         ROUTED=routing is not None,
         HAS_OUT_WIDTHS=out_widths is not None,
         HAS_RED_WIDTHS=red_widths is not None,
         HAS_BIAS=bias is not None,
+        HAS_ROW_SCALE=row_scale is not None,
+        GATED=gated,
+        ACTIVATION=activation,
+        STORE_PRE=store_pre,
+        ACCUMULATE=accumulate,
         **config,
     )
     return out

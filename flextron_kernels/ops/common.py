@@ -1,0 +1,88 @@
+"""Pieces shared by the ops: kernel tile configurations, token grouping, masking, and
+the prefix-accumulating gradient policy."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Iterator, Optional
+
+import torch
+
+from flextron_kernels.ops.routing import default_boundaries, routing_metadata
+from flextron_kernels.reference import RoutingMetadata
+
+_full_size_grads: contextvars.ContextVar[bool] = contextvars.ContextVar("flextron_full_size_grads", default=False)
+
+
+@contextlib.contextmanager
+def full_size_weight_grads() -> Iterator[None]:
+    """Inside the block, weight gradients go through autograd at full size (for
+    ``torch.autograd.grad``, gradient hooks, or wrappers that need them)."""
+    token = _full_size_grads.set(True)
+    try:
+        yield
+    finally:
+        _full_size_grads.reset(token)
+
+
+def accumulates_in_place(*params: Optional[torch.Tensor]) -> bool:
+    """Whether the backward adds weight gradients straight into the used prefix of
+    ``.grad``: in eager mode, for ``nn.Parameter`` leaves (the ``None`` entries and
+    those not requiring grad are ignored), unless :func:`full_size_weight_grads`."""
+
+    def fits(t):
+        return t is None or not t.requires_grad or (isinstance(t, torch.nn.Parameter) and t.is_leaf)
+
+    return (
+        not torch.compiler.is_compiling()
+        and torch.is_grad_enabled()
+        and not _full_size_grads.get()
+        and all(fits(p) for p in params)
+    )
+
+
+def grad_buffer(param: torch.Tensor) -> torch.Tensor:
+    """``param.grad``, allocated as zeros on first use."""
+    if param.grad is None:
+        param.grad = torch.zeros_like(param)
+    return param.grad
+
+
+def mask_columns(t: torch.Tensor, widths: Optional[torch.Tensor]) -> torch.Tensor:
+    """Zero ``t[i, j]`` for ``j >= widths[i]`` (a select, so NaN/inf there are dropped)."""
+    if widths is None:
+        return t
+    keep = torch.arange(t.shape[1], device=t.device) < widths.unsqueeze(1)
+    return torch.where(keep, t, torch.zeros((), dtype=t.dtype, device=t.device))
+
+
+def _precision(t: torch.Tensor) -> str:
+    return "ieee" if t.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
+
+
+def matmul_config(t: torch.Tensor, num_rows: int) -> dict:
+    """Tiles for :func:`~flextron_kernels.triton.routed_matmul.routed_matmul`."""
+    if t.device.type == "cpu":  # the Triton interpreter: small tiles keep it quick
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, INPUT_PRECISION=_precision(t))
+    # Tiles sized for Hopper bf16 tensor cores; short row tiles for decode-sized batches.
+    block_m = 16 if num_rows <= 16 else 32 if num_rows <= 32 else 64 if num_rows <= 64 else 128
+    return dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=64, INPUT_PRECISION=_precision(t), num_warps=8, num_stages=3)
+
+
+def weight_grad_config(t: torch.Tensor) -> dict:
+    """Tiles for :func:`~flextron_kernels.triton.prefix_weight_grad.prefix_weight_grad_`."""
+    if t.device.type == "cpu":
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, INPUT_PRECISION=_precision(t))
+    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, INPUT_PRECISION=_precision(t), num_warps=8, num_stages=3)
+
+
+def group_tokens(
+    widths: Optional[torch.Tensor], size: int, block_m: int
+) -> tuple[Optional[RoutingMetadata], Optional[torch.Tensor]]:
+    """Routing metadata for per-token ``widths`` in ``[0, size]`` (default grouping), and
+    the group boundaries; ``(None, None)`` for static widths."""
+    if widths is None:
+        return None, None
+    boundaries = default_boundaries(max(size, 1), widths.device)
+    return routing_metadata(widths, boundaries, block_m), boundaries

@@ -1,0 +1,402 @@
+"""elastic_mlp: an MLP (SwiGLU, GeGLU, GELU, ReLU...) whose hidden width is chosen per token.
+
+Meaning: :func:`flextron_kernels.reference.elastic_mlp`. Two custom ops, each with a
+fake implementation, and an autograd function that calls them:
+
+- ``flextron::elastic_mlp_fwd(...) -> (out, up_pre, gate_pre)``;
+- ``flextron::elastic_mlp_bwd_(...) -> (dx, dscale)``, which adds the weight and bias
+  gradients into the used prefix of the given buffers and overwrites the saved
+  pre-activations with their gradients.
+
+Triton path (per-token widths on CUDA): tokens are grouped by width once per pass; the
+first kernel computes gate and up projections of a tile together, applies the
+activation in its epilogue and writes the hidden activation, at each token's width
+(zeros beyond); the down projection's reduction stops at each tile's widest token, and
+the router scale is applied in its epilogue.
+
+The backward keeps the pre-activations rather than recomputing them: recomputing costs
+the two first-layer GEMMs again (2/9 of forward+backward FLOPs, above the 1.20x budget
+on its own), while keeping them costs two hidden-sized buffers, which the backward then
+reuses in place for their own gradients, so its peak is three hidden-sized buffers,
+as for autograd through a dense MLP.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from flextron_kernels import reference
+from flextron_kernels.backends import select_backend
+from flextron_kernels.ops.checks import (
+    FLOAT_DTYPES,
+    check_same_dtype,
+    check_tensor,
+    check_widths,
+    new_output,
+)
+from flextron_kernels.ops.common import (
+    accumulates_in_place,
+    grad_buffer,
+    group_tokens,
+    mask_columns,
+    matmul_config,
+    weight_grad_config,
+)
+
+ACTIVATIONS = reference.ACTIVATIONS
+GATED_ACTIVATIONS = reference.GATED_ACTIVATIONS
+
+
+def _select(t: torch.Tensor, per_token: bool) -> str:
+    # cuBLAS on strided views runs a static width at dense speed; the routed kernels pay
+    # off once tokens differ in width.
+    preferred = ("triton", "torch") if (t.is_cuda and per_token) else ("torch", "triton")
+    return select_backend("elastic_mlp", t.device, ("triton", "torch"), preferred)
+
+
+def _activation_grad_config(t: torch.Tensor) -> dict:
+    if t.device.type == "cpu":
+        return dict(BLOCK_M=16, BLOCK_F=16)
+    return dict(BLOCK_M=8, BLOCK_F=256, num_warps=4)
+
+
+# --------------------------------------------------------------------------- #
+# Torch backend
+# --------------------------------------------------------------------------- #
+def _forward_torch(x, w_up, w_down, w_gate, b_up, b_down, widths, fw, activation, scale, save):
+    up = F.linear(x, w_up[:fw], None if b_up is None else b_up[:fw])
+    gate = F.linear(x, w_gate[:fw]) if w_gate is not None else None
+    if gate is not None:
+        hidden = reference.activation(activation, gate) * up
+    else:
+        hidden = reference.activation(activation, up)
+    out = F.linear(mask_columns(hidden, widths), w_down[:, :fw])
+    if scale is not None:
+        out = out * scale.unsqueeze(1).to(out.dtype)
+    if b_down is not None:
+        out = out + b_down
+    up_pre = mask_columns(up, widths) if save else None
+    gate_pre = mask_columns(gate, widths) if (save and gate is not None) else None
+    return out, up_pre, gate_pre
+
+
+def activation_derivative(activation: str, z: torch.Tensor) -> torch.Tensor:
+    """d act(z) / dz, elementwise (the torch backend's backward runs below autograd)."""
+    if activation == "silu":
+        s = torch.sigmoid(z)
+        return s * (1 + z * (1 - s))
+    if activation == "gelu":
+        return 0.5 * (1 + torch.erf(z * math.sqrt(0.5))) + z * torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+    if activation == "gelu_tanh":
+        c = math.sqrt(2 / math.pi)
+        t = torch.tanh(c * (z + 0.044715 * z**3))
+        return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * c * (1 + 3 * 0.044715 * z * z)
+    if activation == "relu":
+        return (z > 0).to(z.dtype)
+    if activation == "relu2":
+        return 2 * torch.relu(z)
+    raise ValueError(f"activation: expected one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+
+
+def _backward_torch(grads, dout, x, w_up, w_down, w_gate, widths, fw, activation, scale, up_pre, gate_pre, need_dx):
+    grad_w_up, grad_w_down, grad_w_gate, grad_b_up, grad_b_down = grads
+    f32 = torch.float32
+    grad_h = mask_columns(dout @ w_down[:, :fw], widths).to(f32)
+    s = scale.to(f32).unsqueeze(1) if scale is not None else 1.0
+    u = up_pre.to(f32)
+    if gate_pre is not None:
+        g = gate_pre.to(f32)
+        act_g = reference.activation(activation, g)
+        hidden = act_g * u
+        d_up = grad_h * s * act_g
+        d_gate = mask_columns(grad_h * s * u * activation_derivative(activation, g), widths).to(x.dtype)
+    else:
+        hidden = reference.activation(activation, u)
+        d_up = grad_h * s * activation_derivative(activation, u)
+    hidden = mask_columns(hidden, widths).to(x.dtype)
+    d_up = mask_columns(d_up, widths).to(x.dtype)
+    dscale = (hidden.to(f32) * grad_h).sum(1) if scale is not None else None
+
+    if grad_w_down is not None:
+        scaled_dout = dout * scale.unsqueeze(1).to(dout.dtype) if scale is not None else dout
+        grad_w_down[:, :fw].addmm_(scaled_dout.T, hidden)
+    if grad_b_down is not None:
+        grad_b_down += dout.sum(0)
+    if grad_w_up is not None:
+        grad_w_up[:fw].addmm_(d_up.T, x)
+    if grad_b_up is not None:
+        grad_b_up[:fw] += d_up.sum(0)
+    if grad_w_gate is not None:
+        grad_w_gate[:fw].addmm_(d_gate.T, x)
+    dx = None
+    if need_dx:
+        dx = d_up @ w_up[:fw]
+        if gate_pre is not None:
+            dx = dx + d_gate @ w_gate[:fw]
+    return dx, dscale
+
+
+# --------------------------------------------------------------------------- #
+# Triton backend
+# --------------------------------------------------------------------------- #
+def _forward_triton(x, w_up, w_down, w_gate, b_up, b_down, widths, fw, activation, scale, save):
+    from flextron_kernels.triton.routed_matmul import routed_matmul
+
+    num_rows, d_model = x.shape
+    config = matmul_config(x, num_rows)
+    routing, _ = group_tokens(widths, fw, config["BLOCK_M"])
+    hidden = new_output((num_rows, fw), dtype=x.dtype, device=x.device)
+    up_pre = new_output((num_rows, fw), dtype=x.dtype, device=x.device) if save else None
+    gate_pre = new_output((num_rows, fw), dtype=x.dtype, device=x.device) if (save and w_gate is not None) else None
+    routed_matmul(
+        x, x.stride(), w_up, w_up.stride(), b_up, hidden,
+        out_widths=widths, red_widths=None, out_limit=fw, red_limit=d_model, routing=routing, config=config,
+        gate=w_gate, gate_strides=None if w_gate is None else w_gate.stride(), activation=activation,
+        pre_out=up_pre, gate_pre_out=gate_pre,
+    )
+    out = new_output((num_rows, d_model), dtype=x.dtype, device=x.device)
+    routed_matmul(
+        hidden, hidden.stride(), w_down, w_down.stride(), b_down, out,
+        out_widths=None, red_widths=widths, out_limit=d_model, red_limit=fw, routing=routing, config=config,
+        row_scale=scale,
+    )
+    return out, up_pre, gate_pre
+
+
+def _backward_triton(grads, dout, x, w_up, w_down, w_gate, widths, fw, activation, scale, up_pre, gate_pre, need_dx):
+    from flextron_kernels.triton.mlp_activation_grad import mlp_activation_grad_
+    from flextron_kernels.triton.prefix_weight_grad import prefix_weight_grad_
+    from flextron_kernels.triton.routed_matmul import routed_matmul
+
+    grad_w_up, grad_w_down, grad_w_gate, grad_b_up, grad_b_down = grads
+    num_rows, d_model = dout.shape
+    config = matmul_config(dout, num_rows)
+    routing, _ = group_tokens(widths, fw, config["BLOCK_M"])
+    grad_h = new_output((num_rows, fw), dtype=dout.dtype, device=dout.device)
+    routed_matmul(
+        dout, dout.stride(), w_down, (w_down.stride(1), w_down.stride(0)), None, grad_h,
+        out_widths=widths, red_widths=None, out_limit=fw, red_limit=d_model, routing=routing, config=config,
+    )
+    dscale = torch.empty(num_rows, dtype=torch.float32, device=dout.device) if scale is not None else None
+    mlp_activation_grad_(
+        grad_h, up_pre, gate_pre, widths, scale, dscale,
+        width_limit=fw, activation=activation, config=_activation_grad_config(dout),
+    )
+    hidden, d_up, d_gate = grad_h, up_pre, gate_pre  # overwritten in place
+
+    wconfig = weight_grad_config(dout)
+    wrouting, boundaries = group_tokens(widths, fw, wconfig["BLOCK_M"])
+    common = dict(routing=wrouting, boundaries=boundaries, config=wconfig)
+    if grad_w_down is not None:
+        prefix_weight_grad_(
+            grad_w_down, None, dout, hidden, out_widths=None, in_widths=widths, in_limit=fw, sort_by_out=False,
+            row_scale=scale, **common,
+        )
+    if grad_b_down is not None:
+        grad_b_down += dout.sum(0)
+    if grad_w_up is not None:
+        prefix_weight_grad_(
+            grad_w_up, grad_b_up, d_up, x, out_widths=widths, in_widths=None, in_limit=d_model, sort_by_out=True,
+            **common,
+        )
+    elif grad_b_up is not None:
+        grad_b_up[:fw] += d_up.sum(0)
+    if grad_w_gate is not None:
+        prefix_weight_grad_(
+            grad_w_gate, None, d_gate, x, out_widths=widths, in_widths=None, in_limit=d_model, sort_by_out=True,
+            **common,
+        )
+    dx = None
+    if need_dx:
+        dx = new_output((num_rows, d_model), dtype=dout.dtype, device=dout.device)
+        for i, (grad, weight) in enumerate(((d_up, w_up), (d_gate, w_gate))):
+            if weight is None:
+                continue
+            routed_matmul(
+                grad, grad.stride(), weight, (weight.stride(1), weight.stride(0)), None, dx,
+                out_widths=None, red_widths=widths, out_limit=d_model, red_limit=fw, routing=routing,
+                config=config, accumulate=i > 0,
+            )
+    return dx, dscale
+
+
+# --------------------------------------------------------------------------- #
+# Custom ops
+# --------------------------------------------------------------------------- #
+@torch.library.custom_op("flextron::elastic_mlp_fwd", mutates_args=())
+def _fwd_op(
+    x: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    w_gate: Optional[torch.Tensor],
+    b_up: Optional[torch.Tensor],
+    b_down: Optional[torch.Tensor],
+    widths: Optional[torch.Tensor],
+    width: int,
+    activation: str,
+    scale: Optional[torch.Tensor],
+    save_for_backward: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``x [T, D]`` -> ``out [T, D]``; with ``save_for_backward``, also the
+    pre-activations ``up_pre``/``gate_pre [T, width]`` (zeros past each token's width;
+    ``[0]`` when not saved). ``widths [T]`` per token, or None for ``width`` everywhere."""
+    impl = _forward_triton if _select(x, widths is not None) == "triton" else _forward_torch
+    out, up_pre, gate_pre = impl(x, w_up, w_down, w_gate, b_up, b_down, widths, width, activation, scale, save_for_backward)
+    empty = x.new_empty(0)
+    return out, up_pre if up_pre is not None else empty, gate_pre if gate_pre is not None else empty
+
+
+@_fwd_op.register_fake
+def _(x, w_up, w_down, w_gate, b_up, b_down, widths, width, activation, scale, save_for_backward):
+    saved = (x.shape[0], width) if save_for_backward else (0,)
+    return x.new_empty(x.shape), x.new_empty(saved), x.new_empty(saved if w_gate is not None else (0,))
+
+
+@torch.library.custom_op(
+    "flextron::elastic_mlp_bwd_",
+    mutates_args=("grad_w_up", "grad_w_down", "grad_w_gate", "grad_b_up", "grad_b_down", "up_pre", "gate_pre"),
+)
+def _bwd_op(
+    grad_w_up: Optional[torch.Tensor],
+    grad_w_down: Optional[torch.Tensor],
+    grad_w_gate: Optional[torch.Tensor],
+    grad_b_up: Optional[torch.Tensor],
+    grad_b_down: Optional[torch.Tensor],
+    dout: torch.Tensor,
+    x: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    w_gate: Optional[torch.Tensor],
+    widths: Optional[torch.Tensor],
+    width: int,
+    activation: str,
+    scale: Optional[torch.Tensor],
+    up_pre: torch.Tensor,
+    gate_pre: Optional[torch.Tensor],
+    need_dx: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward of :func:`_fwd_op`. Adds into the used prefix of each given gradient
+    buffer; overwrites ``up_pre``/``gate_pre`` (the saved pre-activations). Returns
+    ``dx [T, D]`` (``[0]`` unless ``need_dx``) and ``dscale [T]`` fp32 (``[0]`` without
+    a scale)."""
+    impl = _backward_triton if _select(dout, widths is not None) == "triton" else _backward_torch
+    grads = (grad_w_up, grad_w_down, grad_w_gate, grad_b_up, grad_b_down)
+    dx, dscale = impl(grads, dout, x, w_up, w_down, w_gate, widths, width, activation, scale, up_pre, gate_pre, need_dx)
+    return (dx if dx is not None else dout.new_empty(0)), (dscale if dscale is not None else dout.new_empty(0, dtype=torch.float32))
+
+
+@_bwd_op.register_fake
+def _(grad_w_up, grad_w_down, grad_w_gate, grad_b_up, grad_b_down, dout, x, w_up, w_down, w_gate, widths, width,
+      activation, scale, up_pre, gate_pre, need_dx):
+    dx = dout.new_empty(x.shape if need_dx else (0,))
+    return dx, dout.new_empty((x.shape[0],) if scale is not None else (0,), dtype=torch.float32)
+
+
+class _ElasticMLPFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w_up, w_down, w_gate, b_up, b_down, scale, widths, width, activation, in_place):
+        save = any(ctx.needs_input_grad[:7])
+        out, up_pre, gate_pre = torch.ops.flextron.elastic_mlp_fwd(
+            x, w_up, w_down, w_gate, b_up, b_down, widths, width, activation, scale, save
+        )
+        ctx.save_for_backward(x, w_up, w_down, w_gate, widths, scale, up_pre, gate_pre if w_gate is not None else None)
+        ctx.params = (w_up, w_down, w_gate, b_up, b_down)
+        ctx.width, ctx.activation, ctx.in_place = width, activation, in_place
+        ctx.consumed = False
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        if ctx.consumed:
+            raise RuntimeError("elastic_mlp: its backward cannot run twice (retain_graph=True is not supported)")
+        ctx.consumed = True
+        x, w_up, w_down, w_gate, widths, scale, up_pre, gate_pre = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        buffers = []
+        for param, need in zip(ctx.params, needs[1:6]):
+            if param is None or not need:
+                buffers.append(None)
+            else:
+                buffers.append(grad_buffer(param) if ctx.in_place else torch.zeros_like(param))
+        dx, dscale = torch.ops.flextron.elastic_mlp_bwd_(
+            *buffers, dout, x, w_up, w_down, w_gate, widths, ctx.width, ctx.activation, scale, up_pre, gate_pre,
+            needs[0],
+        )
+        param_grads = [None] * 5 if ctx.in_place else buffers
+        return (
+            dx if needs[0] else None,
+            *param_grads,
+            dscale.to(scale.dtype) if (scale is not None and needs[6]) else None,
+            None, None, None, None,
+        )
+
+
+# --------------------------------------------------------------------------- #
+# Public function
+# --------------------------------------------------------------------------- #
+def elastic_mlp(
+    x: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    *,
+    width: Union[int, torch.Tensor],
+    w_gate: Optional[torch.Tensor] = None,
+    b_up: Optional[torch.Tensor] = None,
+    b_down: Optional[torch.Tensor] = None,
+    activation: str = "silu",
+    scale: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """MLP at a hidden width chosen per token (or once for all tokens).
+
+    Args:
+        x: ``[..., D]``, fp32/fp16/bf16, any strides.
+        w_up: ``[F, D]``; ``w_gate``: ``[F, D]`` or None (ungated); ``w_down``: ``[D, F]``.
+        b_up: ``[F]`` or None; ``b_down``: ``[D]`` or None.
+        width: an int in ``[0, F]`` or an integer tensor of shape ``x.shape[:-1]``.
+        activation: gated (``w_gate`` given): ``silu`` (SwiGLU) or ``gelu`` (GeGLU);
+            ungated: ``silu``, ``gelu``, ``gelu_tanh``, ``relu`` or ``relu2``.
+        scale: optional float tensor of shape ``x.shape[:-1]`` multiplying each token's
+            down projection (before ``b_down``); it receives a gradient (the router's
+            straight-through estimator).
+
+    Returns:
+        ``[..., D]``, the dtype of ``x``.
+    """
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, min_ndim=1)
+    d_model = x.shape[-1]
+    check_tensor("w_up", w_up, ndim=2, device=x.device)
+    check_same_dtype("w_up", w_up, x.dtype, "x")
+    ffn = w_up.shape[0]
+    if w_up.shape[1] != d_model:
+        raise ValueError(f"w_up: expected shape [F, {d_model}] (D from x), got {tuple(w_up.shape)}")
+    check_tensor("w_down", w_down, device=x.device, shape=(d_model, ffn))
+    check_same_dtype("w_down", w_down, x.dtype, "x")
+    if w_gate is not None:
+        check_tensor("w_gate", w_gate, device=x.device, shape=(ffn, d_model))
+        check_same_dtype("w_gate", w_gate, x.dtype, "x")
+    if b_up is not None:
+        check_tensor("b_up", b_up, device=x.device, shape=(ffn,))
+        check_same_dtype("b_up", b_up, x.dtype, "x")
+    if b_down is not None:
+        check_tensor("b_down", b_down, device=x.device, shape=(d_model,))
+        check_same_dtype("b_down", b_down, x.dtype, "x")
+    valid = GATED_ACTIVATIONS if w_gate is not None else ACTIVATIONS
+    if activation not in valid:
+        kind = "gated (w_gate given)" if w_gate is not None else "ungated"
+        raise ValueError(f"activation: expected one of {', '.join(valid)} for an {kind} MLP, got {activation!r}")
+    token_shape = x.shape[:-1]
+    if width is None:
+        raise TypeError("width: expected an int or an integer tensor of shape x.shape[:-1], got None")
+    widths, fw = check_widths("width", width, high=ffn, default=ffn, token_shape=token_shape, device=x.device)
+    if scale is not None:
+        check_tensor("scale", scale, dtypes=FLOAT_DTYPES, device=x.device, shape=token_shape)
+        scale = scale.reshape(-1)
+
+    x2d = x.reshape(math.prod(token_shape), d_model)
+    in_place = accumulates_in_place(w_up, w_down, w_gate, b_up, b_down)
+    out = _ElasticMLPFunction.apply(x2d, w_up, w_down, w_gate, b_up, b_down, scale, widths, fw, activation, in_place)
+    return out.reshape(x.shape)
