@@ -386,8 +386,8 @@ def elastic_mlp(
         check_same_dtype("b_down", b_down, x.dtype, "x")
     valid = GATED_ACTIVATIONS if w_gate is not None else ACTIVATIONS
     if activation not in valid:
-        kind = "gated (w_gate given)" if w_gate is not None else "ungated"
-        raise ValueError(f"activation: expected one of {', '.join(valid)} for an {kind} MLP, got {activation!r}")
+        kind = "a gated MLP (w_gate given)" if w_gate is not None else "an ungated MLP"
+        raise ValueError(f"activation: expected one of {', '.join(valid)} for {kind}, got {activation!r}")
     token_shape = x.shape[:-1]
     if width is None:
         raise TypeError("width: expected an int or an integer tensor of shape x.shape[:-1], got None")

@@ -1,0 +1,310 @@
+"""elastic_mlp against the reference: activations, gating, biases, scale, widths, both backends."""
+
+import pytest
+import torch
+
+import flextron_kernels as fk
+from flextron_kernels import reference
+from flextron_kernels.ops.elastic_mlp import activation_derivative
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
+BACKENDS = ["torch", "triton"]
+NAMES = ("out", "dx", "dw_up", "dw_down", "db_up", "db_down", "dscale", "dw_gate")
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setenv("FLEXTRON_POISON_OUTPUTS", "1")
+
+
+def rel_err(out, ref):
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    out, ref = out.double().cpu(), ref.double().cpu()
+    assert torch.isfinite(out).all(), "non-finite (unwritten) elements"
+    denom = ref.norm().item()
+    return (out - ref).norm().item() / (denom if denom > 0 else 1.0)
+
+
+def make(num_tokens, d_model, ffn, *, gated, bias, dtype, device, seed, lead=None):
+    gen = torch.Generator().manual_seed(seed)
+    shape = lead if lead is not None else (num_tokens,)
+
+    def randn(*s, scale=1.0):
+        return (torch.randn(*s, generator=gen) * scale).to(device, dtype)
+
+    tensors = dict(
+        x=randn(*shape, d_model),
+        w_up=randn(ffn, d_model, scale=d_model**-0.5),
+        w_down=randn(d_model, ffn, scale=ffn**-0.5),
+        b_up=randn(ffn) if bias else None,
+        b_down=randn(d_model) if bias else None,
+        scale=(torch.rand(*shape, generator=gen) + 0.5).to(device, dtype),
+        w_gate=randn(ffn, d_model, scale=d_model**-0.5) if gated else None,
+    )
+    return tensors, gen
+
+
+def run(backend, tensors, width, activation, use_scale, as_params=False, grad=None, gen=None):
+    """Forward and backward through our op and through the fp64 reference."""
+    names = [n for n, t in tensors.items() if t is not None and (use_scale or n != "scale")]
+
+    def leaf(t, param):
+        return torch.nn.Parameter(t.clone()) if param else t.clone().requires_grad_()
+
+    ours = {n: leaf(tensors[n], as_params and n not in ("x", "scale")) for n in names}
+    ref = {n: tensors[n].double().requires_grad_() for n in names}
+    kw = lambda d: dict(  # noqa: E731
+        width=width.to(tensors["x"].device) if isinstance(width, torch.Tensor) else width,
+        w_gate=d.get("w_gate"), b_up=d.get("b_up"), b_down=d.get("b_down"), activation=activation, scale=d.get("scale"),
+    )
+    with fk.use_backend(backend):
+        out = fk.elastic_mlp(ours["x"], ours["w_up"], ours["w_down"], **kw(ours))
+        if grad is None:
+            grad = torch.randn(out.shape, generator=gen).to(out.device, out.dtype)
+        out.backward(grad)
+    ref_kw = kw(ref)
+    if isinstance(width, torch.Tensor):
+        ref_kw["width"] = width.cpu()
+    ref = {n: t.cpu() if n != "x" else t.cpu() for n, t in ref.items()}
+    ref_out = reference.elastic_mlp(
+        ref["x"], ref["w_up"], ref["w_down"],
+        **{k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in ref_kw.items()},
+    )
+    ref_out.backward(grad.double().cpu())
+    got = {"out": out, **{f"d{n}" if n != "x" else "dx": ours[n].grad for n in names}}
+    want = {"out": ref_out, **{f"d{n}" if n != "x" else "dx": ref[n].grad for n in names}}
+    return got, want
+
+
+def check(got, want, tol):
+    for name, ref in want.items():
+        out = got[name]
+        if ref is None or ref.abs().max() == 0:
+            assert out is None or (out == 0).all(), name
+            continue
+        assert rel_err(out, ref) < tol, name
+
+
+CONFIGS = [
+    # (gated, activation, bias)
+    (True, "silu", False),
+    (True, "gelu", True),
+    (False, "gelu_tanh", True),
+    (False, "gelu", False),
+    (False, "relu", True),
+    (False, "relu2", False),
+    (False, "silu", True),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("gated,activation,bias", CONFIGS)
+@pytest.mark.parametrize("width_kind", ["per_token", "static"])
+def test_matches_reference_fp32(backend, gated, activation, bias, width_kind, device):
+    tensors, gen = make(23, 19, 45, gated=gated, bias=bias, dtype=torch.float32, device=device, seed=len(activation))
+    width = torch.randint(0, 46, (23,), generator=gen) if width_kind == "per_token" else 29
+    if width_kind == "per_token":
+        width[:2] = torch.tensor([0, 45])
+    got, want = run(backend, tensors, width, activation, use_scale=True, gen=gen)
+    check(got, want, 1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("gated,activation", [(True, "silu"), (False, "gelu_tanh")])
+def test_matches_reference_fp16(backend, gated, activation, device):
+    tensors, gen = make(37, 24, 70, gated=gated, bias=True, dtype=torch.float16, device=device, seed=3)
+    width = torch.randint(0, 71, (37,), generator=gen)
+    got, want = run(backend, tensors, width, activation, use_scale=True, gen=gen)
+    check(got, want, TOL[torch.float16])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_parameters_accumulate_in_place(backend, device):
+    tensors, gen = make(17, 16, 40, gated=True, bias=True, dtype=torch.float32, device=device, seed=4)
+    width = torch.tensor([0, 40, 8, 8, 8, 16, 24, 32, 40, 1, 2, 3, 39, 40, 10, 10, 20])
+    grad = torch.randn(17, 16, generator=gen).to(device)
+    plain, want = run(backend, tensors, width, "silu", use_scale=True, grad=grad)
+    params, _ = run(backend, tensors, width, "silu", use_scale=True, as_params=True, grad=grad)
+    for name in want:
+        torch.testing.assert_close(params[name], plain[name], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_module_grads_accumulate_across_subnetworks_and_keep_the_rest(backend, device):
+    torch.manual_seed(5)
+    mlp = fk.ElasticMLP(16, 48, gated=True, activation="silu", bias=True).to(device)
+    before = {n: torch.randn_like(p) for n, p in mlp.named_parameters()}
+    for n, p in mlp.named_parameters():
+        p.grad = before[n].clone()
+    x = torch.randn(9, 16, device=device)
+    choices = [dict(width=12), dict(width=torch.tensor([0, 4, 48, 12, 12, 30, 1, 47, 48], device=device)), dict()]
+    with fk.use_backend(backend):
+        for kw in choices:
+            mlp(x, **kw).square().sum().backward()
+    ref = {n: p.detach().double().requires_grad_() for n, p in mlp.named_parameters()}
+    for kw in choices:
+        width = kw.get("width", 48)
+        width = width.cpu() if isinstance(width, torch.Tensor) else width
+        reference.elastic_mlp(
+            x.double().cpu(), ref["w_up"].cpu(), ref["w_down"].cpu(), width=width, w_gate=ref["w_gate"].cpu(),
+            b_up=ref["b_up"].cpu(), b_down=ref["b_down"].cpu(),
+        ).square().sum().backward()
+    for n, p in mlp.named_parameters():
+        assert rel_err(p.grad - before[n], ref[n].grad) < 1e-5, n
+    # A static sub-network leaves the unused part of each gradient untouched.
+    for p in mlp.parameters():
+        p.grad = None
+    mlp(x, width=12).sum().backward()
+    assert (mlp.w_up.grad[12:] == 0).all() and (mlp.w_down.grad[:, 12:] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_width_everywhere_equals_dense_mlp(backend, device):
+    torch.manual_seed(6)
+    d_model, ffn, width = 16, 40, 24
+    mlp = fk.ElasticMLP(d_model, ffn, gated=True).to(device)
+    x = torch.randn(2, 5, d_model, device=device)
+    with fk.use_backend(backend):
+        out = mlp(x, width=torch.full((2, 5), width, device=device))
+    dense = torch.nn.functional.silu(x @ mlp.w_gate[:width].T) * (x @ mlp.w_up[:width].T) @ mlp.w_down[:, :width].T
+    torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["width0", "one_token_per_width", "fewer_than_block", "empty", "one_token"])
+def test_edge_cases(backend, case, device):
+    num_tokens = {"width0": 9, "one_token_per_width": 5, "fewer_than_block": 3, "empty": 0, "one_token": 1}[case]
+    tensors, gen = make(num_tokens, 16, 40, gated=True, bias=True, dtype=torch.float32, device=device, seed=7)
+    width = {
+        "width0": torch.zeros(9, dtype=torch.int64),
+        "one_token_per_width": torch.tensor([10, 20, 30, 40, 0]),
+        "fewer_than_block": torch.tensor([40, 3, 17]),
+        "empty": torch.zeros(0, dtype=torch.int64),
+        "one_token": torch.tensor([33]),
+    }[case]
+    got, want = run(backend, tensors, width, "silu", use_scale=True, gen=gen)
+    assert got["out"].shape == want["out"].shape
+    if num_tokens:
+        check(got, want, 1e-5)
+    if case == "width0":  # only b_down reaches the output, and dscale is 0
+        torch.testing.assert_close(got["out"], tensors["b_down"].expand(9, 16))
+
+
+def test_batch_shape_and_static_width_zero(device):
+    tensors, gen = make(0, 12, 30, gated=False, bias=True, dtype=torch.float32, device=device, seed=8, lead=(2, 3))
+    for width in (0, 30, torch.randint(0, 31, (2, 3), generator=gen)):
+        got, want = run("torch", tensors, width, "gelu", use_scale=False, gen=gen)
+        check(got, want, 1e-5)
+
+
+@pytest.mark.parametrize("activation", reference.ACTIVATIONS)
+def test_activation_derivatives(activation):
+    z = torch.linspace(-4, 4, 101, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(reference.activation(activation, z).sum(), z)
+    torch.testing.assert_close(activation_derivative(activation, z.detach()), grad)
+
+
+def test_backward_twice_is_a_clear_error(device):
+    mlp = fk.ElasticMLP(8, 16).to(device)
+    out = mlp(torch.randn(3, 8, device=device), width=8).sum()
+    out.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="cannot run twice"):
+        out.backward()
+
+
+def _bad_cases():
+    x, w_up, w_down, w_gate = torch.randn(4, 6), torch.randn(10, 6), torch.randn(6, 10), torch.randn(10, 6)
+    base = dict(x=x, w_up=w_up, w_down=w_down, width=5)
+    return [
+        (dict(base, activation="swish"), ValueError, "activation: expected one of silu, gelu, gelu_tanh, relu, relu2 for an ungated MLP, got 'swish'"),
+        (dict(base, w_gate=w_gate, activation="relu2"), ValueError, "activation: expected one of silu, gelu for a gated"),
+        (dict(base, w_down=torch.randn(6, 9)), ValueError, "w_down: expected shape \\(6, 10\\), got \\(6, 9\\)"),
+        (dict(base, w_up=torch.randn(10, 5)), ValueError, "w_up: expected shape \\[F, 6\\]"),
+        (dict(base, w_gate=torch.randn(9, 6)), ValueError, "w_gate: expected shape \\(10, 6\\)"),
+        (dict(base, b_up=torch.randn(6)), ValueError, "b_up: expected shape \\(10,\\)"),
+        (dict(base, b_down=torch.randn(10)), ValueError, "b_down: expected shape \\(6,\\)"),
+        (dict(base, width=11), ValueError, "width: expected an int in \\[0, 10\\], got 11"),
+        (dict(base, width=torch.tensor([1, 2, 3, 11])), ValueError, "width: expected every width in \\[0, 10\\]"),
+        (dict(base, width=torch.tensor([1, -2, 3, 1])), ValueError, "width: expected every width in \\[0, 10\\]"),
+        (dict(base, width=torch.tensor([1.0, 2, 3, 1])), TypeError, "width: expected an integer tensor"),
+        (dict(base, width=torch.tensor([1, 2])), ValueError, "width: expected shape \\(4,\\)"),
+        (dict(base, width=torch.ones(4, dtype=torch.int64, device="meta")), ValueError, "width: expected a tensor on cpu"),
+        (dict(base, width=None), TypeError, "width: expected an int or an integer tensor"),
+        (dict(base, scale=torch.ones(3)), ValueError, "scale: expected shape \\(4,\\)"),
+        (dict(base, scale=torch.ones(4, dtype=torch.int64)), TypeError, "scale: expected dtype in"),
+        (dict(base, w_down=w_down.half()), TypeError, "w_down: expected dtype torch.float32"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_cases())))
+def test_bad_input_gets_a_clear_error(case):
+    kwargs, error, message = _bad_cases()[case]
+    with pytest.raises(error, match=message):
+        fk.elastic_mlp(**kwargs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend, device):
+    tensors, gen = make(11, 12, 30, gated=True, bias=True, dtype=torch.float32, device=device, seed=9)
+    t = tensors
+    widths = torch.randint(0, 31, (11,), generator=gen).to(device)
+    with fk.use_backend(backend):
+        for w, fw in ((widths, 30), (None, 13)):
+            torch.library.opcheck(
+                torch.ops.flextron.elastic_mlp_fwd,
+                (t["x"], t["w_up"], t["w_down"], t["w_gate"], t["b_up"], t["b_down"], w, fw, "silu", t["scale"], True),
+            )
+            out, up_pre, gate_pre = torch.ops.flextron.elastic_mlp_fwd(
+                t["x"], t["w_up"], t["w_down"], t["w_gate"], t["b_up"], t["b_down"], w, fw, "silu", t["scale"], True
+            )
+            grads = [torch.zeros_like(t[n]) for n in ("w_up", "w_down", "w_gate", "b_up", "b_down")]
+            torch.library.opcheck(
+                torch.ops.flextron.elastic_mlp_bwd_,
+                (*grads, torch.randn_like(out), t["x"], t["w_up"], t["w_down"], t["w_gate"], w, fw, "silu", t["scale"],
+                 up_pre, gate_pre, True),
+            )
+
+
+def test_torch_compile_fullgraph(device):
+    torch.manual_seed(10)
+    mlp = fk.ElasticMLP(12, 32, gated=True, bias=True).to(device)
+    x = torch.randn(2, 5, 12, device=device)
+    width = torch.randint(0, 33, (2, 5), device=device)
+    scale = torch.rand(2, 5, device=device, requires_grad=True)
+    eager = mlp(x, width=width, scale=scale)
+    eager.square().sum().backward()
+    eager_grads = [p.grad.clone() for p in mlp.parameters()] + [scale.grad.clone()]
+    mlp.zero_grad(set_to_none=True)
+    scale.grad = None
+    compiled = torch.compile(lambda x, w, s: mlp(x, width=w, scale=s), fullgraph=True, backend="aot_eager")
+    out = compiled(x, width, scale)
+    out.square().sum().backward()
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    for g, e in zip([p.grad for p in mlp.parameters()] + [scale.grad], eager_grads):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gated,activation", [(True, "silu"), (False, "gelu_tanh")])
+@pytest.mark.parametrize("num_tokens,d_model,ffn", [(1, 4096, 11008), (333, 1000, 2750), (2048, 4096, 11008)])
+def test_bf16_error_within_twice_torch(gated, activation, num_tokens, d_model, ffn):
+    device = torch.device("cuda")
+    tensors, gen = make(num_tokens, d_model, ffn, gated=gated, bias=True, dtype=torch.bfloat16, device=device, seed=11)
+    fractions = torch.tensor([0.25, 0.5, 0.75, 1.0])
+    width = (fractions[torch.randint(0, 4, (num_tokens,), generator=gen)] * ffn).long()
+    grad = torch.randn(num_tokens, d_model, generator=gen).to(device, torch.bfloat16)
+    got, exact = run("auto", tensors, width, activation, use_scale=True, grad=grad)
+    names = [n for n, t in tensors.items() if t is not None]
+    bf = {n: tensors[n].clone().requires_grad_() for n in names}
+    torch_out = reference.elastic_mlp(
+        bf["x"], bf["w_up"], bf["w_down"], width=width.to(device), w_gate=bf.get("w_gate"), b_up=bf.get("b_up"),
+        b_down=bf.get("b_down"), activation=activation, scale=bf["scale"],
+    )
+    torch_out.backward(grad)
+    # PyTorch's own bf16 error: the reference evaluated in bf16 on the same inputs.
+    torch_bf16 = {"out": torch_out, **{f"d{n}" if n != "x" else "dx": bf[n].grad for n in names}}
+    for name, e in exact.items():
+        ours_err = (got[name].double().cpu() - e).abs().max().item()
+        torch_err = (torch_bf16[name].double().cpu() - e).abs().max().item()
+        assert torch.isfinite(got[name]).all(), name
+        assert ours_err <= 2 * torch_err + 1e-6, (name, ours_err, torch_err)
