@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 import flextron_kernels as fk
 from flextron_kernels.bench.measure import copy_bandwidth_tbps, format_table, matmul_tflops, time_ms, write_results
+from flextron_kernels.bench.workloads import FRACTIONS, mixed_widths, width_of
 
 SHAPES = {
     # name: (N, K, elastic axis); the elastic axis is the MLP hidden size.
@@ -33,23 +34,6 @@ SHAPES = {
     "llama3-8b.up": (14336, 4096, "out"),
     "llama3-8b.down": (4096, 14336, "in"),
 }
-FRACTIONS = (0.25, 0.5, 0.75, 1.0)
-
-
-def width_of(size: int, fraction: float) -> int:
-    return max(int(round(size * fraction / 128)) * 128, 0) if size >= 128 else int(size * fraction)
-
-
-def mixed_widths(size: int, count: int, mix: str, device) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(0)
-    choices = torch.tensor([width_of(size, f) for f in FRACTIONS])
-    if mix == "uniform":
-        index = torch.randint(0, 4, (count,), generator=gen)
-    else:  # skewed: 70% of tokens at 25%, the rest spread over the other widths
-        index = torch.where(torch.rand(count, generator=gen) < 0.7, 0, torch.randint(1, 4, (count,), generator=gen))
-    return choices[index].to(device)
-
-
 def bucketed_forward(x, weight, widths, axis):
     """The torch baseline: sort tokens by width, one F.linear per width (one host sync)."""
     values, counts = torch.unique(widths, return_counts=True)

@@ -1,0 +1,34 @@
+"""Benchmark workloads: model shapes and per-token width mixes."""
+
+from __future__ import annotations
+
+import torch
+
+FRACTIONS = (0.25, 0.5, 0.75, 1.0)
+MIXES = ("uniform", "all25", "all100", "skewed")
+
+# d_model, ffn of the MLPs the issues' targets are stated for.
+MLP_SHAPES = {"llama2-7b": (4096, 11008), "llama3-8b": (4096, 14336)}
+
+
+def width_of(size: int, fraction: float) -> int:
+    """``fraction`` of ``size``, rounded to a multiple of 128 where the size allows."""
+    return int(round(size * fraction / 128)) * 128 if size >= 512 else int(size * fraction)
+
+
+def mixed_widths(size: int, count: int, mix: str, device, seed: int = 0) -> torch.Tensor:
+    """``[count]`` int64 widths: ``uniform`` over 25/50/75/100%, ``all25``, ``all100``, or
+    ``skewed`` (70% of tokens at 25%, the rest spread over the other three)."""
+    gen = torch.Generator().manual_seed(seed)
+    choices = torch.tensor([width_of(size, f) for f in FRACTIONS])
+    if mix == "uniform":
+        index = torch.randint(0, 4, (count,), generator=gen)
+    elif mix == "all25":
+        index = torch.zeros(count, dtype=torch.int64)
+    elif mix == "all100":
+        index = torch.full((count,), 3, dtype=torch.int64)
+    elif mix == "skewed":
+        index = torch.where(torch.rand(count, generator=gen) < 0.7, 0, torch.randint(1, 4, (count,), generator=gen))
+    else:
+        raise ValueError(f"mix: expected one of {', '.join(MIXES)}, got {mix!r}")
+    return choices[index].to(device)
