@@ -220,3 +220,79 @@ def elastic_mlp(
     if b_down is not None:
         out = out + b_down
     return out
+
+
+# --------------------------------------------------------------------------- #
+# Elastic attention
+# --------------------------------------------------------------------------- #
+def elastic_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    heads: Union[int, torch.Tensor],
+    cu_seqlens: Optional[torch.Tensor] = None,
+    causal: bool = True,
+    softmax_scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Attention over packed variable-length sequences where each token uses its first
+    ``heads[t]`` query heads.
+
+    Shapes: ``q [T, Hq, Dh]``, ``k, v [T, Hkv, Dh]`` with ``Hq % Hkv == 0`` (query head
+    ``h`` reads KV head ``h // (Hq // Hkv)``), ``cu_seqlens [B + 1]`` (sequence ``b`` is
+    tokens ``cu_seqlens[b]:cu_seqlens[b+1]``; None: one sequence), ``heads`` an int or
+    ``[T]`` integer tensor. Query ``t`` attends to the keys of its own sequence (those at or
+    before ``t`` when ``causal``), whatever head count the key tokens use. Output
+    ``[T, Hq, Dh]``, exactly zero at heads ``h >= heads[t]``.
+    """
+    num_tokens, q_heads, head_dim = q.shape
+    group = q_heads // k.shape[1]
+    scale = head_dim**-0.5 if softmax_scale is None else softmax_scale
+    if cu_seqlens is None:
+        cu_seqlens = torch.tensor([0, num_tokens], device=q.device)
+    seq_id = torch.bucketize(torch.arange(num_tokens, device=q.device), cu_seqlens[1:].to(torch.int64), right=True)
+    pos = torch.arange(num_tokens, device=q.device)
+    allowed = seq_id[:, None] == seq_id[None, :]
+    if causal:
+        allowed = allowed & (pos[None, :] <= pos[:, None])
+
+    k_full = k.repeat_interleave(group, dim=1)
+    v_full = v.repeat_interleave(group, dim=1)
+    scores = torch.einsum("thd,shd->hts", q, k_full) * scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.einsum("hts,shd->thd", probs, v_full)
+    head_counts = heads if isinstance(heads, torch.Tensor) else torch.full((num_tokens,), heads, device=q.device)
+    used = torch.arange(q_heads, device=q.device) < head_counts.reshape(-1, 1)
+    return torch.where(used[:, :, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+def elastic_attention_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    *,
+    cache_seqlens: torch.Tensor,
+    heads: Union[int, torch.Tensor],
+    softmax_scale: Optional[float] = None,
+) -> torch.Tensor:
+    """One query per request against its KV cache, with a per-request head count.
+
+    Shapes: ``q [B, Hq, Dh]``, ``k_cache, v_cache [B, Hkv, S_max, Dh]``,
+    ``cache_seqlens [B]`` (request ``b`` attends to cache positions ``< cache_seqlens[b]``),
+    ``heads`` an int or ``[B]`` integer tensor. Output ``[B, Hq, Dh]``, exactly zero at
+    heads ``h >= heads[b]`` (and for a request with an empty cache).
+    """
+    batch, q_heads, head_dim = q.shape
+    group = q_heads // k_cache.shape[1]
+    scale = head_dim**-0.5 if softmax_scale is None else softmax_scale
+    k_full = k_cache.repeat_interleave(group, dim=1)
+    v_full = v_cache.repeat_interleave(group, dim=1)
+    scores = torch.einsum("bhd,bhsd->bhs", q, k_full) * scale
+    valid = torch.arange(k_cache.shape[2], device=q.device) < cache_seqlens.reshape(-1, 1, 1)
+    scores = scores.masked_fill(~valid, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # an empty cache attends to nothing
+    out = torch.einsum("bhs,bhsd->bhd", probs, v_full)
+    head_counts = heads if isinstance(heads, torch.Tensor) else torch.full((batch,), heads, device=q.device)
+    used = torch.arange(q_heads, device=q.device) < head_counts.reshape(-1, 1)
+    return torch.where(used[:, :, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
