@@ -14,6 +14,7 @@ from flextron_kernels.backends import BACKENDS, build_info, use_backend
 from flextron_kernels.nn import ElasticLinear, ElasticMLP
 from flextron_kernels.ops import (
     default_boundaries,
+    elastic_attention,
     elastic_linear,
     elastic_mlp,
     full_size_weight_grads,
@@ -28,6 +29,7 @@ __all__ = [
     "__version__",
     "build_info",
     "default_boundaries",
+    "elastic_attention",
     "elastic_linear",
     "elastic_mlp",
     "full_size_weight_grads",

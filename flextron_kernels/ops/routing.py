@@ -45,7 +45,10 @@ def default_boundaries(size: int, device: torch.device) -> torch.Tensor:
 def _routing_metadata_op(
     widths: torch.Tensor, boundaries: torch.Tensor, block_m: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    backend = select_backend("routing_metadata", widths.device, ("cuda", "torch"), ("cuda", "torch"))
+    ext = extension()
+    # The extension's kernels take up to ROUTING_MAX_GROUPS groups; more go to torch.
+    implemented = ("cuda", "torch") if ext is not None and boundaries.numel() <= ext.ROUTING_MAX_GROUPS else ("torch",)
+    backend = select_backend("routing_metadata", widths.device, implemented, implemented)
     if backend == "torch":
         return tuple(t.clone() for t in reference.routing_metadata(widths, boundaries, block_m))
     return tuple(_extension_routing_metadata(widths, boundaries, block_m))
@@ -108,7 +111,4 @@ def routing_metadata(widths: torch.Tensor, boundaries: torch.Tensor, block_m: in
     check_int("block_m", block_m, 1, 1 << 20)
     if value_checks_enabled(boundaries) and not bool((boundaries.diff() > 0).all()):
         raise ValueError(f"boundaries: expected strictly increasing values, got {boundaries.tolist()}")
-    ext = extension()
-    if ext is not None and boundaries.numel() > ext.ROUTING_MAX_GROUPS:
-        raise ValueError(f"boundaries: expected at most {ext.ROUTING_MAX_GROUPS} groups, got {boundaries.numel()}")
     return RoutingMetadata(*torch.ops.flextron.routing_metadata(widths, boundaries, block_m))

@@ -1,0 +1,304 @@
+"""elastic_attention: packed variable-length attention with a per-token number of query heads.
+
+Meaning: :func:`flextron_kernels.reference.elastic_attention`. Two custom ops (with fake
+implementations) and an autograd function that calls them:
+
+- ``flextron::elastic_attention_fwd(q, k, v, cu_seqlens, heads, static_heads, causal, scale) -> (out, lse)``
+- ``flextron::elastic_attention_bwd(dout, q, k, v, out, lse, cu_seqlens, heads, static_heads, causal, scale) -> (dq, dk, dv)``
+
+Triton path: flash attention (online softmax, never a T x T matrix) over tiles that
+never cross a sequence boundary; a (tile, query head) that no token of the tile uses
+writes zeros and reads nothing. The torch path loops over sequences (one host sync) and
+is meant for CPUs and for checking.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from flextron_kernels.backends import select_backend
+from flextron_kernels.ops.checks import (
+    FLOAT_DTYPES,
+    INTEGER_DTYPES,
+    check_same_dtype,
+    check_tensor,
+    check_widths,
+    new_output,
+    value_checks_enabled,
+)
+from flextron_kernels.ops.routing import routing_metadata
+
+# BLOCK_N must divide BLOCK_M: the kernels rely on key blocks ending at query-tile starts.
+_GPU_CONFIG = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
+_CPU_CONFIG = dict(BLOCK_M=16, BLOCK_N=16)
+
+
+def _config(t: torch.Tensor) -> dict:
+    precision = "ieee" if t.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
+    return dict(_CPU_CONFIG if t.device.type == "cpu" else _GPU_CONFIG, INPUT_PRECISION=precision)
+
+
+def _select(t: torch.Tensor) -> str:
+    preferred = ("triton", "torch") if t.is_cuda else ("torch", "triton")
+    return select_backend("elastic_attention", t.device, ("triton", "torch"), preferred)
+
+
+def sequence_tiles(cu_seqlens: torch.Tensor, num_tokens: int, block: int):
+    """Tiles of at most ``block`` tokens that never cross a sequence boundary (routing
+    metadata over the tokens' sequence ids; computed on the device, no host sync)."""
+    num_seqs = cu_seqlens.numel() - 1
+    positions = torch.arange(num_tokens, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    seq_ids = torch.bucketize(positions, cu_seqlens[1:], right=True)
+    boundaries = torch.arange(max(num_seqs, 1), device=cu_seqlens.device, dtype=torch.int32)
+    return routing_metadata(seq_ids, boundaries, block)
+
+
+def _used_heads(heads, static_heads, num_tokens, q_heads, device):
+    counts = heads if heads is not None else torch.full((num_tokens,), static_heads, device=device)
+    return torch.arange(q_heads, device=device) < counts.reshape(-1, 1)
+
+
+# --------------------------------------------------------------------------- #
+# Torch backend: one sequence at a time, fp32 softmax
+# --------------------------------------------------------------------------- #
+def _sequence_scores(q, k, scale, causal):
+    """``q [L, Hkv, g, D]``, ``k [L, Hkv, D]`` -> scores ``[Hkv, g, L, L]`` (fp32, masked)."""
+    scores = torch.einsum("tkgd,ukd->kgtu", q, k) * scale
+    if causal:
+        length = q.shape[0]
+        future = torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(future, float("-inf"))
+    return scores
+
+
+def _forward_torch(q, k, v, cu_seqlens, heads, static_heads, causal, scale):
+    num_tokens, q_heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    group = q_heads // kv_heads
+    out = torch.zeros(num_tokens, q_heads, head_dim, dtype=torch.float32, device=q.device)
+    lse = torch.zeros(q_heads, num_tokens, dtype=torch.float32, device=q.device)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end == start:
+            continue
+        qs = q[start:end].float().reshape(end - start, kv_heads, group, head_dim)
+        scores = _sequence_scores(qs, k[start:end].float(), scale, causal)
+        seq_lse = torch.logsumexp(scores, dim=-1)
+        probs = torch.exp(scores - seq_lse[..., None])
+        out[start:end] = torch.einsum("kgtu,ukd->tkgd", probs, v[start:end].float()).reshape(end - start, q_heads, head_dim)
+        lse[:, start:end] = seq_lse.reshape(q_heads, end - start)
+    used = _used_heads(heads, static_heads, num_tokens, q_heads, q.device)
+    out = torch.where(used[:, :, None], out, 0.0).to(q.dtype)
+    return out, lse
+
+
+def _backward_torch(dout, q, k, v, out, lse, cu_seqlens, heads, static_heads, causal, scale):
+    num_tokens, q_heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    group = q_heads // kv_heads
+    used = _used_heads(heads, static_heads, num_tokens, q_heads, q.device)
+    dout = torch.where(used[:, :, None], dout.float(), 0.0)
+    delta = (dout * out.float()).sum(-1)  # [T, Hq]
+    dq = torch.zeros(num_tokens, q_heads, head_dim, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(num_tokens, kv_heads, head_dim, dtype=torch.float32, device=q.device)
+    dv = torch.zeros_like(dk)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end == start:
+            continue
+        length = end - start
+        qs = q[start:end].float().reshape(length, kv_heads, group, head_dim)
+        ks, vs = k[start:end].float(), v[start:end].float()
+        dos = dout[start:end].reshape(length, kv_heads, group, head_dim)
+        seq_lse = lse[:, start:end].reshape(kv_heads, group, length)
+        probs = torch.exp(_sequence_scores(qs, ks, scale, causal) - seq_lse[..., None])
+        dv[start:end] = torch.einsum("kgtu,tkgd->ukd", probs, dos)
+        dprobs = torch.einsum("tkgd,ukd->kgtu", dos, vs)
+        seq_delta = delta[start:end].reshape(length, kv_heads, group).permute(1, 2, 0)
+        dscores = probs * (dprobs - seq_delta[..., None])
+        dq[start:end] = (torch.einsum("kgtu,ukd->tkgd", dscores, ks) * scale).reshape(length, q_heads, head_dim)
+        dk[start:end] = torch.einsum("kgtu,tkgd->ukd", dscores, qs) * scale
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+# --------------------------------------------------------------------------- #
+# Triton backend
+# --------------------------------------------------------------------------- #
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _forward_triton(q, k, v, cu_seqlens, heads, static_heads, causal, scale):
+    from flextron_kernels.triton.attention import attention_fwd
+
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    config = _config(q)
+    out = new_output(q.shape, dtype=q.dtype, device=q.device)
+    lse = new_output((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
+    tiles = sequence_tiles(cu_seqlens, q.shape[0], config["BLOCK_M"])
+    attention_fwd(q, k, v, out, lse, heads, static_heads, cu_seqlens, tiles, causal=causal, softmax_scale=scale, config=config)
+    return out, lse
+
+
+def _backward_triton(dout, q, k, v, out, lse, cu_seqlens, heads, static_heads, causal, scale):
+    from flextron_kernels.triton.attention import attention_bwd
+
+    dout, q, k, v = (_last_dim_contiguous(t) for t in (dout, q, k, v))
+    config = _config(q)
+    delta = (dout.float() * out.float()).sum(-1).T.contiguous()  # [Hq, T]; zero at unused heads
+    dq = new_output(q.shape, dtype=q.dtype, device=q.device)
+    dk = new_output(k.shape, dtype=k.dtype, device=k.device)
+    dv = new_output(v.shape, dtype=v.dtype, device=v.device)
+    q_tiles = sequence_tiles(cu_seqlens, q.shape[0], config["BLOCK_M"])
+    k_tiles = sequence_tiles(cu_seqlens, q.shape[0], config["BLOCK_N"])
+    attention_bwd(
+        q, k, v, dout, lse, delta, dq, dk, dv, heads, static_heads, cu_seqlens, q_tiles, k_tiles,
+        causal=causal, softmax_scale=scale, config=config,
+    )
+    return dq, dk, dv
+
+
+# --------------------------------------------------------------------------- #
+# Custom ops and autograd
+# --------------------------------------------------------------------------- #
+@torch.library.custom_op("flextron::elastic_attention_fwd", mutates_args=())
+def _fwd_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    heads: Optional[torch.Tensor],
+    static_heads: int,
+    causal: bool,
+    softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``q [T, Hq, D]``, ``k, v [T, Hkv, D]``, ``cu_seqlens [B+1]`` int32, ``heads [T]`` (or
+    None: ``static_heads`` for every token) -> ``out [T, Hq, D]`` and ``lse [Hq, T]`` fp32
+    (natural log; unspecified where the head is unused)."""
+    impl = _forward_triton if _select(q) == "triton" else _forward_torch
+    return impl(q, k, v, cu_seqlens, heads, static_heads, causal, softmax_scale)
+
+
+@_fwd_op.register_fake
+def _(q, k, v, cu_seqlens, heads, static_heads, causal, softmax_scale):
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("flextron::elastic_attention_bwd", mutates_args=())
+def _bwd_op(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    heads: Optional[torch.Tensor],
+    static_heads: int,
+    causal: bool,
+    softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(dq, dk, dv)`` of :func:`_fwd_op` (``dq`` zero at unused heads)."""
+    impl = _backward_triton if _select(q) == "triton" else _backward_torch
+    return impl(dout, q, k, v, out, lse, cu_seqlens, heads, static_heads, causal, softmax_scale)
+
+
+@_bwd_op.register_fake
+def _(dout, q, k, v, out, lse, cu_seqlens, heads, static_heads, causal, softmax_scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+class _ElasticAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, heads, static_heads, causal, softmax_scale):
+        out, lse = torch.ops.flextron.elastic_attention_fwd(q, k, v, cu_seqlens, heads, static_heads, causal, softmax_scale)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, heads)
+        ctx.static_heads, ctx.causal, ctx.softmax_scale = static_heads, causal, softmax_scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, cu_seqlens, heads = ctx.saved_tensors
+        dq, dk, dv = torch.ops.flextron.elastic_attention_bwd(
+            dout, q, k, v, out, lse, cu_seqlens, heads, ctx.static_heads, ctx.causal, ctx.softmax_scale
+        )
+        return dq, dk, dv, None, None, None, None, None
+
+
+# --------------------------------------------------------------------------- #
+# Public function
+# --------------------------------------------------------------------------- #
+def check_head_dim(name: str, head_dim: int) -> None:
+    if head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
+        raise ValueError(f"{name}: expected a head dimension that is a power of two in [16, 256], got {head_dim}")
+
+
+def elastic_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    heads: Union[int, torch.Tensor],
+    cu_seqlens: Optional[torch.Tensor] = None,
+    causal: bool = True,
+    softmax_scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Attention over packed sequences where token ``t`` uses its first ``heads[t]`` query heads.
+
+    Args:
+        q: ``[T, Hq, Dh]``; k, v: ``[T, Hkv, Dh]`` with ``Hq % Hkv == 0`` (GQA group
+            ``g = Hq // Hkv``), same dtype (fp32/fp16/bf16) and device; ``Dh`` a power
+            of two in [16, 256].
+        heads: an int or an integer tensor ``[T]``, each a multiple of ``g`` in
+            ``[0, Hq]``.
+        cu_seqlens: ``[B + 1]`` integer tensor, non-decreasing from 0 to ``T``
+            (sequence ``b`` is tokens ``cu_seqlens[b]:cu_seqlens[b+1]``); None: one sequence.
+        causal: each query sees the keys at or before it in its sequence.
+        softmax_scale: default ``Dh ** -0.5``.
+
+    Returns:
+        ``[T, Hq, Dh]``, exactly zero at heads a token does not use.
+    """
+    check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=3)
+    num_tokens, q_heads, head_dim = q.shape
+    check_tensor("k", k, device=q.device, ndim=3)
+    check_same_dtype("k", k, q.dtype, "q")
+    kv_heads = k.shape[1]
+    if k.shape[0] != num_tokens or k.shape[2] != head_dim:
+        raise ValueError(f"k: expected shape ({num_tokens}, Hkv, {head_dim}) (T and Dh from q), got {tuple(k.shape)}")
+    check_tensor("v", v, device=q.device, shape=k.shape)
+    check_same_dtype("v", v, q.dtype, "q")
+    if kv_heads == 0 or q_heads % kv_heads:
+        raise ValueError(f"k: expected a number of KV heads dividing Hq={q_heads}, got {kv_heads}")
+    check_head_dim("q", head_dim)
+    group = q_heads // kv_heads
+
+    if cu_seqlens is None:
+        cu_seqlens = torch.tensor([0, num_tokens], dtype=torch.int32, device=q.device)
+    else:
+        check_tensor("cu_seqlens", cu_seqlens, dtypes=INTEGER_DTYPES, ndim=1, device=q.device)
+        if cu_seqlens.numel() < 2:
+            raise ValueError(f"cu_seqlens: expected at least 2 entries (B + 1), got {cu_seqlens.numel()}")
+        if value_checks_enabled(cu_seqlens):
+            values = cu_seqlens.tolist()
+            if values[0] != 0 or values[-1] != num_tokens or any(b < a for a, b in zip(values, values[1:])):
+                raise ValueError(
+                    f"cu_seqlens: expected non-decreasing offsets from 0 to T={num_tokens}, got {values}"
+                )
+        cu_seqlens = cu_seqlens.to(torch.int32)
+
+    head_counts, static_heads = check_widths("heads", heads, high=q_heads, default=q_heads, token_shape=(num_tokens,), device=q.device)
+    if head_counts is None:
+        if static_heads % group:
+            raise ValueError(f"heads: expected a multiple of the GQA group {group} (Hq={q_heads}, Hkv={kv_heads}), got {static_heads}")
+    elif group > 1 and head_counts.numel() and value_checks_enabled(head_counts):
+        bad = head_counts[head_counts % group != 0]
+        if bad.numel():
+            raise ValueError(
+                f"heads: expected multiples of the GQA group {group} (Hq={q_heads}, Hkv={kv_heads}), got {bad[:4].tolist()}"
+            )
+
+    scale = float(head_dim**-0.5 if softmax_scale is None else softmax_scale)
+    return _ElasticAttentionFunction.apply(q, k, v, cu_seqlens, head_counts, static_heads, bool(causal), scale)

@@ -1,0 +1,274 @@
+"""Flash attention over packed variable-length sequences, with a per-token head count.
+
+Tokens of a sequence are contiguous; tiles of ``BLOCK`` query (or key) tokens never
+cross a sequence boundary (the tile schedule is the routing metadata of the tokens'
+sequence ids). A program owns one (tile, head): when no token of the tile uses that
+query head, it only writes zeros. Query head ``h`` reads KV head ``h // GROUP``.
+
+Softmax statistics are kept in base 2 (``exp2``), with the log-sum-exp stored in
+natural-log units, ``lse [Hq, T]`` fp32.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _tile(tile_group_ptr, tile_start_ptr, tile_end_ptr, cu_seqlens_ptr, pid, BLOCK: tl.constexpr):
+    seq = tl.load(tile_group_ptr + pid)
+    start = tl.load(tile_start_ptr + pid)
+    end = tl.load(tile_end_ptr + pid)
+    seq_start = tl.load(cu_seqlens_ptr + tl.maximum(seq, 0))
+    seq_end = tl.load(cu_seqlens_ptr + tl.maximum(seq, 0) + 1)
+    rows = start + tl.arange(0, BLOCK)
+    return seq, start, end, seq_start, seq_end, rows, rows < end
+
+
+@triton.jit
+def _head_counts(heads_ptr, rows, row_mask, static_heads, HAS_HEADS: tl.constexpr):
+    if HAS_HEADS:
+        return tl.load(heads_ptr + rows, mask=row_mask, other=0).to(tl.int32)
+    return tl.where(row_mask, static_heads, 0)
+
+
+@triton.jit
+def attention_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, heads_ptr, cu_seqlens_ptr,
+    tile_group_ptr, tile_start_ptr, tile_end_ptr,
+    num_tokens, static_heads, softmax_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    GROUP: tl.constexpr,
+    HAS_HEADS: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """``q, out [T, Hq, HEAD_DIM]``, ``k, v [T, Hkv, HEAD_DIM]`` (last dim contiguous),
+    ``lse [Hq, T]``. Grid: (tiles of BLOCK_M query tokens, Hq)."""
+    head = tl.program_id(1)
+    seq, start, end, seq_start, seq_end, rows, row_mask = _tile(
+        tile_group_ptr, tile_start_ptr, tile_end_ptr, cu_seqlens_ptr, tl.program_id(0), BLOCK_M
+    )
+    if seq < 0:
+        return
+    dims = tl.arange(0, HEAD_DIM)
+    rows64 = rows.to(tl.int64)
+    out_ptrs = out_ptr + rows64[:, None] * stride_ot + head * stride_oh + dims[None, :]
+    used = head < _head_counts(heads_ptr, rows, row_mask, static_heads, HAS_HEADS)
+    if tl.max(used.to(tl.int32), axis=0) == 0:
+        tl.store(out_ptrs, tl.zeros((BLOCK_M, HEAD_DIM), dtype=out_ptr.dtype.element_ty), mask=row_mask[:, None])
+        tl.store(lse_ptr + head * num_tokens + rows64, tl.zeros((BLOCK_M,), tl.float32), mask=row_mask)
+        return
+
+    kv_head = head // GROUP
+    q = tl.load(q_ptr + rows64[:, None] * stride_qt + head * stride_qh + dims[None, :], mask=row_mask[:, None], other=0.0)
+    qk_scale = softmax_scale * _LOG2E
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+    # Keys before the tile need no causal mask: tiles start at multiples of BLOCK_M from
+    # the sequence start and BLOCK_N divides BLOCK_M, so those key blocks end at `start`.
+    if CAUSAL:
+        unmasked_end = start
+        kv_end = end
+    else:
+        unmasked_end = seq_start
+        kv_end = seq_end
+    for phase in tl.static_range(2):
+        lo = seq_start if phase == 0 else unmasked_end
+        hi = unmasked_end if phase == 0 else kv_end
+        for n0 in range(lo, hi, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            cols64 = cols.to(tl.int64)
+            col_mask = cols < hi
+            k = tl.load(k_ptr + cols64[:, None] * stride_kt + kv_head * stride_kh + dims[None, :], mask=col_mask[:, None], other=0.0)
+            v = tl.load(v_ptr + cols64[:, None] * stride_vt + kv_head * stride_vh + dims[None, :], mask=col_mask[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+            if phase == 1:
+                keep = col_mask[None, :]
+                if CAUSAL:
+                    keep = keep & (cols[None, :] <= rows[:, None])
+                s = tl.where(keep, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            # Padding rows past the tile see only -inf: keep their arithmetic finite.
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+            m_i = m_new
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = tl.where(used[:, None], acc / l_safe[:, None], 0.0)
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
+    lse = (m_i + tl.log2(l_safe)) * _LN2
+    tl.store(lse_ptr + head * num_tokens + rows64, lse, mask=row_mask)
+
+
+@triton.jit
+def attention_bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, heads_ptr, cu_seqlens_ptr,
+    tile_group_ptr, tile_start_ptr, tile_end_ptr,
+    num_tokens, static_heads, softmax_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+    GROUP: tl.constexpr,
+    HAS_HEADS: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Gradients of one tile of BLOCK_N keys for one KV head, summed over the GROUP query
+    heads that read it and over the queries of its sequence. Grid: (key tiles, Hkv).
+    ``delta [Hq, T] = rowsum(dout * out)``."""
+    kv_head = tl.program_id(1)
+    seq, start, end, seq_start, seq_end, cols, col_mask = _tile(
+        tile_group_ptr, tile_start_ptr, tile_end_ptr, cu_seqlens_ptr, tl.program_id(0), BLOCK_N
+    )
+    if seq < 0:
+        return
+    dims = tl.arange(0, HEAD_DIM)
+    cols64 = cols.to(tl.int64)
+    k = tl.load(k_ptr + cols64[:, None] * stride_kt + kv_head * stride_kh + dims[None, :], mask=col_mask[:, None], other=0.0)
+    v = tl.load(v_ptr + cols64[:, None] * stride_vt + kv_head * stride_vh + dims[None, :], mask=col_mask[:, None], other=0.0)
+    dk = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
+    dv = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
+    qk_scale = softmax_scale * _LOG2E
+    # Causal: queries before this key tile never see it. Query tiles are aligned to the
+    # sequence start in steps of BLOCK_M, a multiple of BLOCK_N.
+    if CAUSAL:
+        q_lo = seq_start + ((start - seq_start) // BLOCK_M) * BLOCK_M
+    else:
+        q_lo = seq_start
+    for g in range(GROUP):
+        head = kv_head * GROUP + g
+        for m0 in range(q_lo, seq_end, BLOCK_M):
+            rows = m0 + tl.arange(0, BLOCK_M)
+            row_mask = rows < seq_end
+            used = row_mask & (head < _head_counts(heads_ptr, rows, row_mask, static_heads, HAS_HEADS))
+            if tl.max(used.to(tl.int32), axis=0) > 0:
+                rows64 = rows.to(tl.int64)
+                q = tl.load(q_ptr + rows64[:, None] * stride_qt + head * stride_qh + dims[None, :], mask=used[:, None], other=0.0)
+                do = tl.load(dout_ptr + rows64[:, None] * stride_dot + head * stride_doh + dims[None, :], mask=used[:, None], other=0.0)
+                lse = tl.load(lse_ptr + head * num_tokens + rows64, mask=used, other=0.0) * _LOG2E
+                delta = tl.load(delta_ptr + head * num_tokens + rows64, mask=used, other=0.0)
+                s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+                keep = used[:, None] & col_mask[None, :]
+                if CAUSAL:
+                    keep = keep & (cols[None, :] <= rows[:, None])
+                p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
+                dv = tl.dot(tl.trans(p).to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
+                dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+                ds = p * (dp - delta[:, None])
+                dk = tl.dot(tl.trans(ds).to(q.dtype), q, dk, input_precision=INPUT_PRECISION)
+    dk = dk * softmax_scale
+    tl.store(dk_ptr + cols64[:, None] * stride_dkt + kv_head * stride_dkh + dims[None, :], dk.to(dk_ptr.dtype.element_ty), mask=col_mask[:, None])
+    tl.store(dv_ptr + cols64[:, None] * stride_dvt + kv_head * stride_dvh + dims[None, :], dv.to(dv_ptr.dtype.element_ty), mask=col_mask[:, None])
+
+
+@triton.jit
+def attention_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, heads_ptr, cu_seqlens_ptr,
+    tile_group_ptr, tile_start_ptr, tile_end_ptr,
+    num_tokens, static_heads, softmax_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_dqt, stride_dqh,
+    GROUP: tl.constexpr,
+    HAS_HEADS: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Query gradient of one tile of BLOCK_M queries for one query head (zeros where
+    the head is unused). Grid: (query tiles, Hq)."""
+    head = tl.program_id(1)
+    seq, start, end, seq_start, seq_end, rows, row_mask = _tile(
+        tile_group_ptr, tile_start_ptr, tile_end_ptr, cu_seqlens_ptr, tl.program_id(0), BLOCK_M
+    )
+    if seq < 0:
+        return
+    dims = tl.arange(0, HEAD_DIM)
+    rows64 = rows.to(tl.int64)
+    used = row_mask & (head < _head_counts(heads_ptr, rows, row_mask, static_heads, HAS_HEADS))
+    dq_ptrs = dq_ptr + rows64[:, None] * stride_dqt + head * stride_dqh + dims[None, :]
+    dq = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+    if tl.max(used.to(tl.int32), axis=0) > 0:
+        kv_head = head // GROUP
+        q = tl.load(q_ptr + rows64[:, None] * stride_qt + head * stride_qh + dims[None, :], mask=used[:, None], other=0.0)
+        do = tl.load(dout_ptr + rows64[:, None] * stride_dot + head * stride_doh + dims[None, :], mask=used[:, None], other=0.0)
+        lse = tl.load(lse_ptr + head * num_tokens + rows64, mask=used, other=0.0) * _LOG2E
+        delta = tl.load(delta_ptr + head * num_tokens + rows64, mask=used, other=0.0)
+        qk_scale = softmax_scale * _LOG2E
+        kv_end = end if CAUSAL else seq_end
+        for n0 in range(seq_start, kv_end, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            cols64 = cols.to(tl.int64)
+            col_mask = cols < kv_end
+            k = tl.load(k_ptr + cols64[:, None] * stride_kt + kv_head * stride_kh + dims[None, :], mask=col_mask[:, None], other=0.0)
+            v = tl.load(v_ptr + cols64[:, None] * stride_vt + kv_head * stride_vh + dims[None, :], mask=col_mask[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+            keep = used[:, None] & col_mask[None, :]
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= rows[:, None])
+            p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
+    dq = dq * softmax_scale
+    tl.store(dq_ptrs, dq.to(dq_ptr.dtype.element_ty), mask=row_mask[:, None])
+
+
+def _strides(t):
+    return t.stride(0), t.stride(1)
+
+
+def attention_fwd(q, k, v, out, lse, heads, static_heads, cu_seqlens, tiles, *, causal, softmax_scale, config):
+    """Launch the forward: writes every element of ``out [T, Hq, D]`` and ``lse [Hq, T]``
+    for the used tiles. ``tiles`` is RoutingMetadata over the tokens' sequence ids with
+    ``block_m = config["BLOCK_M"]``."""
+    num_tokens, q_heads, head_dim = q.shape
+    if num_tokens == 0:
+        return
+    grid = (tiles.tile_start.numel(), q_heads)
+    attention_fwd_kernel[grid](
+        q, k, v, out, lse, heads if heads is not None else cu_seqlens, cu_seqlens,
+        tiles.tile_group, tiles.tile_start, tiles.tile_end,
+        num_tokens, static_heads, softmax_scale,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+        GROUP=q_heads // k.shape[1], HAS_HEADS=heads is not None, CAUSAL=causal, HEAD_DIM=head_dim, **config,
+    )
+
+
+def attention_bwd(q, k, v, dout, lse, delta, dq, dk, dv, heads, static_heads, cu_seqlens, q_tiles, k_tiles, *,
+                  causal, softmax_scale, config):
+    """Launch the backward: writes ``dq``, ``dk``, ``dv`` (shapes of q, k, v) from
+    ``dout``, the forward's ``lse [Hq, T]`` and ``delta [Hq, T] = rowsum(dout * out)``.
+    ``q_tiles`` / ``k_tiles``: sequence tiles of ``BLOCK_M`` / ``BLOCK_N`` tokens."""
+    num_tokens, q_heads, head_dim = q.shape
+    if num_tokens == 0:
+        return
+    common = dict(GROUP=q_heads // k.shape[1], HAS_HEADS=heads is not None, CAUSAL=causal, HEAD_DIM=head_dim, **config)
+    heads_arg = heads if heads is not None else cu_seqlens
+    attention_bwd_dkdv_kernel[(k_tiles.tile_start.numel(), k.shape[1])](
+        q, k, v, dout, lse, delta, dk, dv, heads_arg, cu_seqlens,
+        k_tiles.tile_group, k_tiles.tile_start, k_tiles.tile_end,
+        num_tokens, static_heads, softmax_scale,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *_strides(dv),
+        **common,
+    )
+    attention_bwd_dq_kernel[(q_tiles.tile_start.numel(), q_heads)](
+        q, k, v, dout, lse, delta, dq, heads_arg, cu_seqlens,
+        q_tiles.tile_group, q_tiles.tile_start, q_tiles.tile_end,
+        num_tokens, static_heads, softmax_scale,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
+        **common,
+    )
