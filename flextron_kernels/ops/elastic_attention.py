@@ -301,4 +301,6 @@ def elastic_attention(
             )
 
     scale = float(head_dim**-0.5 if softmax_scale is None else softmax_scale)
+    if v is k:  # torch.compile cannot trace one tensor passed twice to an autograd.Function
+        v = v.view(v.shape)
     return _ElasticAttentionFunction.apply(q, k, v, cu_seqlens, head_counts, static_heads, bool(causal), scale)

@@ -1,0 +1,202 @@
+"""elastic_attention (prefill) against the fp64 reference: sequences, heads, GQA, causal, gradients."""
+
+import pytest
+import torch
+
+import flextron_kernels as fk
+from flextron_kernels import reference
+
+BACKENDS = ["torch", "triton"]
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setenv("FLEXTRON_POISON_OUTPUTS", "1")
+
+
+def rel_err(out, ref):
+    assert out.shape == ref.shape
+    out, ref = out.double().cpu(), ref.double().cpu()
+    assert torch.isfinite(out).all(), "non-finite (unwritten) elements"
+    denom = ref.norm().item()
+    return (out - ref).norm().item() / (denom if denom > 0 else 1.0)
+
+
+def make_inputs(lengths, q_heads, kv_heads, heads_kind, dtype, device, seed=0, head_dim=16):
+    """q, k, v, the output gradient, heads and cu_seqlens (heads and cu_seqlens on the CPU)."""
+    gen = torch.Generator().manual_seed(seed)
+    num_tokens = sum(lengths)
+    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    group = q_heads // kv_heads
+    if heads_kind == "full":
+        heads = q_heads
+    elif heads_kind == "static":
+        heads = max(q_heads - group, 0)
+    elif heads_kind == "per_token":
+        heads = torch.randint(0, q_heads // group + 1, (num_tokens,), generator=gen) * group
+    else:  # per_sequence: every token of a sequence has its sequence's count
+        per_seq = torch.randint(0, q_heads // group + 1, (len(lengths),), generator=gen) * group
+        heads = per_seq.repeat_interleave(torch.tensor(lengths))
+    q, k, v = (
+        torch.randn(num_tokens, h, head_dim, generator=gen).to(device, dtype) for h in (q_heads, kv_heads, kv_heads)
+    )
+    grad = torch.randn(num_tokens, q_heads, head_dim, generator=gen).to(device, dtype)
+    return (q, k, v), grad, heads, cu
+
+
+def forward_backward(fn, tensors, grad, heads, cu, causal, device):
+    """``[out, dq, dk, dv]`` of ``fn`` on copies of ``tensors`` moved to ``device``."""
+    leaves = [t.detach().to(device).requires_grad_() for t in tensors]
+    heads = heads.to(device) if isinstance(heads, torch.Tensor) else heads
+    out = fn(*leaves, heads=heads, cu_seqlens=cu.to(device), causal=causal)
+    out.backward(grad.to(device, out.dtype))
+    return [out] + [t.grad for t in leaves]
+
+
+def run(backend, lengths, q_heads, kv_heads, heads_kind, causal, dtype, device, seed=0, head_dim=16):
+    """Ours under ``backend`` and the fp64 reference on the CPU, same inputs."""
+    tensors, grad, heads, cu = make_inputs(lengths, q_heads, kv_heads, heads_kind, dtype, device, seed, head_dim)
+    with fk.use_backend(backend):
+        ours = forward_backward(fk.elastic_attention, tensors, grad, heads, cu, causal, device)
+    exact = forward_backward(reference.elastic_attention, [t.double() for t in tensors], grad, heads, cu, causal, "cpu")
+    return ours, exact
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("q_heads,kv_heads", [(4, 2), (3, 3)])
+@pytest.mark.parametrize("heads_kind", ["full", "static", "per_token", "per_sequence"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_matches_reference_fp32(backend, q_heads, kv_heads, heads_kind, causal, device):
+    lengths = [1, 19, 0, 33, 2]  # a length-1 and an empty sequence among them
+    got, want = run(backend, lengths, q_heads, kv_heads, heads_kind, causal, torch.float32, device)
+    for name, o, r in zip(("out", "dq", "dk", "dv"), got, want):
+        if r.abs().max() == 0:
+            assert (o == 0).all(), name
+        else:
+            assert rel_err(o, r) < 1e-5, name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_reference_fp16(backend, device):
+    got, want = run(backend, [37, 5], 4, 1, "per_token", True, torch.float16, device, seed=1, head_dim=32)
+    for name, o, r in zip(("out", "dq", "dk", "dv"), got, want):
+        assert rel_err(o, r) < 2e-3, name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unused_heads_are_exact_zeros_and_one_sequence_default(backend, device):
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(9, 4, 16, generator=gen).to(device)
+    k = torch.randn(9, 2, 16, generator=gen).to(device)
+    heads = torch.tensor([0, 2, 4, 4, 2, 0, 4, 2, 2]).to(device)
+    with fk.use_backend(backend):
+        out = fk.elastic_attention(q, k, k, heads=heads)
+    assert (out[0] == 0).all() and (out[1, 2:] == 0).all() and (out[5] == 0).all()
+    ref = reference.elastic_attention(q.double().cpu(), k.double().cpu(), k.double().cpu(), heads=heads.cpu())
+    assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend, device):
+    q = torch.randn(0, 2, 16, device=device, requires_grad=True)
+    k = torch.randn(0, 2, 16, device=device, requires_grad=True)
+    with fk.use_backend(backend):
+        out = fk.elastic_attention(q, k, k, heads=2, cu_seqlens=torch.tensor([0, 0], dtype=torch.int32, device=device))
+        out.sum().backward()
+    assert out.shape == (0, 2, 16) and q.grad.shape == (0, 2, 16)
+
+
+def test_softmax_scale_and_noncontiguous(device):
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(12, 4, 2, 16, generator=gen).to(device)
+    q = base[:, :, 0]  # non-contiguous
+    kv = torch.randn(12, 16, 2, generator=gen).to(device).transpose(1, 2)  # last dim strided
+    for backend in BACKENDS:
+        with fk.use_backend(backend):
+            out = fk.elastic_attention(q, kv, kv, heads=4, softmax_scale=0.3)
+        ref = reference.elastic_attention(q.double().cpu(), kv.double().cpu(), kv.double().cpu(), heads=4, softmax_scale=0.3)
+        assert rel_err(out, ref) < 1e-5
+
+
+def _bad_cases():
+    q, k = torch.randn(6, 4, 16), torch.randn(6, 2, 16)
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+    base = dict(q=q, k=k, v=k, heads=4, cu_seqlens=cu)
+    return [
+        (dict(base, heads=3), ValueError, "heads: expected a multiple of the GQA group 2"),
+        (dict(base, heads=torch.tensor([2, 4, 1, 0, 2, 2])), ValueError, "heads: expected multiples of the GQA group 2 \\(Hq=4, Hkv=2\\), got \\[1\\]"),
+        (dict(base, heads=6), ValueError, "heads: expected an int in \\[0, 4\\], got 6"),
+        (dict(base, heads=torch.tensor([2, 4, 6, 0, 2, 2])), ValueError, "heads: expected every width in \\[0, 4\\]"),
+        (dict(base, heads=torch.full((6,), 2.0)), TypeError, "heads: expected an integer tensor"),
+        (dict(base, heads=torch.full((5,), 2)), ValueError, "heads: expected shape \\(6,\\)"),
+        (dict(base, cu_seqlens=torch.tensor([0, 4, 2, 6], dtype=torch.int32)), ValueError, "cu_seqlens: expected non-decreasing offsets from 0 to T=6, got \\[0, 4, 2, 6\\]"),
+        (dict(base, cu_seqlens=torch.tensor([0, 2, 5], dtype=torch.int32)), ValueError, "cu_seqlens: expected non-decreasing offsets from 0 to T=6"),
+        (dict(base, cu_seqlens=torch.tensor([1, 2, 6], dtype=torch.int32)), ValueError, "cu_seqlens: expected non-decreasing offsets from 0"),
+        (dict(base, cu_seqlens=cu.float()), TypeError, "cu_seqlens: expected dtype in"),
+        (dict(base, cu_seqlens=cu.to("meta")), ValueError, "cu_seqlens: expected a tensor on cpu"),
+        (dict(base, k=torch.randn(6, 3, 16), v=torch.randn(6, 3, 16)), ValueError, "k: expected a number of KV heads dividing Hq=4, got 3"),
+        (dict(base, k=k.half(), v=k.half()), TypeError, "k: expected dtype torch.float32 \\(the dtype of q\\)"),
+        (dict(base, v=torch.randn(6, 2, 8)), ValueError, "v: expected shape \\(6, 2, 16\\)"),
+        (dict(base, k=torch.randn(5, 2, 16)), ValueError, "k: expected shape \\(6, Hkv, 16\\)"),
+        (dict(base, q=torch.randn(6, 4, 24), k=torch.randn(6, 2, 24), v=torch.randn(6, 2, 24)), ValueError, "q: expected a head dimension that is a power of two"),
+        (dict(base, k=k.to("meta")), ValueError, "k: expected a tensor on cpu"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_cases())))
+def test_bad_input_gets_a_clear_error(case):
+    kwargs, error, message = _bad_cases()[case]
+    q, k, v = kwargs.pop("q"), kwargs.pop("k"), kwargs.pop("v")
+    with pytest.raises(error, match=message):
+        fk.elastic_attention(q, k, v, **kwargs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend, device):
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(21, 4, 16, generator=gen).to(device)
+    k = torch.randn(21, 2, 16, generator=gen).to(device)
+    v = torch.randn(21, 2, 16, generator=gen).to(device)
+    cu = torch.tensor([0, 5, 21], dtype=torch.int32, device=device)
+    heads = (torch.randint(0, 3, (21,), generator=gen) * 2).to(device)
+    ops = torch.ops.flextron
+    with fk.use_backend(backend):
+        for h, static in ((heads, 4), (None, 2)):
+            torch.library.opcheck(ops.elastic_attention_fwd, (q, k, v, cu, h, static, True, 0.25))
+            out, lse = ops.elastic_attention_fwd(q, k, v, cu, h, static, True, 0.25)
+            torch.library.opcheck(ops.elastic_attention_bwd, (torch.randn_like(out), q, k, v, out, lse, cu, h, static, True, 0.25))
+
+
+def test_torch_compile_fullgraph(device):
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(14, 4, 16, generator=gen).to(device).requires_grad_()
+    k = torch.randn(14, 2, 16, generator=gen).to(device).requires_grad_()
+    cu = torch.tensor([0, 6, 14], dtype=torch.int32, device=device)
+    heads = torch.tensor([2, 4] * 7, device=device)
+    fn = lambda q, k: fk.elastic_attention(q, k, k, heads=heads, cu_seqlens=cu)  # noqa: E731
+    eager = fn(q, k)
+    eager.square().sum().backward()
+    grads = (q.grad.clone(), k.grad.clone())
+    q.grad = k.grad = None
+    out = torch.compile(fn, fullgraph=True, backend="aot_eager")(q, k)
+    out.square().sum().backward()
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close((q.grad, k.grad), grads)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_heads", [8, 32])
+@pytest.mark.parametrize("heads_kind", ["per_token", "static"])
+def test_bf16_error_within_twice_torch(kv_heads, heads_kind):
+    device = torch.device("cuda")
+    lengths = [1, 700, 1023, 300]
+    tensors, grad, heads, cu = make_inputs(lengths, 32, kv_heads, heads_kind, torch.bfloat16, device, seed=6, head_dim=128)
+    ours = forward_backward(fk.elastic_attention, tensors, grad, heads, cu, True, device)
+    # PyTorch's own bf16 error: the reference evaluated in bf16 on the same inputs.
+    torch_bf16 = forward_backward(reference.elastic_attention, tensors, grad, heads, cu, True, device)
+    exact = forward_backward(reference.elastic_attention, [t.double() for t in tensors], grad, heads, cu, True, device)
+    for name, o, t, e in zip(("out", "dq", "dk", "dv"), ours, torch_bf16, exact):
+        ours_err = (o.double() - e).abs().max().item()
+        torch_err = (t.double() - e).abs().max().item()
+        assert torch.isfinite(o).all(), name
+        assert ours_err <= 2 * torch_err + 1e-6, (name, ours_err, torch_err)
