@@ -11,7 +11,12 @@ export PYTHONUNBUFFERED=1
 export FLEXTRON_CUDA_ARCHS=${FLEXTRON_CUDA_ARCHS:-90}
 status=0
 step() { echo; echo "== $* ($(date +%T))"; }
-run() { local limit=$1; shift; timeout "$limit" "$@" || { echo "!! failed or timed out: $*"; status=1; }; }
+# run LIMIT LOG CMD...: run CMD with a time limit, its output in LOG; show the tail.
+run() {
+  local limit=$1 log=$2; shift 2
+  timeout "$limit" "$@" >"$log" 2>&1 || { echo "!! failed or timed out: $*"; status=1; }
+  tail -n 20 "$log"
+}
 
 step "build and install (CUDA archs $FLEXTRON_CUDA_ARCHS)"
 python -m pip install --no-build-isolation --no-deps -e . >"$results/gpu_build.log" 2>&1 \
@@ -22,18 +27,18 @@ print(json.dumps(fk.build_info(), indent=1))
 PY
 
 step "GPU tests (bf16 against fp64, CUDA routing kernel, CUDA graphs)"
-run 150 python -m pytest -q -p no:cacheprovider -m gpu tests/ 2>&1 | tee "$results/gpu_tests.log" | tail -15
+run 150 "$results/gpu_tests.log" python -m pytest -q -p no:cacheprovider -m gpu tests/
 step "the CPU test suite's op tests, compiled on the GPU (fp32/fp16)"
-run 100 python -m pytest -q -x -p no:cacheprovider -m "not gpu" tests/test_routing_metadata.py tests/test_elastic_linear.py \
-  tests/test_elastic_mlp.py tests/test_elastic_attention.py 2>&1 | tee "$results/gpu_op_tests.log" | tail -8
+run 100 "$results/gpu_op_tests.log" python -m pytest -q -x -p no:cacheprovider -m "not gpu" \
+  tests/test_routing_metadata.py tests/test_elastic_linear.py tests/test_elastic_mlp.py tests/test_elastic_attention.py
 
 step "benchmarks (quick)"
-run 30 python benchmarks/bench_routing_metadata.py --out "$results/routing_metadata_gpu.json"
-run 60 python benchmarks/bench_elastic_linear.py --quick --out "$results/elastic_linear_gpu.json"
-run 60 python benchmarks/bench_elastic_mlp.py --quick --out "$results/elastic_mlp_gpu.json"
-run 45 python benchmarks/bench_elastic_attention.py --quick --out "$results/elastic_attention_gpu.json"
+run 30 "$results/bench_routing_metadata.log" python benchmarks/bench_routing_metadata.py --out "$results/routing_metadata_gpu.json"
+run 60 "$results/bench_elastic_linear.log" python benchmarks/bench_elastic_linear.py --quick --out "$results/elastic_linear_gpu.json"
+run 60 "$results/bench_elastic_mlp.log" python benchmarks/bench_elastic_mlp.py --quick --out "$results/elastic_mlp_gpu.json"
+run 45 "$results/bench_elastic_attention.log" python benchmarks/bench_elastic_attention.py --quick --out "$results/elastic_attention_gpu.json"
 if [ -f benchmarks/bench_elastic_attention_decode.py ]; then
-  run 30 python benchmarks/bench_elastic_attention_decode.py --quick --out "$results/elastic_attention_decode_gpu.json"
+  run 30 "$results/bench_elastic_attention_decode.log" python benchmarks/bench_elastic_attention_decode.py --quick --out "$results/elastic_attention_decode_gpu.json"
 fi
 
 step "done (status $status)"
