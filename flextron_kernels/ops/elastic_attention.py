@@ -231,8 +231,9 @@ class _ElasticAttentionFunction(torch.autograd.Function):
 # Public function
 # --------------------------------------------------------------------------- #
 def check_head_dim(name: str, head_dim: int) -> None:
-    if head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
-        raise ValueError(f"{name}: expected a head dimension that is a power of two in [16, 256], got {head_dim}")
+    # The kernels hold a (tile, head_dim) block in registers, padded to a power of two.
+    if not 1 <= head_dim <= 256:
+        raise ValueError(f"{name}: expected a head dimension in [1, 256], got {head_dim}")
 
 
 def elastic_attention(
@@ -249,8 +250,7 @@ def elastic_attention(
 
     Args:
         q: ``[T, Hq, Dh]``; k, v: ``[T, Hkv, Dh]`` with ``Hq % Hkv == 0`` (GQA group
-            ``g = Hq // Hkv``), same dtype (fp32/fp16/bf16) and device; ``Dh`` a power
-            of two in [16, 256].
+            ``g = Hq // Hkv``), same dtype (fp32/fp16/bf16) and device; ``Dh <= 256``.
         heads: an int or an integer tensor ``[T]``, each a multiple of ``g`` in
             ``[0, Hq]``.
         cu_seqlens: ``[B + 1]`` integer tensor, non-decreasing from 0 to ``T``

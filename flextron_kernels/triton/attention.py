@@ -47,32 +47,35 @@ def attention_fwd_kernel(
     CAUSAL: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """``q, out [T, Hq, HEAD_DIM]``, ``k, v [T, Hkv, HEAD_DIM]`` (last dim contiguous),
-    ``lse [Hq, T]``. Grid: (tiles of BLOCK_M query tokens, Hq)."""
+    """``q, out [T, Hq, HEAD_DIM]``, ``k, v [T, Hkv, HEAD_DIM]`` (last dim contiguous;
+    ``BLOCK_D``, a power of two >= 16, pads the head dimension), ``lse [Hq, T]``.
+    Grid: (tiles of BLOCK_M query tokens, Hq)."""
     head = tl.program_id(1)
     seq, start, end, seq_start, seq_end, rows, row_mask = _tile(
         tile_group_ptr, tile_start_ptr, tile_end_ptr, cu_seqlens_ptr, tl.program_id(0), BLOCK_M
     )
     if seq < 0:
         return
-    dims = tl.arange(0, HEAD_DIM)
+    dims = tl.arange(0, BLOCK_D)
+    dim_mask = dims < HEAD_DIM
     rows64 = rows.to(tl.int64)
     out_ptrs = out_ptr + rows64[:, None] * stride_ot + head * stride_oh + dims[None, :]
     used = head < _head_counts(heads_ptr, rows, row_mask, static_heads, HAS_HEADS)
     if tl.max(used.to(tl.int32), axis=0) == 0:
-        tl.store(out_ptrs, tl.zeros((BLOCK_M, HEAD_DIM), dtype=out_ptr.dtype.element_ty), mask=row_mask[:, None])
+        tl.store(out_ptrs, tl.zeros((BLOCK_M, BLOCK_D), dtype=out_ptr.dtype.element_ty), mask=row_mask[:, None] & dim_mask[None, :])
         tl.store(lse_ptr + head * num_tokens + rows64, tl.zeros((BLOCK_M,), tl.float32), mask=row_mask)
         return
 
     kv_head = head // GROUP
-    q = tl.load(q_ptr + rows64[:, None] * stride_qt + head * stride_qh + dims[None, :], mask=row_mask[:, None], other=0.0)
+    q = tl.load(q_ptr + rows64[:, None] * stride_qt + head * stride_qh + dims[None, :], mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
     qk_scale = softmax_scale * _LOG2E
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
-    acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     # Keys before the tile need no causal mask: tiles start at multiples of BLOCK_M from
     # the sequence start and BLOCK_N divides BLOCK_M, so those key blocks end at `start`.
     if CAUSAL:
@@ -88,8 +91,8 @@ def attention_fwd_kernel(
             cols = n0 + tl.arange(0, BLOCK_N)
             cols64 = cols.to(tl.int64)
             col_mask = cols < hi
-            k = tl.load(k_ptr + cols64[:, None] * stride_kt + kv_head * stride_kh + dims[None, :], mask=col_mask[:, None], other=0.0)
-            v = tl.load(v_ptr + cols64[:, None] * stride_vt + kv_head * stride_vh + dims[None, :], mask=col_mask[:, None], other=0.0)
+            k = tl.load(k_ptr + cols64[:, None] * stride_kt + kv_head * stride_kh + dims[None, :], mask=col_mask[:, None] & dim_mask[None, :], other=0.0)
+            v = tl.load(v_ptr + cols64[:, None] * stride_vt + kv_head * stride_vh + dims[None, :], mask=col_mask[:, None] & dim_mask[None, :], other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
             if phase == 1:
                 keep = col_mask[None, :]
@@ -106,7 +109,7 @@ def attention_fwd_kernel(
             m_i = m_new
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = tl.where(used[:, None], acc / l_safe[:, None], 0.0)
-    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & dim_mask[None, :])
     lse = (m_i + tl.log2(l_safe)) * _LN2
     tl.store(lse_ptr + head * num_tokens + rows64, lse, mask=row_mask)
 
@@ -123,6 +126,7 @@ def attention_bwd_dkdv_kernel(
     CAUSAL: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -135,12 +139,13 @@ def attention_bwd_dkdv_kernel(
     )
     if seq < 0:
         return
-    dims = tl.arange(0, HEAD_DIM)
+    dims = tl.arange(0, BLOCK_D)
+    dim_mask = dims < HEAD_DIM
     cols64 = cols.to(tl.int64)
-    k = tl.load(k_ptr + cols64[:, None] * stride_kt + kv_head * stride_kh + dims[None, :], mask=col_mask[:, None], other=0.0)
-    v = tl.load(v_ptr + cols64[:, None] * stride_vt + kv_head * stride_vh + dims[None, :], mask=col_mask[:, None], other=0.0)
-    dk = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
-    dv = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
+    k = tl.load(k_ptr + cols64[:, None] * stride_kt + kv_head * stride_kh + dims[None, :], mask=col_mask[:, None] & dim_mask[None, :], other=0.0)
+    v = tl.load(v_ptr + cols64[:, None] * stride_vt + kv_head * stride_vh + dims[None, :], mask=col_mask[:, None] & dim_mask[None, :], other=0.0)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     qk_scale = softmax_scale * _LOG2E
     # Causal: queries before this key tile never see it. Query tiles are aligned to the
     # sequence start in steps of BLOCK_M, a multiple of BLOCK_N.
@@ -156,8 +161,8 @@ def attention_bwd_dkdv_kernel(
             used = row_mask & (head < _head_counts(heads_ptr, rows, row_mask, static_heads, HAS_HEADS))
             if tl.max(used.to(tl.int32), axis=0) > 0:
                 rows64 = rows.to(tl.int64)
-                q = tl.load(q_ptr + rows64[:, None] * stride_qt + head * stride_qh + dims[None, :], mask=used[:, None], other=0.0)
-                do = tl.load(dout_ptr + rows64[:, None] * stride_dot + head * stride_doh + dims[None, :], mask=used[:, None], other=0.0)
+                q = tl.load(q_ptr + rows64[:, None] * stride_qt + head * stride_qh + dims[None, :], mask=used[:, None] & dim_mask[None, :], other=0.0)
+                do = tl.load(dout_ptr + rows64[:, None] * stride_dot + head * stride_doh + dims[None, :], mask=used[:, None] & dim_mask[None, :], other=0.0)
                 lse = tl.load(lse_ptr + head * num_tokens + rows64, mask=used, other=0.0) * _LOG2E
                 delta = tl.load(delta_ptr + head * num_tokens + rows64, mask=used, other=0.0)
                 s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
@@ -170,8 +175,8 @@ def attention_bwd_dkdv_kernel(
                 ds = p * (dp - delta[:, None])
                 dk = tl.dot(tl.trans(ds).to(q.dtype), q, dk, input_precision=INPUT_PRECISION)
     dk = dk * softmax_scale
-    tl.store(dk_ptr + cols64[:, None] * stride_dkt + kv_head * stride_dkh + dims[None, :], dk.to(dk_ptr.dtype.element_ty), mask=col_mask[:, None])
-    tl.store(dv_ptr + cols64[:, None] * stride_dvt + kv_head * stride_dvh + dims[None, :], dv.to(dv_ptr.dtype.element_ty), mask=col_mask[:, None])
+    tl.store(dk_ptr + cols64[:, None] * stride_dkt + kv_head * stride_dkh + dims[None, :], dk.to(dk_ptr.dtype.element_ty), mask=col_mask[:, None] & dim_mask[None, :])
+    tl.store(dv_ptr + cols64[:, None] * stride_dvt + kv_head * stride_dvh + dims[None, :], dv.to(dv_ptr.dtype.element_ty), mask=col_mask[:, None] & dim_mask[None, :])
 
 
 @triton.jit
@@ -185,6 +190,7 @@ def attention_bwd_dq_kernel(
     CAUSAL: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -196,15 +202,16 @@ def attention_bwd_dq_kernel(
     )
     if seq < 0:
         return
-    dims = tl.arange(0, HEAD_DIM)
+    dims = tl.arange(0, BLOCK_D)
+    dim_mask = dims < HEAD_DIM
     rows64 = rows.to(tl.int64)
     used = row_mask & (head < _head_counts(heads_ptr, rows, row_mask, static_heads, HAS_HEADS))
     dq_ptrs = dq_ptr + rows64[:, None] * stride_dqt + head * stride_dqh + dims[None, :]
-    dq = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+    dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     if tl.max(used.to(tl.int32), axis=0) > 0:
         kv_head = head // GROUP
-        q = tl.load(q_ptr + rows64[:, None] * stride_qt + head * stride_qh + dims[None, :], mask=used[:, None], other=0.0)
-        do = tl.load(dout_ptr + rows64[:, None] * stride_dot + head * stride_doh + dims[None, :], mask=used[:, None], other=0.0)
+        q = tl.load(q_ptr + rows64[:, None] * stride_qt + head * stride_qh + dims[None, :], mask=used[:, None] & dim_mask[None, :], other=0.0)
+        do = tl.load(dout_ptr + rows64[:, None] * stride_dot + head * stride_doh + dims[None, :], mask=used[:, None] & dim_mask[None, :], other=0.0)
         lse = tl.load(lse_ptr + head * num_tokens + rows64, mask=used, other=0.0) * _LOG2E
         delta = tl.load(delta_ptr + head * num_tokens + rows64, mask=used, other=0.0)
         qk_scale = softmax_scale * _LOG2E
@@ -213,8 +220,8 @@ def attention_bwd_dq_kernel(
             cols = n0 + tl.arange(0, BLOCK_N)
             cols64 = cols.to(tl.int64)
             col_mask = cols < kv_end
-            k = tl.load(k_ptr + cols64[:, None] * stride_kt + kv_head * stride_kh + dims[None, :], mask=col_mask[:, None], other=0.0)
-            v = tl.load(v_ptr + cols64[:, None] * stride_vt + kv_head * stride_vh + dims[None, :], mask=col_mask[:, None], other=0.0)
+            k = tl.load(k_ptr + cols64[:, None] * stride_kt + kv_head * stride_kh + dims[None, :], mask=col_mask[:, None] & dim_mask[None, :], other=0.0)
+            v = tl.load(v_ptr + cols64[:, None] * stride_vt + kv_head * stride_vh + dims[None, :], mask=col_mask[:, None] & dim_mask[None, :], other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
             keep = used[:, None] & col_mask[None, :]
             if CAUSAL:
@@ -224,7 +231,7 @@ def attention_bwd_dq_kernel(
             ds = p * (dp - delta[:, None])
             dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
     dq = dq * softmax_scale
-    tl.store(dq_ptrs, dq.to(dq_ptr.dtype.element_ty), mask=row_mask[:, None])
+    tl.store(dq_ptrs, dq.to(dq_ptr.dtype.element_ty), mask=row_mask[:, None] & dim_mask[None, :])
 
 
 def _strides(t):
@@ -244,7 +251,7 @@ def attention_fwd(q, k, v, out, lse, heads, static_heads, cu_seqlens, tiles, *, 
         tiles.tile_group, tiles.tile_start, tiles.tile_end,
         num_tokens, static_heads, softmax_scale,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        GROUP=q_heads // k.shape[1], HAS_HEADS=heads is not None, CAUSAL=causal, HEAD_DIM=head_dim, **config,
+        GROUP=q_heads // k.shape[1], HAS_HEADS=heads is not None, CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), **config,
     )
 
 
@@ -256,7 +263,7 @@ def attention_bwd(q, k, v, dout, lse, delta, dq, dk, dv, heads, static_heads, cu
     num_tokens, q_heads, head_dim = q.shape
     if num_tokens == 0:
         return
-    common = dict(GROUP=q_heads // k.shape[1], HAS_HEADS=heads is not None, CAUSAL=causal, HEAD_DIM=head_dim, **config)
+    common = dict(GROUP=q_heads // k.shape[1], HAS_HEADS=heads is not None, CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), **config)
     heads_arg = heads if heads is not None else cu_seqlens
     attention_bwd_dkdv_kernel[(k_tiles.tile_start.numel(), k.shape[1])](
         q, k, v, dout, lse, delta, dk, dv, heads_arg, cu_seqlens,

@@ -1,0 +1,168 @@
+"""ElasticAttention: an attention block whose query-head count is chosen per token, and
+the KV cache layout that generation uses.
+
+Heads are nested: a token using ``h`` query heads uses the first ``h`` rows blocks of
+the Q projection and the first ``h`` column blocks of the O projection; a sequence's
+KV heads are fixed by its cap ``c`` (its largest head count): the first ``c // g`` KV
+heads, for every token of the sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from flextron_kernels.nn.linear import ElasticLinear
+from flextron_kernels.ops.checks import value_checks_enabled
+from flextron_kernels.ops.elastic_attention import elastic_attention
+
+Heads = Union[int, torch.Tensor]
+
+
+@dataclass
+class KVCache:
+    """One layer's cache: ``k, v [B, Hkv, S_max, Dh]``; request ``b`` holds
+    ``seqlens[b]`` positions. Heads past a request's KV cap are never written or read."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    seqlens: torch.Tensor
+
+    @classmethod
+    def empty(cls, batch: int, kv_heads: int, max_len: int, head_dim: int, *, device=None, dtype=None) -> "KVCache":
+        shape = (batch, kv_heads, max_len, head_dim)
+        return cls(
+            torch.zeros(shape, device=device, dtype=dtype),
+            torch.zeros(shape, device=device, dtype=dtype),
+            torch.zeros(batch, dtype=torch.int32, device=device),
+        )
+
+
+def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """Llama's rotary tables for ``positions [T]``: ``cos, sin [T, head_dim]``."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+    angles = torch.cat((freqs, freqs), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x [T, H, Dh]`` rotated as in Llama (``rotate_half`` convention)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+class ElasticAttention(nn.Module):
+    """Q/K/V/O projections through :func:`~flextron_kernels.elastic_linear`, rotary
+    embeddings (Llama) or none (GPT-2), and :func:`~flextron_kernels.elastic_attention`.
+
+    Args:
+        d_model: hidden size; q_heads, kv_heads: ``q_heads % kv_heads == 0``;
+        head_dim: default ``d_model // q_heads``; qkv_bias / out_bias: projection biases;
+        rotary: apply rotary position embeddings with base ``rope_theta``.
+    """
+
+    def __init__(self, d_model: int, q_heads: int, kv_heads: Optional[int] = None, head_dim: Optional[int] = None, *,
+                 qkv_bias: bool = False, out_bias: bool = False, rotary: bool = True, rope_theta: float = 10000.0,
+                 device=None, dtype=None):
+        super().__init__()
+        kv_heads = q_heads if kv_heads is None else kv_heads
+        if q_heads % kv_heads:
+            raise ValueError(f"kv_heads: expected a divisor of q_heads={q_heads}, got {kv_heads}")
+        self.q_heads, self.kv_heads = q_heads, kv_heads
+        self.group = q_heads // kv_heads
+        self.head_dim = head_dim or d_model // q_heads
+        self.rotary, self.rope_theta = rotary, rope_theta
+        factory = dict(device=device, dtype=dtype)
+        self.q_proj = ElasticLinear(d_model, q_heads * self.head_dim, bias=qkv_bias, **factory)
+        self.k_proj = ElasticLinear(d_model, kv_heads * self.head_dim, bias=qkv_bias, **factory)
+        self.v_proj = ElasticLinear(d_model, kv_heads * self.head_dim, bias=qkv_bias, **factory)
+        self.o_proj = ElasticLinear(q_heads * self.head_dim, d_model, bias=out_bias, **factory)
+
+    def _rotate(self, q, k, positions):
+        if not self.rotary:
+            return q, k
+        cos, sin = rotary_cos_sin(positions, self.head_dim, self.rope_theta, q.dtype)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+    def _project(self, x, heads, kv_cap):
+        """Q ``[T, Hq, Dh]`` (zero past each token's heads), K, V ``[T, Hkv, Dh]`` (zero
+        past each token's KV cap)."""
+        num_tokens, dh = x.shape[0], self.head_dim
+        q = self.q_proj(x, out_features=_rows(heads, dh, num_tokens, x.device))
+        kv_rows = _rows(_div(kv_cap, self.group), dh, num_tokens, x.device)
+        k = self.k_proj(x, out_features=kv_rows)
+        v = self.v_proj(x, out_features=kv_rows)
+        return q.view(num_tokens, self.q_heads, dh), k.view(num_tokens, self.kv_heads, dh), v.view(num_tokens, self.kv_heads, dh)
+
+    def _output(self, attn, heads):
+        num_tokens = attn.shape[0]
+        flat = attn.reshape(num_tokens, self.q_heads * self.head_dim)
+        return self.o_proj(flat, in_features=_rows(heads, self.head_dim, num_tokens, attn.device))
+
+    def forward(self, x: torch.Tensor, *, heads: Optional[Heads] = None, cu_seqlens: Optional[torch.Tensor] = None,
+                positions: Optional[torch.Tensor] = None, kv_cap: Optional[Heads] = None) -> torch.Tensor:
+        """Prefill over packed sequences.
+
+        Args:
+            x: ``[T, d_model]``; heads: int or ``[T]`` (default all), multiples of the GQA
+                group; cu_seqlens: ``[B + 1]`` (default one sequence); positions: ``[T]``
+                rotary positions (default: the position within the sequence); kv_cap:
+                int or ``[T]`` KV cap per token in query heads (default: ``heads`` when an
+                int, else the largest head count of the token's sequence).
+        """
+        num_tokens = x.shape[0]
+        heads = self.q_heads if heads is None else heads
+        if cu_seqlens is None:
+            cu_seqlens = torch.tensor([0, num_tokens], dtype=torch.int32, device=x.device)
+        seq_ids = torch.bucketize(torch.arange(num_tokens, device=x.device), cu_seqlens[1:].to(torch.int64), right=True)
+        if positions is None:
+            positions = torch.arange(num_tokens, device=x.device) - cu_seqlens.to(torch.int64)[seq_ids]
+        if kv_cap is None:
+            kv_cap = heads if not isinstance(heads, torch.Tensor) else _sequence_max(heads, seq_ids, cu_seqlens.numel() - 1)
+        elif value_checks_enabled(x) and bool(torch.as_tensor(heads).gt(torch.as_tensor(kv_cap)).any()):
+            raise ValueError("kv_cap: expected every token's cap to be at least its heads")
+        q, k, v = self._project(x, heads, kv_cap)
+        q, k = self._rotate(q, k, positions)
+        attn = elastic_attention(q, k, v, heads=heads, cu_seqlens=cu_seqlens, causal=True)
+        return self._output(attn, heads)
+
+    def decode(self, x: torch.Tensor, cache: KVCache, *, heads: Optional[Heads] = None) -> torch.Tensor:
+        """One new token per request: ``x [B, d_model]``, ``heads`` int or ``[B]`` (each
+        request's KV cap; it must not change over a request's life). Appends the token's
+        K/V at position ``cache.seqlens[b]`` and advances ``cache.seqlens``."""
+        from flextron_kernels.ops.elastic_attention_decode import elastic_attention_decode
+
+        batch = x.shape[0]
+        heads = self.q_heads if heads is None else heads
+        positions = cache.seqlens.to(torch.int64)
+        q, k, v = self._project(x, heads, heads)
+        q, k = self._rotate(q, k, positions)
+        index = torch.arange(batch, device=x.device)
+        cache.k[index, :, positions] = k.to(cache.k.dtype)
+        cache.v[index, :, positions] = v.to(cache.v.dtype)
+        cache.seqlens += 1
+        attn = elastic_attention_decode(q, cache.k, cache.v, cache_seqlens=cache.seqlens, heads=heads)
+        return self._output(attn, heads)
+
+
+def _div(heads: Heads, group: int) -> Heads:
+    return heads // group
+
+
+def _rows(heads: Heads, head_dim: int, num_tokens: int, device) -> Heads:
+    """Projection rows for a head count: ``heads * head_dim`` (int or per-token tensor)."""
+    if isinstance(heads, torch.Tensor):
+        return (heads.reshape(num_tokens) * head_dim).to(device)
+    return heads * head_dim
+
+
+def _sequence_max(heads: torch.Tensor, seq_ids: torch.Tensor, num_seqs: int) -> torch.Tensor:
+    """Each token's sequence's largest head count (no host sync)."""
+    per_seq = torch.zeros(max(num_seqs, 1), dtype=heads.dtype, device=heads.device)
+    per_seq.scatter_reduce_(0, seq_ids, heads.reshape(-1), reduce="amax")
+    return per_seq[seq_ids]
