@@ -15,6 +15,7 @@ from flextron_kernels.nn import ElasticLinear, ElasticMLP
 from flextron_kernels.ops import (
     default_boundaries,
     elastic_attention,
+    elastic_attention_decode,
     elastic_linear,
     elastic_mlp,
     full_size_weight_grads,
@@ -30,6 +31,7 @@ __all__ = [
     "build_info",
     "default_boundaries",
     "elastic_attention",
+    "elastic_attention_decode",
     "elastic_linear",
     "elastic_mlp",
     "full_size_weight_grads",

@@ -7,6 +7,7 @@ extension; the meaning of every op is in ``flextron_kernels.reference``.
 from flextron_kernels.ops.checks import skip_width_value_checks
 from flextron_kernels.ops.common import full_size_weight_grads
 from flextron_kernels.ops.elastic_attention import elastic_attention
+from flextron_kernels.ops.elastic_attention_decode import elastic_attention_decode
 from flextron_kernels.ops.elastic_linear import elastic_linear
 from flextron_kernels.ops.elastic_mlp import elastic_mlp
 from flextron_kernels.ops.routing import default_boundaries, routing_metadata
@@ -14,6 +15,7 @@ from flextron_kernels.ops.routing import default_boundaries, routing_metadata
 __all__ = [
     "default_boundaries",
     "elastic_attention",
+    "elastic_attention_decode",
     "elastic_linear",
     "elastic_mlp",
     "full_size_weight_grads",

@@ -1,0 +1,233 @@
+"""elastic_attention_decode: one decode step of attention, with a per-request head count.
+
+Meaning: :func:`flextron_kernels.reference.elastic_attention_decode`. This module checks
+the arguments, picks a backend, and registers one forward-only custom op (decode needs
+no backward), with a fake implementation so that ``torch.compile`` traces it:
+
+- ``flextron::elastic_attention_decode(q, k_cache, v_cache, cache_seqlens, heads_per_request,
+  heads, softmax_scale) -> out``.
+
+Backends: on CUDA, the Triton split-KV kernels (:mod:`flextron_kernels.triton.attention_decode`),
+which read the KV cache of the active heads only, each KV head once for its whole GQA
+group; the torch backend (any device) computes all ``G`` query heads of a KV head with
+one batched matmul against the cache (no ``repeat_interleave`` copy), on the used heads
+only when the head count is an int, with an fp32 softmax.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional, Union
+
+import torch
+
+from flextron_kernels.backends import select_backend
+from flextron_kernels.ops.checks import (
+    INTEGER_DTYPES,
+    check_same_dtype,
+    check_tensor,
+    check_widths,
+    new_output,
+    value_checks_enabled,
+)
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 256
+
+
+def _select(t: torch.Tensor) -> str:
+    preferred = ("triton", "torch") if t.is_cuda else ("torch", "triton")
+    return select_backend("elastic_attention_decode", t.device, ("triton", "torch"), preferred)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def decode_config(q: torch.Tensor, k_cache: torch.Tensor, active_kv_heads: int) -> dict:
+    """Tiles and split count for :func:`~flextron_kernels.triton.attention_decode.attention_decode`,
+    from shapes only (no host sync). ``active_kv_heads``: an upper bound on the KV heads a
+    request uses."""
+    precision = "ieee" if q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
+    num_blocks = lambda block_n: -(-k_cache.shape[2] // block_n)  # noqa: E731
+    if q.device.type == "cpu":  # the Triton interpreter: small blocks, two per split, so the combine has work
+        return dict(BLOCK_N=16, num_splits=max(-(-num_blocks(16) // 2), 1), INPUT_PRECISION=precision)
+    block_d = max(1 << (q.shape[-1] - 1).bit_length(), 16)
+    # 16 KiB K and V tiles (64 positions of a bf16 head of 128): 16-byte vector loads, and two
+    # pipeline stages of K and V stay within 64 KiB of shared memory.
+    block_n = max(16, min(64, 16384 // (block_d * q.element_size())))
+    # Splits: decode reads each KV byte once, so the aim is only enough programs to keep every
+    # SM streaming and balanced across unequal caches: about two resident waves (a program takes
+    # ~128 registers x 4 warps, so 4 fit per SM) over the (request, active KV head) pairs, but no
+    # split under 2 blocks, below which the fp32 partials a split writes and the combine re-reads
+    # (G*Dh*8 bytes) stop being small next to the K/V bytes it reads (2*split_len*Dh*2).
+    target = 8 * _num_sms(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    pairs = max(q.shape[0] * active_kv_heads, 1)
+    splits = min(-(-target // pairs), max(-(-num_blocks(block_n) // 2), 1), 256)
+    # 4 warps for the usual G <= 16, Dh <= 128; beyond, or for fp32 without tensor cores,
+    # 8 warps keep the accumulator and operand tiles in registers (no spills with ptxas, sm_90).
+    block_g = max(1 << (q.shape[1] // k_cache.shape[1] - 1).bit_length(), 16)
+    num_warps = 8 if block_g * block_d > 2048 or precision == "ieee" else 4
+    return dict(
+        BLOCK_N=block_n, num_splits=max(splits, 1), INPUT_PRECISION=precision, num_warps=num_warps, num_stages=2
+    )
+
+
+def _forward_torch(q, k_cache, v_cache, cache_seqlens, heads_per_request, heads, softmax_scale):
+    batch, q_heads, head_dim = q.shape
+    kv_heads, kv_len = k_cache.shape[1], k_cache.shape[2]
+    group = q_heads // kv_heads
+    used_kv = kv_heads if heads_per_request is not None else heads // group
+    if used_kv == 0:
+        return q.new_zeros(batch, q_heads, head_dim)
+
+    qg = q[:, : used_kv * group].reshape(batch, used_kv, group, head_dim)
+    k, v = k_cache[:, :used_kv], v_cache[:, :used_kv]
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * softmax_scale  # [B, Hkv, G, S]
+    valid = (torch.arange(kv_len, device=q.device) < cache_seqlens.reshape(-1, 1)).reshape(batch, 1, 1, kv_len)
+    probs = torch.softmax(scores.masked_fill(~valid, float("-inf")), dim=-1)
+    # An empty cache gives NaN rows (softmax over nothing); it attends to nothing.
+    probs = torch.where(valid, probs, torch.zeros((), dtype=probs.dtype, device=probs.device))
+    used = torch.matmul(probs.to(v.dtype), v).reshape(batch, used_kv * group, head_dim)
+    if heads_per_request is not None:
+        keep = torch.arange(q_heads, device=q.device) < heads_per_request.reshape(-1, 1)
+        return torch.where(keep[:, :, None], used, torch.zeros((), dtype=used.dtype, device=used.device))
+    if used_kv == kv_heads:
+        return used
+    out = q.new_zeros(batch, q_heads, head_dim)
+    out[:, : used_kv * group] = used
+    return out
+
+
+def _forward_triton(q, k_cache, v_cache, cache_seqlens, heads_per_request, heads, softmax_scale):
+    from flextron_kernels.triton.attention_decode import attention_decode
+
+    group = q.shape[1] // k_cache.shape[1]
+    active_kv_heads = k_cache.shape[1] if heads_per_request is not None else heads // group
+    out = new_output(q.shape, dtype=q.dtype, device=q.device)
+    return attention_decode(
+        q, k_cache, v_cache, cache_seqlens, heads_per_request, heads, softmax_scale, out,
+        config=decode_config(q, k_cache, active_kv_heads),
+    )
+
+
+# --------------------------------------------------------------------------- #
+# Custom op
+# --------------------------------------------------------------------------- #
+@torch.library.custom_op("flextron::elastic_attention_decode", mutates_args=())
+def _decode_op(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    heads_per_request: Optional[torch.Tensor],
+    heads: int,
+    softmax_scale: float,
+) -> torch.Tensor:
+    """``q [B, Hq, Dh]`` against ``k_cache, v_cache [B, Hkv, S_max, Dh]`` -> ``out [B, Hq, Dh]``
+    (contiguous). Request ``b`` uses its first ``heads_per_request[b]`` query heads (None:
+    ``heads`` for every request) and cache positions ``< cache_seqlens[b]``; zeros elsewhere."""
+    impl = _forward_triton if _select(q) == "triton" else _forward_torch
+    return impl(q, k_cache, v_cache, cache_seqlens, heads_per_request, heads, softmax_scale)
+
+
+@_decode_op.register_fake
+def _(q, k_cache, v_cache, cache_seqlens, heads_per_request, heads, softmax_scale):
+    return q.new_empty(q.shape)
+
+
+# --------------------------------------------------------------------------- #
+# Public function
+# --------------------------------------------------------------------------- #
+def elastic_attention_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    *,
+    cache_seqlens: torch.Tensor,
+    heads: Union[int, torch.Tensor],
+    softmax_scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Attention of one new query per request to its KV cache, with a head count per request.
+
+    Args:
+        q: ``[B, Hq, Dh]``, fp32, fp16 or bf16, any strides; ``Dh <= 256``.
+        k_cache, v_cache: ``[B, Hkv, S_max, Dh]``, same dtype and device as ``q``, any
+            strides; ``Hq`` a multiple of ``Hkv`` (query head ``h`` reads KV head
+            ``h // (Hq // Hkv)``).
+        cache_seqlens: ``[B]`` integer tensor in ``[0, S_max]``: request ``b`` attends to
+            cache positions ``< cache_seqlens[b]``.
+        heads: an int or a ``[B]`` integer tensor in ``[0, Hq]``, each a multiple of the
+            GQA group ``Hq // Hkv``: request ``b`` uses its first ``heads[b]`` query heads
+            (and reads only the KV heads those use).
+        softmax_scale: the score scale, default ``Dh ** -0.5``.
+
+    Returns:
+        ``[B, Hq, Dh]`` in the dtype of ``q``, exactly 0 at heads ``h >= heads[b]`` and for
+        a request with an empty cache.
+    """
+    check_tensor("q", q, dtypes=DTYPES, ndim=3)
+    batch, q_heads, head_dim = q.shape
+    check_tensor("k_cache", k_cache, ndim=4, device=q.device)
+    check_same_dtype("k_cache", k_cache, q.dtype, "q")
+    if k_cache.shape[0] != batch or k_cache.shape[3] != head_dim:
+        raise ValueError(
+            f"k_cache: expected shape [{batch}, Hkv, S_max, {head_dim}] (B and Dh from q), got {tuple(k_cache.shape)}"
+        )
+    check_tensor("v_cache", v_cache, device=q.device, shape=k_cache.shape)
+    check_same_dtype("v_cache", v_cache, q.dtype, "q")
+    kv_heads, kv_len = k_cache.shape[1], k_cache.shape[2]
+    if kv_heads == 0 or q_heads == 0 or q_heads % kv_heads:
+        raise ValueError(
+            f"q: expected a number of heads (q.shape[1] = {q_heads}) that is a positive multiple of "
+            f"the number of KV heads (k_cache.shape[1] = {kv_heads})"
+        )
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"q: expected a head dimension (q.shape[2]) in [1, {MAX_HEAD_DIM}], got {head_dim}")
+    group = q_heads // kv_heads
+
+    check_tensor("cache_seqlens", cache_seqlens, device=q.device, shape=(batch,))
+    if cache_seqlens.dtype not in INTEGER_DTYPES:
+        raise TypeError(f"cache_seqlens: expected an integer tensor (int32 or int64), got dtype {cache_seqlens.dtype}")
+    if batch and value_checks_enabled(cache_seqlens):
+        low, high = (int(v) for v in torch.aminmax(cache_seqlens))
+        if low < 0 or high > kv_len:
+            raise ValueError(
+                f"cache_seqlens: expected every length in [0, {kv_len}] (S_max = k_cache.shape[2]), "
+                f"got values in [{low}, {high}]"
+            )
+
+    if heads is None:
+        raise TypeError(f"heads: expected an int or an integer tensor of shape ({batch},), got None")
+    if isinstance(heads, torch.Tensor):
+        # Device and shape first, so that the messages name q rather than check_widths' x.
+        check_tensor("heads", heads, device=q.device, shape=(batch,))
+    heads_per_request, num_heads = check_widths(
+        "heads", heads, high=q_heads, default=q_heads, token_shape=(batch,), device=q.device
+    )
+    if heads_per_request is None and num_heads % group:
+        raise ValueError(
+            f"heads: expected a multiple of the GQA group size {group} (Hq // Hkv = {q_heads} // {kv_heads}), "
+            f"got {num_heads}"
+        )
+    if heads_per_request is not None and group > 1 and batch and value_checks_enabled(heads_per_request):
+        bad = (heads_per_request % group).nonzero()
+        if bad.numel():
+            index = int(bad[0, 0])
+            raise ValueError(
+                f"heads: expected every head count to be a multiple of the GQA group size {group} "
+                f"(Hq // Hkv = {q_heads} // {kv_heads}), got {int(heads_per_request[index])} for request {index}"
+            )
+
+    if softmax_scale is None:
+        softmax_scale = head_dim**-0.5
+    elif isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+        raise TypeError(f"softmax_scale: expected a float or None, got {type(softmax_scale).__name__}")
+    elif not math.isfinite(softmax_scale):
+        raise ValueError(f"softmax_scale: expected a finite number, got {softmax_scale}")
+
+    return torch.ops.flextron.elastic_attention_decode(
+        q, k_cache, v_cache, cache_seqlens, heads_per_request, num_heads, float(softmax_scale)
+    )
