@@ -9,7 +9,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from flextron_kernels.ops.routing import default_boundaries, routing_metadata
+from flextron_kernels.ops.routing import default_boundaries
 from flextron_kernels.reference import RoutingMetadata
 
 _full_size_grads: contextvars.ContextVar[bool] = contextvars.ContextVar("flextron_full_size_grads", default=False)
@@ -63,18 +63,37 @@ def _precision(t: torch.Tensor) -> str:
 
 def matmul_config(t: torch.Tensor, num_rows: int) -> dict:
     """Tiles for :func:`~flextron_kernels.triton.routed_matmul.routed_matmul`."""
+    precision = _precision(t)
     if t.device.type == "cpu":  # the Triton interpreter: small tiles keep it quick
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, INPUT_PRECISION=_precision(t))
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=4, INPUT_PRECISION=precision)
     # Tiles sized for Hopper bf16 tensor cores; short row tiles for decode-sized batches.
     block_m = 16 if num_rows <= 16 else 32 if num_rows <= 32 else 64 if num_rows <= 64 else 128
-    return dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=64, INPUT_PRECISION=_precision(t), num_warps=8, num_stages=3)
+    if t.dtype == torch.float32:
+        # fp32 tiles are twice the bytes: the gated kernel's two B tiles would not fit in
+        # shared memory at BLOCK_K=64, and exact (ieee) fp32 runs on FMA units that spill
+        # registers on wide tiles.
+        if precision == "ieee":
+            return dict(BLOCK_M=min(block_m, 64), BLOCK_N=64, BLOCK_K=32, GROUP_M=8, INPUT_PRECISION=precision,
+                        num_warps=4, num_stages=2)
+        return dict(BLOCK_M=min(block_m, 64), BLOCK_N=128, BLOCK_K=32, GROUP_M=8, INPUT_PRECISION=precision,
+                    num_warps=8, num_stages=3)
+    return dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, INPUT_PRECISION=precision, num_warps=8,
+                num_stages=3)
 
 
 def weight_grad_config(t: torch.Tensor) -> dict:
     """Tiles for :func:`~flextron_kernels.triton.prefix_weight_grad.prefix_weight_grad_`."""
+    precision = _precision(t)
     if t.device.type == "cpu":
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, INPUT_PRECISION=_precision(t))
-    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, INPUT_PRECISION=_precision(t), num_warps=8, num_stages=3)
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, INPUT_PRECISION=precision)
+    if t.dtype == torch.float32:  # see matmul_config
+        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, INPUT_PRECISION=precision, num_warps=4, num_stages=2)
+    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, INPUT_PRECISION=precision, num_warps=8, num_stages=3)
+
+
+def boundaries_for(widths: Optional[torch.Tensor], size: int) -> Optional[torch.Tensor]:
+    """The default group boundaries for per-token ``widths`` in ``[0, size]`` (None for static widths)."""
+    return None if widths is None else default_boundaries(max(size, 1), widths.device)
 
 
 def group_tokens(
@@ -82,7 +101,9 @@ def group_tokens(
 ) -> tuple[Optional[RoutingMetadata], Optional[torch.Tensor]]:
     """Routing metadata for per-token ``widths`` in ``[0, size]`` (default grouping), and
     the group boundaries; ``(None, None)`` for static widths."""
-    if widths is None:
+    boundaries = boundaries_for(widths, size)
+    if boundaries is None:
         return None, None
-    boundaries = default_boundaries(max(size, 1), widths.device)
-    return routing_metadata(widths, boundaries, block_m), boundaries
+    # The default boundaries are valid by construction: call the op directly, skipping
+    # the public function's check (a host sync).
+    return RoutingMetadata(*torch.ops.flextron.routing_metadata(widths, boundaries, block_m)), boundaries

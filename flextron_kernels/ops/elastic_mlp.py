@@ -175,7 +175,7 @@ def _backward_triton(grads, dout, x, w_up, w_down, w_gate, widths, fw, activatio
     grad_w_up, grad_w_down, grad_w_gate, grad_b_up, grad_b_down = grads
     num_rows, d_model = dout.shape
     config = matmul_config(dout, num_rows)
-    routing, _ = group_tokens(widths, fw, config["BLOCK_M"])
+    routing, boundaries = group_tokens(widths, fw, config["BLOCK_M"])
     grad_h = new_output((num_rows, fw), dtype=dout.dtype, device=dout.device)
     routed_matmul(
         dout, dout.stride(), w_down, (w_down.stride(1), w_down.stride(0)), None, grad_h,
@@ -188,28 +188,23 @@ def _backward_triton(grads, dout, x, w_up, w_down, w_gate, widths, fw, activatio
     )
     hidden, d_up, d_gate = grad_h, up_pre, gate_pre  # overwritten in place
 
+    # The weight-gradient kernel reads only the token order and group offsets of the
+    # routing metadata, which do not depend on the block size. The hidden activation and
+    # both pre-activation gradients are exact zeros past each token's width, so only the
+    # grouping (to skip tiles) is passed, not the widths.
     wconfig = weight_grad_config(dout)
-    wrouting, boundaries = group_tokens(widths, fw, wconfig["BLOCK_M"])
-    common = dict(routing=wrouting, boundaries=boundaries, config=wconfig)
+    common = dict(routing=routing, boundaries=boundaries, config=wconfig, out_widths=None, in_widths=None)
     if grad_w_down is not None:
-        prefix_weight_grad_(
-            grad_w_down, None, dout, hidden, out_widths=None, in_widths=widths, in_limit=fw, sort_by_out=False,
-            row_scale=scale, **common,
-        )
+        scaled_dout = dout * scale.unsqueeze(1).to(dout.dtype) if scale is not None else dout
+        prefix_weight_grad_(grad_w_down, None, scaled_dout, hidden, in_limit=fw, sort_by_out=False, **common)
     if grad_b_down is not None:
         grad_b_down += dout.sum(0)
     if grad_w_up is not None:
-        prefix_weight_grad_(
-            grad_w_up, grad_b_up, d_up, x, out_widths=widths, in_widths=None, in_limit=d_model, sort_by_out=True,
-            **common,
-        )
+        prefix_weight_grad_(grad_w_up, grad_b_up, d_up, x, in_limit=d_model, sort_by_out=True, **common)
     elif grad_b_up is not None:
         grad_b_up[:fw] += d_up.sum(0)
     if grad_w_gate is not None:
-        prefix_weight_grad_(
-            grad_w_gate, None, d_gate, x, out_widths=widths, in_widths=None, in_limit=d_model, sort_by_out=True,
-            **common,
-        )
+        prefix_weight_grad_(grad_w_gate, None, d_gate, x, in_limit=d_model, sort_by_out=True, **common)
     dx = None
     if need_dx:
         dx = new_output((num_rows, d_model), dtype=dout.dtype, device=dout.device)

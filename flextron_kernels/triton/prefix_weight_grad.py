@@ -19,7 +19,7 @@ import triton.language as tl
 
 @triton.jit
 def prefix_weight_grad_kernel(
-    dy_ptr, x_ptr, grad_weight_ptr, grad_bias_ptr, row_scale_ptr,
+    dy_ptr, x_ptr, grad_weight_ptr, grad_bias_ptr,
     out_widths_ptr, in_widths_ptr,
     sorted_token_idx_ptr, group_offsets_ptr, boundaries_ptr, num_groups,
     num_rows, out_limit, in_limit,
@@ -31,7 +31,7 @@ def prefix_weight_grad_kernel(
     HAS_OUT_WIDTHS: tl.constexpr,
     HAS_IN_WIDTHS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    HAS_ROW_SCALE: tl.constexpr,
+    K_BLOCK_OFFSET: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     GROUPS_POW2: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -40,12 +40,12 @@ def prefix_weight_grad_kernel(
 ):
     """Shapes: ``dy [num_rows, >= out_limit]``, ``x [num_rows, >= in_limit]``,
     ``grad_weight [>= out_limit, >= in_limit]``, ``grad_bias [>= out_limit]`` (fp32
-    accumulation, stored in their own dtype). With ``HAS_ROW_SCALE``, row ``t`` of ``dy``
-    is multiplied by ``row_scale[t]`` for the weight gradient (not for the bias's). Grid:
-    ``(cdiv(out_limit, BLOCK_N), cdiv(in_limit, BLOCK_K))``.
+    accumulation, stored in their own dtype). Grid: ``(cdiv(out_limit, BLOCK_N),
+    k_blocks)``, program ``(i, j)`` owning column block ``j + K_BLOCK_OFFSET``. With
+    ``HAS_BIAS`` the launch is one column of programs (block 0), which also sums the bias.
     """
     pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    pid_k = tl.program_id(1) + K_BLOCK_OFFSET
     cols_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_n = cols_n < out_limit
@@ -54,12 +54,11 @@ def prefix_weight_grad_kernel(
     first = 0
     if ROUTED:
         # Groups whose upper bound is <= the block's first column hold no token that
-        # reaches this block: skip them.
+        # reaches this block: skip them. The bias needs every token, width 0 included.
         if SORT_BY_OUT:
             block_first_col = pid_n * BLOCK_N
         elif HAS_BIAS:
-            # The bias gradient (column block 0) needs every token, width 0 included.
-            block_first_col = tl.where(pid_k == 0, -1, pid_k * BLOCK_K)
+            block_first_col = -1
         else:
             block_first_col = pid_k * BLOCK_K
         g = tl.arange(0, GROUPS_POW2)
@@ -76,72 +75,83 @@ def prefix_weight_grad_kernel(
             rows = tl.load(sorted_token_idx_ptr + offs, mask=row_mask, other=0).to(tl.int64)
         else:
             rows = offs.to(tl.int64)
-        use_n = row_mask[:, None] & mask_n[None, :]
+        # Loads are masked by the launch-time limits only, which keeps them vectorised
+        # and pipelined; each row's own widths are applied in registers.
+        dy = tl.load(
+            dy_ptr + rows[:, None] * stride_dyt + cols_n[None, :] * stride_dyj,
+            mask=row_mask[:, None] & mask_n[None, :], other=0.0,
+        )
+        x = tl.load(
+            x_ptr + rows[:, None] * stride_xt + cols_k[None, :] * stride_xc,
+            mask=row_mask[:, None] & mask_k[None, :], other=0.0,
+        )
         if HAS_OUT_WIDTHS:
             out_w = tl.load(out_widths_ptr + rows, mask=row_mask, other=0).to(tl.int32)
-            use_n = use_n & (cols_n[None, :] < out_w[:, None])
-        use_k = row_mask[:, None] & mask_k[None, :]
+            dy = tl.where(cols_n[None, :] < out_w[:, None], dy, 0.0)
         if HAS_IN_WIDTHS:
             in_w = tl.load(in_widths_ptr + rows, mask=row_mask, other=0).to(tl.int32)
-            use_k = use_k & (cols_k[None, :] < in_w[:, None])
-        dy = tl.load(dy_ptr + rows[:, None] * stride_dyt + cols_n[None, :] * stride_dyj, mask=use_n, other=0.0)
-        x = tl.load(x_ptr + rows[:, None] * stride_xt + cols_k[None, :] * stride_xc, mask=use_k, other=0.0)
+            x = tl.where(cols_k[None, :] < in_w[:, None], x, 0.0)
         if HAS_BIAS:
             bias_acc += tl.sum(dy.to(tl.float32), axis=0)
-        if HAS_ROW_SCALE:
-            row_scale = tl.load(row_scale_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-            dy = (dy.to(tl.float32) * row_scale[:, None]).to(x.dtype)
         acc = tl.dot(tl.trans(dy), x, acc, input_precision=INPUT_PRECISION)
 
-    gw_ptrs = grad_weight_ptr + cols_n[:, None] * stride_gwj + cols_k[None, :] * stride_gwc
+    gw_ptrs = grad_weight_ptr + cols_n.to(tl.int64)[:, None] * stride_gwj + cols_k[None, :] * stride_gwc
     gw_mask = mask_n[:, None] & mask_k[None, :]
     old = tl.load(gw_ptrs, mask=gw_mask, other=0.0).to(tl.float32)
     tl.store(gw_ptrs, (old + acc).to(grad_weight_ptr.dtype.element_ty), mask=gw_mask)
     if HAS_BIAS:
-        if pid_k == 0:
-            old_bias = tl.load(grad_bias_ptr + cols_n, mask=mask_n, other=0.0).to(tl.float32)
-            tl.store(grad_bias_ptr + cols_n, (old_bias + bias_acc).to(grad_bias_ptr.dtype.element_ty), mask=mask_n)
+        old_bias = tl.load(grad_bias_ptr + cols_n, mask=mask_n, other=0.0).to(tl.float32)
+        tl.store(grad_bias_ptr + cols_n, (old_bias + bias_acc).to(grad_bias_ptr.dtype.element_ty), mask=mask_n)
 
 
 def prefix_weight_grad_(grad_weight, grad_bias, dy, x, *, out_widths, in_widths, in_limit, routing, boundaries,
-                        sort_by_out, config, row_scale=None):
+                        sort_by_out, config):
     """Launch :func:`prefix_weight_grad_kernel`: accumulate into ``grad_weight[:n, :in_limit]``
     and ``grad_bias[:n]`` with ``n = dy.shape[1]``.
 
-    ``routing`` (RoutingMetadata, any block size) and ``boundaries`` describe how the
-    tokens were grouped (by ``out_widths`` when ``sort_by_out``, else by
-    ``in_widths``), or are both None for static widths.
+    ``routing`` (RoutingMetadata, any block size: only the token order and group
+    offsets are used) and ``boundaries`` describe how the tokens were grouped (by
+    ``out_widths`` when ``sort_by_out``, else by ``in_widths``), or are both None for
+    static widths. ``out_widths``/``in_widths`` mask each token's rows/columns; pass
+    None where ``dy``/``x`` are already zero past each token's width.
     """
     num_rows, out_limit = dy.shape
     if num_rows == 0 or out_limit == 0:
         return
     block_n, block_k = config["BLOCK_N"], config["BLOCK_K"]
-    # With a bias, one column of programs must run even when no input column is used.
-    k_blocks = max(triton.cdiv(in_limit, block_k), 1 if grad_bias is not None else 0)
-    if k_blocks == 0:
-        return
-    dummy = dy
+    k_blocks = triton.cdiv(in_limit, block_k)
     num_groups = boundaries.numel() if boundaries is not None else 1
-    grid = (triton.cdiv(out_limit, block_n), k_blocks)
-    prefix_weight_grad_kernel[grid](
-        dy, x, grad_weight, grad_bias if grad_bias is not None else dummy,
-        row_scale if row_scale is not None else dummy,
-        out_widths if out_widths is not None else dummy,
-        in_widths if in_widths is not None else dummy,
-        routing.sorted_token_idx if routing is not None else dummy,
-        routing.group_offsets if routing is not None else dummy,
-        boundaries if boundaries is not None else dummy,
-        num_groups,
-        num_rows, out_limit, in_limit,
-        dy.stride(0), dy.stride(1),
-        x.stride(0), x.stride(1),
-        grad_weight.stride(0), grad_weight.stride(1),
-        ROUTED=routing is not None,
-        SORT_BY_OUT=sort_by_out,
-        HAS_OUT_WIDTHS=out_widths is not None,
-        HAS_IN_WIDTHS=in_widths is not None,
-        HAS_BIAS=grad_bias is not None,
-        HAS_ROW_SCALE=row_scale is not None,
-        GROUPS_POW2=triton.next_power_of_2(num_groups),
-        **config,
-    )
+    dummy = dy
+
+    def launch(grid, with_bias, k_block_offset):
+        prefix_weight_grad_kernel[grid](
+            dy, x, grad_weight, grad_bias if with_bias else dummy,
+            out_widths if out_widths is not None else dummy,
+            in_widths if in_widths is not None else dummy,
+            routing.sorted_token_idx if routing is not None else dummy,
+            routing.group_offsets if routing is not None else dummy,
+            boundaries if boundaries is not None else dummy,
+            num_groups,
+            num_rows, out_limit, in_limit,
+            dy.stride(0), dy.stride(1),
+            x.stride(0), x.stride(1),
+            grad_weight.stride(0), grad_weight.stride(1),
+            ROUTED=routing is not None,
+            SORT_BY_OUT=sort_by_out,
+            HAS_OUT_WIDTHS=out_widths is not None,
+            HAS_IN_WIDTHS=in_widths is not None,
+            HAS_BIAS=with_bias,
+            K_BLOCK_OFFSET=k_block_offset,
+            GROUPS_POW2=triton.next_power_of_2(num_groups),
+            **config,
+        )
+
+    n_blocks = triton.cdiv(out_limit, block_n)
+    # The bias sum runs in its own column of programs (block 0, launched even when no
+    # input column is used), so that the other programs' inner loop stays a bare GEMM.
+    first_plain_block = 0
+    if grad_bias is not None:
+        launch((n_blocks, 1), True, 0)
+        first_plain_block = 1
+    if k_blocks > first_plain_block:
+        launch((n_blocks, k_blocks - first_plain_block), False, first_plain_block)

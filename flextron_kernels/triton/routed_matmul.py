@@ -33,7 +33,7 @@ def routed_matmul_kernel(
     a_ptr, b_ptr, b2_ptr, bias_ptr, row_scale_ptr, c_ptr, pre_ptr, pre2_ptr,
     out_widths_ptr, red_widths_ptr,
     sorted_token_idx_ptr, tile_start_ptr, tile_end_ptr,
-    num_rows, out_size, out_limit, red_limit,
+    num_rows, num_row_blocks, out_size, out_limit, red_limit,
     stride_at, stride_ar,
     stride_bj, stride_br,
     stride_b2j, stride_b2r,
@@ -51,18 +51,28 @@ def routed_matmul_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     """Shapes: ``A [num_rows, >= red]``, ``B`` and ``B2 [>= out_limit, >= red]`` (any
     strides), ``C [num_rows, out_size]`` and, with ``STORE_PRE``, ``pre`` (``B``'s
     pre-activation) and ``pre2`` (``B2``'s) laid out like ``C``. ``out_limit <= out_size``
     bounds every ``out_t``, ``red_limit`` every ``red_t``. Widths are integer ``[num_rows]``.
+    One-dimensional grid of ``num_row_blocks * cdiv(out_size, BLOCK_N)`` programs.
     """
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    # Consecutive programs sweep GROUP_M row tiles per column block, so that the row
+    # tiles' A stays in L2 while the column blocks go by (large T would evict it).
+    pid = tl.program_id(0)
+    programs_per_group = GROUP_M * tl.cdiv(out_size, BLOCK_N)
+    first_row_block = (pid // programs_per_group) * GROUP_M
+    group_rows = tl.minimum(num_row_blocks - first_row_block, GROUP_M)
+    pid_m = first_row_block + (pid % programs_per_group) % group_rows
+    pid_n = (pid % programs_per_group) // group_rows
     offs = tl.arange(0, BLOCK_M)
     if ROUTED:
         start = tl.load(tile_start_ptr + pid_m)
         end = tl.load(tile_end_ptr + pid_m)
+        if start >= end:  # a tile slot past the last tile
+            return
         row_mask = start + offs < end
         rows = tl.load(sorted_token_idx_ptr + start + offs, mask=row_mask, other=0).to(tl.int64)
     else:
@@ -81,23 +91,28 @@ def routed_matmul_kernel(
     tile_red = tl.max(red_w, axis=0)
 
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols64 = cols.to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # Column blocks past every row's output width only store zeros.
     if pid_n * BLOCK_N < tile_out:
-        col_in_b = cols < tile_out
+        col_in_b = cols < out_limit
         for r0 in range(0, tile_red, BLOCK_K):
             r = r0 + tl.arange(0, BLOCK_K)
+            # Loads are masked by the launch-time limits only, which keeps them vectorised
+            # and pipelined; each row's own reduction width is applied in registers.
             a = tl.load(
                 a_ptr + rows[:, None] * stride_at + r[None, :] * stride_ar,
-                mask=row_mask[:, None] & (r[None, :] < red_w[:, None]),
+                mask=row_mask[:, None] & (r[None, :] < red_limit),
                 other=0.0,
             )
-            b_mask = col_in_b[:, None] & (r[None, :] < tile_red)
-            b = tl.load(b_ptr + cols[:, None] * stride_bj + r[None, :] * stride_br, mask=b_mask, other=0.0)
+            if HAS_RED_WIDTHS:
+                a = tl.where(r[None, :] < red_w[:, None], a, 0.0)
+            b_mask = col_in_b[:, None] & (r[None, :] < red_limit)
+            b = tl.load(b_ptr + cols64[:, None] * stride_bj + r[None, :] * stride_br, mask=b_mask, other=0.0)
             acc = tl.dot(a, tl.trans(b), acc, input_precision=INPUT_PRECISION)
             if GATED:
-                b2 = tl.load(b2_ptr + cols[:, None] * stride_b2j + r[None, :] * stride_b2r, mask=b_mask, other=0.0)
+                b2 = tl.load(b2_ptr + cols64[:, None] * stride_b2j + r[None, :] * stride_b2r, mask=b_mask, other=0.0)
                 acc2 = tl.dot(a, tl.trans(b2), acc2, input_precision=INPUT_PRECISION)
         if HAS_ROW_SCALE:
             row_scale = tl.load(row_scale_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
@@ -153,14 +168,14 @@ def routed_matmul(
     def opt(t):
         return t if t is not None else out
 
-    grid = (num_row_blocks, triton.cdiv(out_size, block_n))
+    grid = (num_row_blocks * triton.cdiv(out_size, block_n),)
     routed_matmul_kernel[grid](
         a, b, opt(gate), opt(bias), opt(row_scale), out, opt(pre_out), opt(gate_pre_out),
         opt(out_widths), opt(red_widths),
         routing.sorted_token_idx if routing is not None else out,
         routing.tile_start if routing is not None else out,
         routing.tile_end if routing is not None else out,
-        num_rows, out_size, out_limit, red_limit,
+        num_rows, num_row_blocks, out_size, out_limit, red_limit,
         a_strides[0], a_strides[1],
         b_strides[0], b_strides[1],
         *(gate_strides if gated else (0, 0)),
