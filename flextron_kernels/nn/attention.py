@@ -90,30 +90,36 @@ class ElasticAttention(nn.Module):
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
     def _project(self, x, heads, kv_cap):
-        """Q ``[T, Hq, Dh]`` (zero past each token's heads), K, V ``[T, Hkv, Dh]`` (zero
-        past each token's KV cap)."""
+        """Q ``[T, nq, Dh]``, K, V ``[T, nkv, Dh]``. With int ``heads`` and ``kv_cap`` only
+        the used heads exist (``nq = heads``, ``nkv = kv_cap // g``); with per-token counts
+        all heads do, zero past each token's heads (Q) or KV cap (K, V)."""
         num_tokens, dh = x.shape[0], self.head_dim
+        static = not isinstance(heads, torch.Tensor) and not isinstance(kv_cap, torch.Tensor)
+        nq, nkv = (heads, kv_cap // self.group) if static else (self.q_heads, self.kv_heads)
         q = self.q_proj(x, out_features=_rows(heads, dh, num_tokens, x.device))
         kv_rows = _rows(_div(kv_cap, self.group), dh, num_tokens, x.device)
         k = self.k_proj(x, out_features=kv_rows)
         v = self.v_proj(x, out_features=kv_rows)
-        return q.view(num_tokens, self.q_heads, dh), k.view(num_tokens, self.kv_heads, dh), v.view(num_tokens, self.kv_heads, dh)
+        return q.view(num_tokens, nq, dh), k.view(num_tokens, nkv, dh), v.view(num_tokens, nkv, dh)
 
     def _output(self, attn, heads):
         num_tokens = attn.shape[0]
-        flat = attn.reshape(num_tokens, self.q_heads * self.head_dim)
+        flat = attn.reshape(num_tokens, attn.shape[1] * self.head_dim)
         return self.o_proj(flat, in_features=_rows(heads, self.head_dim, num_tokens, attn.device))
 
     def forward(self, x: torch.Tensor, *, heads: Optional[Heads] = None, cu_seqlens: Optional[torch.Tensor] = None,
-                positions: Optional[torch.Tensor] = None, kv_cap: Optional[Heads] = None) -> torch.Tensor:
-        """Prefill over packed sequences.
+                positions: Optional[torch.Tensor] = None, kv_cap: Optional[Heads] = None,
+                cache: Optional[KVCache] = None) -> torch.Tensor:
+        """Prefill over packed sequences (optionally filling a KV cache).
 
         Args:
             x: ``[T, d_model]``; heads: int or ``[T]`` (default all), multiples of the GQA
                 group; cu_seqlens: ``[B + 1]`` (default one sequence); positions: ``[T]``
                 rotary positions (default: the position within the sequence); kv_cap:
                 int or ``[T]`` KV cap per token in query heads (default: ``heads`` when an
-                int, else the largest head count of the token's sequence).
+                int, else the largest head count of the token's sequence); cache: a
+                :class:`KVCache` with one request per sequence, filled from position 0 (its
+                ``seqlens`` become the sequence lengths).
         """
         num_tokens = x.shape[0]
         heads = self.q_heads if heads is None else heads
@@ -128,7 +134,15 @@ class ElasticAttention(nn.Module):
             raise ValueError("kv_cap: expected every token's cap to be at least its heads")
         q, k, v = self._project(x, heads, kv_cap)
         q, k = self._rotate(q, k, positions)
-        attn = elastic_attention(q, k, v, heads=heads, cu_seqlens=cu_seqlens, causal=True)
+        if cache is not None:
+            nkv = k.shape[1]
+            cache.k[seq_ids, :nkv, positions] = k.to(cache.k.dtype)
+            cache.v[seq_ids, :nkv, positions] = v.to(cache.v.dtype)
+            cache.seqlens.copy_(cu_seqlens[1:] - cu_seqlens[:-1])
+        if q.shape[1] == 0:  # no head at all: only the output projection's bias remains
+            return self._output(q, heads)
+        attn = elastic_attention(q, k, v, heads=q.shape[1] if not isinstance(heads, torch.Tensor) else heads,
+                                 cu_seqlens=cu_seqlens, causal=True)
         return self._output(attn, heads)
 
     def decode(self, x: torch.Tensor, cache: KVCache, *, heads: Optional[Heads] = None) -> torch.Tensor:
@@ -143,10 +157,16 @@ class ElasticAttention(nn.Module):
         q, k, v = self._project(x, heads, heads)
         q, k = self._rotate(q, k, positions)
         index = torch.arange(batch, device=x.device)
-        cache.k[index, :, positions] = k.to(cache.k.dtype)
-        cache.v[index, :, positions] = v.to(cache.v.dtype)
+        nkv = k.shape[1]
+        cache.k[index, :nkv, positions] = k.to(cache.k.dtype)
+        cache.v[index, :nkv, positions] = v.to(cache.v.dtype)
         cache.seqlens += 1
-        attn = elastic_attention_decode(q, cache.k, cache.v, cache_seqlens=cache.seqlens, heads=heads)
+        if q.shape[1] == 0:
+            return self._output(q, heads)
+        attn = elastic_attention_decode(
+            q, cache.k[:, :nkv], cache.v[:, :nkv], cache_seqlens=cache.seqlens,
+            heads=q.shape[1] if not isinstance(heads, torch.Tensor) else heads,
+        )
         return self._output(attn, heads)
 
 

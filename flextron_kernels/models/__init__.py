@@ -1,0 +1,9 @@
+"""The model layer: elastic transformers composed from the ops (no kernel code here)."""
+
+from flextron_kernels.models.config import FlextronConfig, head_choices, mlp_width_choices
+from flextron_kernels.models.convert import from_hf
+from flextron_kernels.models.modeling import FlextronForCausalLM
+
+FlextronForCausalLM.from_hf = staticmethod(from_hf)
+
+__all__ = ["FlextronConfig", "FlextronForCausalLM", "from_hf", "head_choices", "mlp_width_choices"]

@@ -1,0 +1,94 @@
+"""FlextronConfig: the shape of an elastic transformer and each layer's width choices."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+ARCHITECTURES = ("llama", "gpt2")
+DEFAULT_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
+MLP_WIDTH_MULTIPLE = 128
+
+
+def mlp_width_choices(ffn: int, fractions=DEFAULT_FRACTIONS, multiple: int = MLP_WIDTH_MULTIPLE) -> list[int]:
+    """MLP widths for ``fractions`` of ``ffn``, rounded to multiples of ``multiple`` neurons
+    (to the nearest, at least one multiple; the full width is always the last choice)."""
+    if ffn <= multiple:
+        values = {max(1, round(ffn * f)) for f in fractions}
+    else:
+        values = {min(ffn, max(multiple, round(ffn * f / multiple) * multiple)) for f in fractions}
+    return sorted(values | {ffn})
+
+
+def head_choices(q_heads: int, kv_heads: int, fractions=DEFAULT_FRACTIONS) -> list[int]:
+    """Query-head counts for ``fractions`` of ``q_heads``, rounded to multiples of the GQA
+    group (at least one group; all heads always the last choice)."""
+    group = q_heads // kv_heads
+    values = {min(q_heads, max(group, round(q_heads * f / group) * group)) for f in fractions}
+    return sorted(values | {q_heads})
+
+
+@dataclass
+class FlextronConfig:
+    """Architecture and elastic choices.
+
+    ``arch``: ``llama`` (RMSNorm, rotary, GQA, SwiGLU, optional QKV biases; also Mistral
+    and Qwen2 checkpoints) or ``gpt2`` (LayerNorm, learned positions, GELU-tanh, biases,
+    tied embeddings). ``qkv_bias`` / ``out_bias``: Q/K/V and O projection biases in a
+    ``llama`` model (Qwen2 has the first, Llama's ``attention_bias`` both). ``mlp_choices[i]`` / ``head_choices[i]``: layer ``i``'s allowed MLP
+    widths and query-head counts, ascending, the full size last.
+    """
+
+    arch: str
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    q_heads: int
+    kv_heads: int
+    ffn: int
+    head_dim: Optional[int] = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_positions: int = 2048
+    qkv_bias: bool = False
+    out_bias: bool = False
+    tie_embeddings: bool = False
+    mlp_choices: list = field(default_factory=list)
+    head_choices: list = field(default_factory=list)
+    permutations: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"arch: expected one of {', '.join(ARCHITECTURES)}, got {self.arch!r}")
+        if self.q_heads % self.kv_heads:
+            raise ValueError(f"kv_heads: expected a divisor of q_heads={self.q_heads}, got {self.kv_heads}")
+        if self.head_dim is None:
+            self.head_dim = self.d_model // self.q_heads
+        if not self.mlp_choices:
+            self.mlp_choices = [mlp_width_choices(self.ffn) for _ in range(self.n_layers)]
+        if not self.head_choices:
+            self.head_choices = [head_choices(self.q_heads, self.kv_heads) for _ in range(self.n_layers)]
+        group = self.q_heads // self.kv_heads
+        for name, choices, full in (("mlp_choices", self.mlp_choices, self.ffn), ("head_choices", self.head_choices, self.q_heads)):
+            if len(choices) != self.n_layers:
+                raise ValueError(f"{name}: expected one list per layer ({self.n_layers}), got {len(choices)}")
+            for i, layer in enumerate(choices):
+                if list(layer) != sorted(set(layer)) or not layer or layer[-1] != full or layer[0] < 0:
+                    raise ValueError(f"{name}[{i}]: expected distinct ascending values ending at {full}, got {layer}")
+                if name == "head_choices" and any(h % group for h in layer):
+                    raise ValueError(f"head_choices[{i}]: expected multiples of the GQA group {group}, got {layer}")
+
+    @property
+    def group(self) -> int:
+        return self.q_heads // self.kv_heads
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "FlextronConfig":
+        return cls(**values)

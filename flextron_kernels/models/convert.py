@@ -1,0 +1,220 @@
+"""Conversion of Hugging Face causal LMs into Flextron models, with importance ranking.
+
+Importance (Minitron-style, on calibration batches):
+- MLP neuron ``i`` of a layer: ``score_i = sum over tokens |h_i|``, where ``h`` is the
+  input of the down projection (``silu(gate) * up`` for SwiGLU, ``gelu(fc)`` for GPT-2).
+- Attention head ``h``: ``score_h = sum over tokens ||o_h||_2``, where ``o_h`` is the
+  head's attention output (its slice of the output projection's input). Under GQA a KV
+  head's score is the sum of its query heads' scores; KV heads are ranked as units and
+  query heads within their group.
+Rows of the up/gate projections (and columns of the down projection), and the head
+blocks of the Q/K/V rows and O columns, are permuted into decreasing score, so every
+prefix keeps the most important neurons and heads. At full width the function is
+unchanged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+
+from flextron_kernels.models.config import FlextronConfig
+from flextron_kernels.models.modeling import FlextronForCausalLM
+
+SUPPORTED = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "gpt2": "gpt2"}
+
+
+def load_hf_model(model_or_path):
+    """A Hugging Face model object, or one loaded from a local folder (never downloaded)."""
+    if isinstance(model_or_path, (str, Path)):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(str(model_or_path), local_files_only=True, torch_dtype=torch.float32)
+    return model_or_path
+
+
+def config_from_hf(hf_config) -> FlextronConfig:
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type not in SUPPORTED:
+        raise ValueError(f"model_type: expected one of {', '.join(sorted(SUPPORTED))}, got {model_type!r}")
+    if SUPPORTED[model_type] == "gpt2":
+        return FlextronConfig(
+            arch="gpt2", vocab_size=hf_config.vocab_size, d_model=hf_config.n_embd, n_layers=hf_config.n_layer,
+            q_heads=hf_config.n_head, kv_heads=hf_config.n_head, ffn=hf_config.n_inner or 4 * hf_config.n_embd,
+            norm_eps=hf_config.layer_norm_epsilon, max_positions=hf_config.n_positions, tie_embeddings=True,
+        )
+    if getattr(hf_config, "mlp_bias", False):
+        raise ValueError("mlp_bias: Llama-family MLPs with biases are not supported (got mlp_bias=True)")
+    rope = getattr(hf_config, "rope_parameters", None) or {}
+    theta = rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+    return FlextronConfig(
+        arch="llama", vocab_size=hf_config.vocab_size, d_model=hf_config.hidden_size, n_layers=hf_config.num_hidden_layers,
+        q_heads=hf_config.num_attention_heads, kv_heads=hf_config.num_key_value_heads or hf_config.num_attention_heads,
+        ffn=hf_config.intermediate_size, head_dim=getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads,
+        norm_eps=hf_config.rms_norm_eps, rope_theta=float(theta), max_positions=hf_config.max_position_embeddings,
+        qkv_bias=model_type == "qwen2" or bool(getattr(hf_config, "attention_bias", False)),
+        out_bias=bool(getattr(hf_config, "attention_bias", False)),
+        tie_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+    )
+
+
+@torch.no_grad()
+def _copy_weights(model: FlextronForCausalLM, hf) -> None:
+    cfg = model.config
+    if cfg.arch == "gpt2":
+        base = hf.transformer
+        model.embed.weight.copy_(base.wte.weight)
+        model.pos_embed.weight.copy_(base.wpe.weight)
+        d = cfg.d_model
+        for layer, block in zip(model.layers, base.h):
+            layer.norm1.load_state_dict(block.ln_1.state_dict())
+            layer.norm2.load_state_dict(block.ln_2.state_dict())
+            qkv_w, qkv_b = block.attn.c_attn.weight.T, block.attn.c_attn.bias  # Conv1D stores [in, out]
+            for i, proj in enumerate((layer.attn.q_proj, layer.attn.k_proj, layer.attn.v_proj)):
+                proj.weight.copy_(qkv_w[i * d:(i + 1) * d])
+                proj.bias.copy_(qkv_b[i * d:(i + 1) * d])
+            layer.attn.o_proj.weight.copy_(block.attn.c_proj.weight.T)
+            layer.attn.o_proj.bias.copy_(block.attn.c_proj.bias)
+            layer.mlp.w_up.copy_(block.mlp.c_fc.weight.T)
+            layer.mlp.b_up.copy_(block.mlp.c_fc.bias)
+            layer.mlp.w_down.copy_(block.mlp.c_proj.weight.T)
+            layer.mlp.b_down.copy_(block.mlp.c_proj.bias)
+        model.final_norm.load_state_dict(base.ln_f.state_dict())
+        return
+    base = hf.model
+    model.embed.weight.copy_(base.embed_tokens.weight)
+    for layer, block in zip(model.layers, base.layers):
+        layer.norm1.weight.copy_(block.input_layernorm.weight)
+        layer.norm2.weight.copy_(block.post_attention_layernorm.weight)
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            ours, theirs = getattr(layer.attn, name), getattr(block.self_attn, name)
+            ours.weight.copy_(theirs.weight)
+            if ours.bias is not None:
+                ours.bias.copy_(theirs.bias)
+        layer.mlp.w_gate.copy_(block.mlp.gate_proj.weight)
+        layer.mlp.w_up.copy_(block.mlp.up_proj.weight)
+        layer.mlp.w_down.copy_(block.mlp.down_proj.weight)
+    model.final_norm.weight.copy_(base.norm.weight)
+    if not model.config.tie_embeddings:
+        model.lm_head.weight.copy_(hf.lm_head.weight)
+
+
+def _calibration_ids(calibration, tokenizer) -> list:
+    """Calibration batches as a list of ``[B, S]`` id tensors."""
+    if calibration is None:
+        return []
+    if isinstance(calibration, torch.Tensor):
+        batches = [calibration if calibration.dim() == 2 else calibration[None]]
+    elif isinstance(calibration, str) or (isinstance(calibration, Sequence) and calibration and isinstance(calibration[0], str)):
+        texts = [calibration] if isinstance(calibration, str) else list(calibration)
+        if tokenizer is None:
+            raise ValueError("tokenizer: text calibration needs a tokenizer (an object or a local path)")
+        if isinstance(tokenizer, (str, Path)):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer), local_files_only=True)
+        batches = [torch.tensor([tokenizer(t)["input_ids"]]) for t in texts if t]
+    else:
+        batches = [torch.as_tensor(b) for b in calibration]
+        batches = [b if b.dim() == 2 else b[None] for b in batches]
+    batches = [b for b in batches if b.numel()]
+    if not batches:
+        raise ValueError("calibration: expected token ids or text, got no tokens")
+    return batches
+
+
+@torch.no_grad()
+def importance_scores(hf, config: FlextronConfig, batches: list) -> list:
+    """Per layer ``(mlp_scores [F], head_scores [Hq])`` on the calibration batches."""
+    if config.arch == "gpt2":
+        layers = [(b.mlp.c_proj, b.attn.c_proj) for b in hf.transformer.h]
+    else:
+        layers = [(b.mlp.down_proj, b.self_attn.o_proj) for b in hf.model.layers]
+    scores = [[torch.zeros(config.ffn), torch.zeros(config.q_heads)] for _ in layers]
+    hooks = []
+    for i, (down, out_proj) in enumerate(layers):
+        def mlp_hook(module, args, i=i):
+            scores[i][0] += args[0].detach().float().abs().reshape(-1, config.ffn).sum(0).cpu()
+
+        def head_hook(module, args, i=i):
+            per_head = args[0].detach().float().reshape(-1, config.q_heads, config.head_dim)
+            scores[i][1] += per_head.norm(dim=-1).sum(0).cpu()
+
+        hooks += [down.register_forward_pre_hook(mlp_hook), out_proj.register_forward_pre_hook(head_hook)]
+    try:
+        device = next(hf.parameters()).device
+        for ids in batches:
+            hf(input_ids=ids.to(device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return scores
+
+
+def permutations_from_scores(scores: list, config: FlextronConfig) -> dict:
+    """``{"mlp": [perm per layer], "heads": [query-head perm per layer]}`` (new -> old)."""
+    mlp, heads = [], []
+    group = config.group
+    for mlp_scores, head_scores in scores:
+        mlp.append(torch.argsort(mlp_scores, descending=True, stable=True).tolist())
+        by_group = head_scores.reshape(config.kv_heads, group)
+        kv_order = torch.argsort(by_group.sum(1), descending=True, stable=True)
+        order = []
+        for kv in kv_order.tolist():
+            within = torch.argsort(by_group[kv], descending=True, stable=True)
+            order += [kv * group + q for q in within.tolist()]
+        heads.append(order)
+    return {"mlp": mlp, "heads": heads}
+
+
+@torch.no_grad()
+def apply_permutations(model: FlextronForCausalLM, permutations: dict) -> None:
+    """Reorder each layer's neurons and heads (new index ``j`` takes old ``perm[j]``)."""
+    cfg = model.config
+    dh, group = cfg.head_dim, cfg.group
+    for layer, mlp_perm, head_perm in zip(model.layers, permutations["mlp"], permutations["heads"]):
+        p = torch.tensor(mlp_perm, device=layer.mlp.w_up.device)
+        mlp = layer.mlp
+        for w in (mlp.w_up, mlp.w_gate, mlp.b_up):
+            if w is not None:
+                w.copy_(w[p])
+        mlp.w_down.copy_(mlp.w_down[:, p])
+        q_rows = torch.tensor([h * dh + d for h in head_perm for d in range(dh)], device=p.device)
+        kv_perm = [head_perm[j * group] // group for j in range(cfg.kv_heads)]
+        kv_rows = torch.tensor([h * dh + d for h in kv_perm for d in range(dh)], device=p.device)
+        attn = layer.attn
+        for proj, rows in ((attn.q_proj, q_rows), (attn.k_proj, kv_rows), (attn.v_proj, kv_rows)):
+            proj.weight.copy_(proj.weight[rows])
+            if proj.bias is not None:
+                proj.bias.copy_(proj.bias[rows])
+        attn.o_proj.weight.copy_(attn.o_proj.weight[:, q_rows])
+
+
+def from_hf(model_or_path, calibration=None, *, tokenizer=None, mlp_choices=None, head_choices=None) -> FlextronForCausalLM:
+    """A :class:`FlextronForCausalLM` from a Hugging Face causal LM (object or local path).
+
+    Args:
+        calibration: token ids (``[B, S]`` tensor or a list of them) or text (with
+            ``tokenizer``, an object or a local path); when given, neurons and heads are
+            ranked by importance and permuted (see the module docstring). None keeps the
+            original order.
+        mlp_choices, head_choices: per-layer choice lists (default 25/50/75/100%).
+    """
+    hf = load_hf_model(model_or_path)
+    config = config_from_hf(hf.config)
+    if mlp_choices is not None:
+        config.mlp_choices = mlp_choices
+    if head_choices is not None:
+        config.head_choices = head_choices
+    config.__post_init__()
+    batches = _calibration_ids(calibration, tokenizer)
+    device = next(hf.parameters()).device
+    model = FlextronForCausalLM(config).to(device=device, dtype=next(hf.parameters()).dtype)
+    _copy_weights(model, hf)
+    if batches:
+        permutations = permutations_from_scores(importance_scores(hf, config, batches), config)
+        apply_permutations(model, permutations)
+        config.permutations = permutations
+    return model.eval()

@@ -1,0 +1,231 @@
+"""FlextronForCausalLM: a decoder-only transformer whose layers run at budget-chosen widths.
+
+The model layer holds no kernel code: it composes :class:`~flextron_kernels.nn.ElasticAttention`
+and :class:`~flextron_kernels.nn.ElasticMLP`. Sequences are packed (``[T]`` tokens with
+``cu_seqlens``); a budget (float, or one per sequence) picks each layer's MLP width and
+query-head count from the layer's choice lists.
+
+Budget policy without a trained router: for a budget ``b``, each layer takes the
+largest choice whose fraction of the full size is at most ``b`` (the smallest choice
+when none is), so a budget is an upper bound on every layer's width fraction.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flextron_kernels.models.config import FlextronConfig
+from flextron_kernels.nn import ElasticAttention, ElasticMLP, KVCache
+
+Budget = Union[None, float, torch.Tensor]
+
+
+class RMSNorm(nn.Module):
+    """Llama's RMSNorm: normalised in fp32, scaled in the input dtype."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+class FlextronBlock(nn.Module):
+    """Pre-norm transformer block: ``h + attn(norm1(h))``, then ``h + mlp(norm2(h))``."""
+
+    def __init__(self, config: FlextronConfig):
+        super().__init__()
+        llama = config.arch == "llama"
+        d = config.d_model
+        norm = (lambda: RMSNorm(d, config.norm_eps)) if llama else (lambda: nn.LayerNorm(d, eps=config.norm_eps))
+        self.norm1, self.norm2 = norm(), norm()
+        self.attn = ElasticAttention(
+            d, config.q_heads, config.kv_heads, config.head_dim, qkv_bias=config.qkv_bias or not llama,
+            out_bias=config.out_bias or not llama, rotary=llama, rope_theta=config.rope_theta,
+        )
+        self.mlp = ElasticMLP(d, config.ffn, gated=llama, activation="silu" if llama else "gelu_tanh", bias=not llama)
+
+    def forward(self, h, *, heads, width, cu_seqlens, positions, cache=None, mlp_scale=None):
+        h = h + self.attn(self.norm1(h), heads=heads, cu_seqlens=cu_seqlens, positions=positions, cache=cache)
+        return h + self.mlp(self.norm2(h), width=width, scale=mlp_scale)
+
+    def decode(self, h, cache, *, heads, width):
+        h = h + self.attn.decode(self.norm1(h), cache, heads=heads)
+        return h + self.mlp(self.norm2(h), width=width)
+
+
+class FlextronForCausalLM(nn.Module):
+    """Elastic causal LM (Llama family or GPT-2). ``forward`` returns logits."""
+
+    def __init__(self, config: FlextronConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.pos_embed = nn.Embedding(config.max_positions, config.d_model) if config.arch == "gpt2" else None
+        self.layers = nn.ModuleList(FlextronBlock(config) for _ in range(config.n_layers))
+        self.final_norm = (
+            RMSNorm(config.d_model, config.norm_eps) if config.arch == "llama" else nn.LayerNorm(config.d_model, eps=config.norm_eps)
+        )
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.budget = 1.0
+
+    # ------------------------------------------------------------------ budgets
+    def set_budget(self, budget: float) -> None:
+        """The budget used when a call gives none (``b`` in (0, 1])."""
+        self.budget = _check_budget(budget)
+
+    def layer_choices(self, budget: Budget) -> list[tuple]:
+        """Per layer ``(mlp_width, heads)``: ints for a float budget, ``[B]`` tensors for a
+        per-sequence budget tensor."""
+        budget = self.budget if budget is None else budget
+        choices = []
+        for widths, heads in zip(self.config.mlp_choices, self.config.head_choices):
+            choices.append((_pick(widths, self.config.ffn, budget), _pick(heads, self.config.q_heads, budget)))
+        return choices
+
+    def cost(self, budget: Budget = None) -> dict:
+        """Parameters used per token and matmul FLOPs per token (2 per multiply-add,
+        attention scores excluded) at a float budget."""
+        budget = _check_budget(self.budget if budget is None else budget)
+        cfg = self.config
+        params = 0
+        for width, heads in self.layer_choices(budget):
+            kv = heads // cfg.group
+            params += cfg.d_model * cfg.head_dim * (2 * heads + 2 * kv)  # q, o; k, v
+            params += cfg.d_model * width * (3 if cfg.arch == "llama" else 2)
+        params += cfg.d_model * cfg.vocab_size  # lm head
+        return {"budget": budget, "params_per_token": params, "flops_per_token": 2 * params}
+
+    # ------------------------------------------------------------------ forward
+    def _pack(self, input_ids, cu_seqlens):
+        if input_ids.dim() == 2:
+            batch, seq_len = input_ids.shape
+            cu = torch.arange(0, batch * seq_len + 1, max(seq_len, 1), device=input_ids.device, dtype=torch.int32)
+            return input_ids.reshape(-1), cu[: batch + 1]
+        if cu_seqlens is None:
+            cu_seqlens = torch.tensor([0, input_ids.numel()], device=input_ids.device, dtype=torch.int32)
+        return input_ids, cu_seqlens.to(torch.int32)
+
+    def _per_token(self, value, cu_seqlens, num_tokens):
+        if not isinstance(value, torch.Tensor):
+            return value
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
+        return value.repeat_interleave(lengths, output_size=num_tokens)
+
+    def forward(self, input_ids: torch.Tensor, *, budget: Budget = None, cu_seqlens: Optional[torch.Tensor] = None,
+                caches: Optional[list] = None) -> torch.Tensor:
+        """Logits for ``input_ids`` ``[B, S]`` (logits ``[B, S, V]``) or packed ``[T]`` with
+        ``cu_seqlens [B + 1]`` (logits ``[T, V]``). ``budget``: a float in (0, 1] or a
+        ``[B]`` tensor (one per sequence); default the model's (:meth:`set_budget`).
+        ``caches``: one :class:`KVCache` per layer to fill (prefill before decoding)."""
+        shape = input_ids.shape
+        ids, cu = self._pack(input_ids, cu_seqlens)
+        num_tokens = ids.numel()
+        if isinstance(budget, torch.Tensor) and budget.numel() != cu.numel() - 1:
+            raise ValueError(f"budget: expected one value per sequence ({cu.numel() - 1}), got shape {tuple(budget.shape)}")
+        seq_ids = torch.bucketize(torch.arange(num_tokens, device=ids.device), cu[1:].to(torch.int64), right=True)
+        positions = torch.arange(num_tokens, device=ids.device) - cu.to(torch.int64)[seq_ids]
+        h = self.embed(ids)
+        if self.pos_embed is not None:
+            h = h + self.pos_embed(positions)
+        for i, (layer, (width, heads)) in enumerate(zip(self.layers, self.layer_choices(budget))):
+            h = layer(
+                h, heads=self._per_token(heads, cu, num_tokens), width=self._per_token(width, cu, num_tokens),
+                cu_seqlens=cu, positions=positions, cache=None if caches is None else caches[i],
+            )
+        logits = self.lm_head(self.final_norm(h))
+        return logits.reshape(*shape, -1) if input_ids.dim() == 2 else logits
+
+    def decode_step(self, tokens: torch.Tensor, caches: list, *, budget: Budget = None) -> torch.Tensor:
+        """One token per request (``tokens [B]``) against filled caches: logits ``[B, V]``."""
+        h = self.embed(tokens)
+        if self.pos_embed is not None:
+            h = h + self.pos_embed(caches[0].seqlens.to(torch.int64))
+        for layer, cache, (width, heads) in zip(self.layers, caches, self.layer_choices(budget)):
+            h = layer.decode(h, cache, heads=heads, width=width)
+        return self.lm_head(self.final_norm(h))
+
+    def new_caches(self, batch: int, max_len: int) -> list:
+        """Empty per-layer KV caches ``[batch, Hkv, max_len, Dh]`` in the model's dtype."""
+        p = self.embed.weight
+        cfg = self.config
+        return [KVCache.empty(batch, cfg.kv_heads, max_len, cfg.head_dim, device=p.device, dtype=p.dtype) for _ in self.layers]
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, *, budget: Budget = None, max_new_tokens: int = 20,
+                 temperature: float = 0.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
+                 eos_token_id: Optional[int] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Continue each prompt of ``input_ids [B, S]``; returns ``[B, S + max_new_tokens]``.
+
+        Packed prefill fills a KV cache, then one decode step per token. ``budget``: a
+        float or ``[B]`` tensor (each request its own). ``temperature`` 0 is greedy;
+        otherwise sampling with optional ``top_k`` / ``top_p``. After ``eos_token_id`` a
+        request keeps emitting it.
+        """
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids: expected [B, S] with S >= 1, got shape {tuple(input_ids.shape)}")
+        batch, prompt_len = input_ids.shape
+        total = prompt_len + max_new_tokens
+        if self.pos_embed is not None and total > self.config.max_positions:
+            raise ValueError(f"max_new_tokens: prompt + new tokens ({total}) exceed max_positions={self.config.max_positions}")
+        budget = self.budget if budget is None else budget
+        caches = self.new_caches(batch, total)
+        logits = self.forward(input_ids, budget=budget, caches=caches)[:, -1]
+        out = [input_ids]
+        finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+        for step in range(max_new_tokens):
+            token = _sample(logits.float(), temperature, top_k, top_p, generator)
+            if eos_token_id is not None:
+                token = torch.where(finished, eos_token_id, token)
+                finished |= token == eos_token_id
+            out.append(token[:, None])
+            if step + 1 < max_new_tokens:
+                logits = self.decode_step(token, caches, budget=budget)
+        return torch.cat(out, dim=1)
+
+
+def _check_budget(budget) -> float:
+    if isinstance(budget, torch.Tensor):
+        if budget.numel() and not bool(((budget > 0) & (budget <= 1)).all()):
+            raise ValueError(f"budget: expected values in (0, 1], got {budget.tolist()}")
+        return budget
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
+        raise ValueError(f"budget: expected a float in (0, 1], got {budget!r}")
+    return float(budget)
+
+
+def _pick(choices: list, full: int, budget) -> Union[int, torch.Tensor]:
+    """The largest choice whose fraction of ``full`` is at most ``budget`` (else the smallest)."""
+    budget = _check_budget(budget)
+    if isinstance(budget, torch.Tensor):
+        values = torch.tensor(choices, device=budget.device)
+        fractions = values.double() / full
+        index = torch.searchsorted(fractions, budget.double() + 1e-9, right=True) - 1
+        return values[index.clamp(min=0)]
+    fitting = [c for c in choices if c / full <= budget + 1e-9]
+    return fitting[-1] if fitting else choices[0]
+
+
+def _sample(logits, temperature, top_k, top_p, generator):
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) > top_p
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(F.softmax(logits, -1), 1, generator=generator)[:, 0]

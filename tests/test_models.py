@@ -1,0 +1,185 @@
+"""The model layer: conversion from Hugging Face, budgets, mixed-budget batches, generation."""
+
+import pytest
+import torch
+
+import flextron_kernels as fk
+from flextron_kernels.models import FlextronConfig, FlextronForCausalLM
+
+transformers = pytest.importorskip("transformers", reason="the model-layer tests build Hugging Face models")
+
+VOCAB = 101
+
+
+def hf_model(kind: str):
+    """A small random-initialised Hugging Face model of one family (nothing downloaded)."""
+    torch.manual_seed(0)
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=64)
+    if kind == "gpt2":
+        config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                         bos_token_id=0, eos_token_id=0)
+        model = transformers.GPT2LMHeadModel(config)
+    elif kind == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(num_key_value_heads=2, **common))
+    elif kind == "llama_tied_bias":
+        model = transformers.LlamaForCausalLM(
+            transformers.LlamaConfig(num_key_value_heads=4, attention_bias=True, tie_word_embeddings=True, **common)
+        )
+    elif kind == "mistral":
+        model = transformers.MistralForCausalLM(transformers.MistralConfig(num_key_value_heads=2, **common))
+    elif kind == "qwen2":
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(num_key_value_heads=2, **common))
+    else:
+        raise AssertionError(kind)
+    with torch.no_grad():  # random biases and norms, so that their conversion is tested
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name or "ln_" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+FAMILIES = ["llama", "llama_tied_bias", "mistral", "qwen2", "gpt2"]
+
+
+def max_rel(out, ref):
+    return ((out - ref).abs().max() / ref.abs().max()).item()
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+@pytest.mark.parametrize("calibrate", [False, True])
+def test_conversion_reproduces_hf_logits_at_full_budget(kind, calibrate):
+    hf = hf_model(kind)
+    calibration = torch.randint(0, VOCAB, (3, 17)) if calibrate else None
+    model = FlextronForCausalLM.from_hf(hf, calibration=calibration)
+    ids = torch.randint(0, VOCAB, (2, 13))
+    with torch.no_grad():
+        assert max_rel(model(ids), hf(input_ids=ids).logits) < 1e-4
+        assert max_rel(model(ids, budget=1.0), hf(input_ids=ids).logits) < 1e-4
+    if calibrate:
+        assert model.config.permutations["mlp"][0] != list(range(256)), "calibration should reorder neurons"
+
+
+def test_importance_puts_the_strongest_neurons_and_heads_first():
+    hf = hf_model("llama")
+    calibration = torch.randint(0, VOCAB, (4, 16))
+    model = FlextronForCausalLM.from_hf(hf, calibration=calibration)
+    from flextron_kernels.models.convert import importance_scores
+
+    mlp_scores, head_scores = importance_scores(hf, model.config, [calibration])[0]
+    perm = model.config.permutations["mlp"][0]
+    assert torch.all(mlp_scores[perm][:-1] >= mlp_scores[perm][1:])
+    heads = model.config.permutations["heads"][0]
+    group_scores = head_scores.reshape(2, 2).sum(1)
+    assert group_scores[heads[0] // 2] >= group_scores[heads[2] // 2]
+
+
+def test_local_safetensors_checkpoint_and_text_calibration(tmp_path):
+    hf = hf_model("llama")
+    hf.save_pretrained(tmp_path / "model", safe_serialization=True)
+    tokenizers = pytest.importorskip("tokenizers")
+    vocab = {f"w{i}": i for i in range(VOCAB)}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0").save_pretrained(tmp_path / "tok")
+    texts = ["w1 w5 w7 w9 w33", "w2 w4 w8 w16 w32 w64"]
+    model = FlextronForCausalLM.from_hf(tmp_path / "model", calibration=texts, tokenizer=tmp_path / "tok")
+    ids = torch.randint(0, VOCAB, (1, 9))
+    with torch.no_grad():
+        assert max_rel(model(ids), hf(input_ids=ids).logits) < 1e-4
+
+
+def test_smaller_budgets_use_fewer_flops_and_change_the_output():
+    model = FlextronForCausalLM.from_hf(hf_model("llama"), mlp_choices=[[64, 128, 192, 256]] * 2)
+    costs = [model.cost(b)["flops_per_token"] for b in (0.25, 0.5, 0.75, 1.0)]
+    assert costs == sorted(costs) and costs[0] < costs[-1]
+    ids = torch.randint(0, VOCAB, (1, 8))
+    with torch.no_grad():
+        assert not torch.allclose(model(ids, budget=0.25), model(ids, budget=1.0))
+    assert model.layer_choices(0.5) == [(128, 2), (128, 2)]
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_mixed_budget_batch_equals_each_request_alone(kind):
+    model = FlextronForCausalLM.from_hf(hf_model(kind), mlp_choices=[[64, 128, 192, 256]] * 2)
+    ids = torch.randint(0, VOCAB, (3, 10))
+    budgets = torch.tensor([1.0, 0.5, 0.25])
+    with torch.no_grad():
+        mixed = model(ids, budget=budgets)
+        for i, b in enumerate(budgets.tolist()):
+            torch.testing.assert_close(mixed[i], model(ids[i : i + 1], budget=b)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_packed_variable_length_sequences():
+    model = FlextronForCausalLM.from_hf(hf_model("llama"))
+    a, b = torch.randint(0, VOCAB, (5,)), torch.randint(0, VOCAB, (9,))
+    with torch.no_grad():
+        packed = model(torch.cat([a, b]), cu_seqlens=torch.tensor([0, 5, 14]))
+        torch.testing.assert_close(packed[:5], model(a[None])[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(packed[5:], model(b[None])[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("budget", [1.0, 0.5, "mixed"])
+def test_generation_with_cache_equals_generation_without(kind, budget):
+    model = FlextronForCausalLM.from_hf(hf_model(kind), mlp_choices=[[64, 128, 192, 256]] * 2)
+    prompts = torch.randint(0, VOCAB, (2, 6))
+    budget = torch.tensor([1.0, 0.5]) if budget == "mixed" else budget
+    out = model.generate(prompts, budget=budget, max_new_tokens=5)
+    assert out.shape == (2, 11)
+    ids = prompts
+    with torch.no_grad():
+        for _ in range(5):
+            nxt = model(ids, budget=budget)[:, -1].argmax(-1)
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+    assert torch.equal(out, ids)
+
+
+def test_generation_sampling_and_eos():
+    model = FlextronForCausalLM.from_hf(hf_model("llama"))
+    prompts = torch.randint(0, VOCAB, (2, 4))
+    gen = torch.Generator().manual_seed(0)
+    out = model.generate(prompts, max_new_tokens=6, temperature=0.8, top_k=10, top_p=0.9, generator=gen)
+    assert out.shape == (2, 10) and (out[:, :4] == prompts).all()
+    greedy = model.generate(prompts, max_new_tokens=6)
+    eos = int(greedy[0, 5])
+    stopped = model.generate(prompts, max_new_tokens=6, eos_token_id=eos)
+    assert (stopped[0, 5:] == eos).all()
+
+
+def test_model_through_the_triton_backend_matches_torch():
+    model = FlextronForCausalLM.from_hf(hf_model("llama"), mlp_choices=[[64, 128, 192, 256]] * 2)
+    ids = torch.randint(0, VOCAB, (2, 7))
+    budgets = torch.tensor([0.75, 0.25])
+    with torch.no_grad():
+        with fk.use_backend("torch"):
+            expected = model(ids, budget=budgets)
+        with fk.use_backend("triton"):
+            got = model(ids, budget=budgets)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="model_type: expected one of gpt2, llama, mistral, qwen2, got 'bert'"):
+        FlextronForCausalLM.from_hf(transformers.BertForMaskedLM(transformers.BertConfig(
+            vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)))
+    hf = hf_model("llama")
+    with pytest.raises(ValueError, match="calibration: expected token ids or text, got no tokens"):
+        FlextronForCausalLM.from_hf(hf, calibration=[])
+    with pytest.raises(ValueError, match="calibration: expected token ids or text, got no tokens"):
+        FlextronForCausalLM.from_hf(hf, calibration=torch.zeros(1, 0, dtype=torch.int64))
+    model = FlextronForCausalLM.from_hf(hf)
+    ids = torch.randint(0, VOCAB, (2, 3))
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="budget: expected a float in \\(0, 1\\]"):
+            model(ids, budget=bad)
+    with pytest.raises(ValueError, match="budget: expected values in \\(0, 1\\]"):
+        model(ids, budget=torch.tensor([0.5, 0.0]))
+    with pytest.raises(ValueError, match="budget: expected one value per sequence \\(2\\)"):
+        model(ids, budget=torch.tensor([0.5, 0.5, 1.0]))
+    with pytest.raises(ValueError, match="budget: expected a float in \\(0, 1\\]"):
+        model.set_budget(2)
+    with pytest.raises(ValueError, match="arch: expected one of llama, gpt2, got 'bert'"):
+        FlextronConfig(arch="bert", vocab_size=10, d_model=8, n_layers=1, q_heads=2, kv_heads=2, ffn=16)
+    with pytest.raises(ValueError, match="head_choices\\[0\\]: expected multiples of the GQA group 2"):
+        FlextronConfig(arch="llama", vocab_size=10, d_model=8, n_layers=1, q_heads=4, kv_heads=2, ffn=16, head_choices=[[1, 4]])
