@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flextron_kernels.models.config import FlextronConfig
+from flextron_kernels.models.routers import StaticRouter, TokenRouter, encode_budget, select
 from flextron_kernels.nn import ElasticAttention, ElasticMLP, KVCache
 
 Budget = Union[None, float, torch.Tensor]
@@ -53,13 +54,27 @@ class FlextronBlock(nn.Module):
         )
         self.mlp = ElasticMLP(d, config.ffn, gated=llama, activation="silu" if llama else "gelu_tanh", bias=not llama)
 
-    def forward(self, h, *, heads, width, cu_seqlens, positions, cache=None, mlp_scale=None):
-        h = h + self.attn(self.norm1(h), heads=heads, cu_seqlens=cu_seqlens, positions=positions, cache=cache)
-        return h + self.mlp(self.norm2(h), width=width, scale=mlp_scale)
+    def forward(self, h, *, heads, width, cu_seqlens, positions, cache=None, attn_scale=None, mlp_scale=None,
+                token_router=None):
+        """``attn_scale`` / ``mlp_scale``: per-token factors on the attention and MLP
+        outputs (the routers' straight-through gradients); ``token_router``: a callable
+        ``x -> (width, scale)`` choosing each token's MLP width from its normed state."""
+        attn = self.attn(self.norm1(h), heads=heads, cu_seqlens=cu_seqlens, positions=positions, cache=cache)
+        return self._mlp(self._add_scaled(h, attn, attn_scale), width, mlp_scale, token_router)
 
-    def decode(self, h, cache, *, heads, width):
-        h = h + self.attn.decode(self.norm1(h), cache, heads=heads)
-        return h + self.mlp(self.norm2(h), width=width)
+    def decode(self, h, cache, *, heads, width, token_router=None):
+        return self._mlp(h + self.attn.decode(self.norm1(h), cache, heads=heads), width, None, token_router)
+
+    @staticmethod
+    def _add_scaled(h, update, scale):
+        return h + (update if scale is None else update * scale.unsqueeze(-1).to(update.dtype))
+
+    def _mlp(self, h, width, scale, token_router):
+        x = self.norm2(h)
+        if token_router is not None:
+            width, router_scale = token_router(x)
+            scale = router_scale if scale is None else scale * router_scale
+        return h + self.mlp(x, width=width, scale=scale)
 
 
 class FlextronForCausalLM(nn.Module):
@@ -78,6 +93,29 @@ class FlextronForCausalLM(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.budget = 1.0
+        self.static_router: Optional[StaticRouter] = None
+        self.token_routers: Optional[nn.ModuleList] = None
+        self.router_tau = 1.0  # Gumbel-softmax temperature in training (annealed by the trainer)
+
+    def attach_routers(self, budgets=(0.25, 0.5, 0.75, 1.0), *, static: bool = True, token: bool = False,
+                       hidden: int = 256) -> None:
+        """Add a :class:`StaticRouter` (per-layer MLP widths and heads from the budget)
+        and/or one :class:`TokenRouter` per layer (per-token MLP widths), trained on
+        ``budgets``. Once attached they make the choices; a token router overrides the
+        static router's MLP width."""
+        cfg = self.config
+        p = self.embed.weight
+        n_mlp = {len(c) for c in cfg.mlp_choices}
+        n_heads = {len(c) for c in cfg.head_choices}
+        if len(n_mlp) != 1 or len(n_heads) != 1:
+            raise ValueError("attach_routers: every layer needs the same number of choices")
+        if static:
+            self.static_router = StaticRouter(budgets, cfg.n_layers, n_mlp.pop(), n_heads.pop(), hidden).to(p.device)
+        if token:
+            self.token_routers = nn.ModuleList(
+                TokenRouter(cfg.d_model, len(budgets), len(c), hidden) for c in cfg.mlp_choices
+            ).to(p.device)
+            self.register_buffer("router_budgets", torch.tensor(sorted(budgets), dtype=torch.float32, device=p.device))
 
     # ------------------------------------------------------------------ budgets
     def set_budget(self, budget: float) -> None:
@@ -105,6 +143,48 @@ class FlextronForCausalLM(nn.Module):
             params += cfg.d_model * width * (3 if cfg.arch == "llama" else 2)
         params += cfg.d_model * cfg.vocab_size  # lm head
         return {"budget": budget, "params_per_token": params, "flops_per_token": 2 * params}
+
+    def _plan(self, budget: Budget, num_seqs: int, device) -> list[dict]:
+        """Per layer: ``width``, ``heads`` (ints, or ``[B]`` tensors), and the static
+        router's straight-through ``mlp_scale`` / ``attn_scale`` (``[B]``, training only)."""
+        budget = _check_budget(self.budget if budget is None else budget)
+        if self.static_router is None:
+            return [dict(width=w, heads=h, mlp_scale=None, attn_scale=None) for w, h in self.layer_choices(budget)]
+        per_seq = budget.to(device).float() if isinstance(budget, torch.Tensor) else torch.full((num_seqs,), budget, device=device)
+        mlp_logits, head_logits = self.static_router(per_seq)
+        mlp_index, mlp_scale = select(mlp_logits, training=self.training, tau=self.router_tau)
+        head_index, head_scale = select(head_logits, training=self.training, tau=self.router_tau)
+        if not self.training and not isinstance(budget, torch.Tensor):  # one choice for all: static widths
+            rows = zip(mlp_index[0].tolist(), head_index[0].tolist())
+            return [dict(width=mc[m], heads=hc[h], mlp_scale=None, attn_scale=None)
+                    for (m, h), mc, hc in zip(rows, self.config.mlp_choices, self.config.head_choices)]
+        plan = []
+        for i, (mc, hc) in enumerate(zip(self.config.mlp_choices, self.config.head_choices)):
+            plan.append(dict(
+                width=torch.tensor(mc, device=device)[mlp_index[:, i]],
+                heads=torch.tensor(hc, device=device)[head_index[:, i]],
+                mlp_scale=mlp_scale[:, i] if self.training else None,
+                attn_scale=head_scale[:, i] if self.training else None,
+            ))
+        return plan
+
+    def _token_router(self, layer: int, budget_code: torch.Tensor):
+        """A callable ``x -> (width [T], scale [T])`` for layer ``layer``'s token router."""
+        choices = torch.tensor(self.config.mlp_choices[layer], device=budget_code.device)
+
+        def route(x):
+            index, scale = select(self.token_routers[layer](x, budget_code), training=self.training, tau=self.router_tau)
+            return choices[index], (scale if self.training else None)
+
+        return route
+
+    def _budget_code(self, budget: Budget, per_token_count, repeat) -> Optional[torch.Tensor]:
+        if self.token_routers is None:
+            return None
+        budget = self.budget if budget is None else budget
+        device = self.router_budgets.device
+        per_seq = budget.to(device).float() if isinstance(budget, torch.Tensor) else torch.full((per_token_count,), float(budget), device=device)
+        return encode_budget(repeat(per_seq), self.router_budgets)
 
     # ------------------------------------------------------------------ forward
     def _pack(self, input_ids, cu_seqlens):
@@ -138,10 +218,18 @@ class FlextronForCausalLM(nn.Module):
         h = self.embed(ids)
         if self.pos_embed is not None:
             h = h + self.pos_embed(positions)
-        for i, (layer, (width, heads)) in enumerate(zip(self.layers, self.layer_choices(budget))):
+        num_seqs = cu.numel() - 1
+
+        def per_token(value):
+            return self._per_token(value, cu, num_tokens)
+
+        code = self._budget_code(budget, num_seqs, per_token)
+        for i, (layer, plan) in enumerate(zip(self.layers, self._plan(budget, num_seqs, ids.device))):
             h = layer(
-                h, heads=self._per_token(heads, cu, num_tokens), width=self._per_token(width, cu, num_tokens),
+                h, heads=per_token(plan["heads"]), width=per_token(plan["width"]),
                 cu_seqlens=cu, positions=positions, cache=None if caches is None else caches[i],
+                attn_scale=per_token(plan["attn_scale"]), mlp_scale=per_token(plan["mlp_scale"]),
+                token_router=None if code is None else self._token_router(i, code),
             )
         logits = self.lm_head(self.final_norm(h))
         return logits.reshape(*shape, -1) if input_ids.dim() == 2 else logits
@@ -151,8 +239,10 @@ class FlextronForCausalLM(nn.Module):
         h = self.embed(tokens)
         if self.pos_embed is not None:
             h = h + self.pos_embed(caches[0].seqlens.to(torch.int64))
-        for layer, cache, (width, heads) in zip(self.layers, caches, self.layer_choices(budget)):
-            h = layer.decode(h, cache, heads=heads, width=width)
+        code = self._budget_code(budget, tokens.shape[0], lambda b: b)
+        for i, (layer, cache, plan) in enumerate(zip(self.layers, caches, self._plan(budget, tokens.shape[0], tokens.device))):
+            h = layer.decode(h, cache, heads=plan["heads"], width=plan["width"],
+                             token_router=None if code is None else self._token_router(i, code))
         return self.lm_head(self.final_norm(h))
 
     def new_caches(self, batch: int, max_len: int) -> list:
