@@ -183,3 +183,44 @@ def test_bad_input():
         FlextronConfig(arch="bert", vocab_size=10, d_model=8, n_layers=1, q_heads=2, kv_heads=2, ffn=16)
     with pytest.raises(ValueError, match="head_choices\\[0\\]: expected multiples of the GQA group 2"):
         FlextronConfig(arch="llama", vocab_size=10, d_model=8, n_layers=1, q_heads=4, kv_heads=2, ffn=16, head_choices=[[1, 4]])
+
+
+@pytest.mark.parametrize("routers", [False, True])
+def test_save_and_load_round_trip_is_bit_exact(tmp_path, routers):
+    pytest.importorskip("safetensors")
+    model = FlextronForCausalLM.from_hf(hf_model("llama_tied_bias"), calibration=torch.randint(0, VOCAB, (2, 9)))
+    if routers:
+        model.attach_routers(hidden=16, static=True, token=True)
+    model.set_budget(0.5)
+    model.save_pretrained(tmp_path / "flex")
+    loaded = FlextronForCausalLM.from_pretrained(tmp_path / "flex")
+    assert loaded.config == model.config and loaded.budget == 0.5
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert loaded.lm_head.weight.data_ptr() == loaded.embed.weight.data_ptr()
+    ids = torch.randint(0, VOCAB, (2, 5))
+    with torch.no_grad():
+        assert torch.equal(model.eval()(ids), loaded.eval()(ids))
+
+
+@pytest.mark.parametrize("kind,budget", [("llama", 0.5), ("qwen2", 0.5), ("mistral", 1.0), ("gpt2", 0.5)])
+def test_export_hf_round_trip(tmp_path, kind, budget):
+    model = FlextronForCausalLM.from_hf(hf_model(kind), calibration=torch.randint(0, VOCAB, (2, 9)),
+                                        mlp_choices=[[64, 128, 192, 256]] * 2,
+                                        head_choices=[[4]] * 2 if kind == "gpt2" else None)
+    model.export_hf(budget, tmp_path / "dense")
+    dense = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense", local_files_only=True).eval()
+    expected_ffn = 128
+    assert (dense.config.n_inner if kind == "gpt2" else dense.config.intermediate_size) == (expected_ffn if budget < 1 else 256)
+    ids = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        assert max_rel(dense(input_ids=ids).logits, model(ids, budget=budget)) < 1e-4
+
+
+def test_export_errors(tmp_path):
+    model = FlextronForCausalLM.from_hf(hf_model("gpt2"))
+    with pytest.raises(ValueError, match="a GPT-2 checkpoint cannot hold 1 of 4 heads"):
+        model.export_hf(0.25, tmp_path / "x")
+    llama = FlextronForCausalLM.from_hf(hf_model("llama"), mlp_choices=[[64, 256], [128, 256]])
+    with pytest.raises(ValueError, match="per-layer choices differ"):
+        llama.export_hf(0.5, tmp_path / "y")

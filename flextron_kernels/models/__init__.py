@@ -3,7 +3,14 @@
 from flextron_kernels.models.config import FlextronConfig, head_choices, mlp_width_choices
 from flextron_kernels.models.convert import from_hf
 from flextron_kernels.models.modeling import FlextronForCausalLM
+from flextron_kernels.models.routers import StaticRouter, TokenRouter
 
-FlextronForCausalLM.from_hf = staticmethod(from_hf)
-
-__all__ = ["FlextronConfig", "FlextronForCausalLM", "from_hf", "head_choices", "mlp_width_choices"]
+__all__ = [
+    "FlextronConfig",
+    "FlextronForCausalLM",
+    "StaticRouter",
+    "TokenRouter",
+    "from_hf",
+    "head_choices",
+    "mlp_width_choices",
+]

@@ -37,7 +37,8 @@ class FlextronConfig:
     and Qwen2 checkpoints) or ``gpt2`` (LayerNorm, learned positions, GELU-tanh, biases,
     tied embeddings). ``qkv_bias`` / ``out_bias``: Q/K/V and O projection biases in a
     ``llama`` model (Qwen2 has the first, Llama's ``attention_bias`` both). ``mlp_choices[i]`` / ``head_choices[i]``: layer ``i``'s allowed MLP
-    widths and query-head counts, ascending, the full size last.
+    widths and query-head counts, ascending, the full size last. ``permutations``: the
+    importance ordering applied at conversion; ``hf_model_type``: the source checkpoint's type.
     """
 
     arch: str
@@ -57,6 +58,7 @@ class FlextronConfig:
     mlp_choices: list = field(default_factory=list)
     head_choices: list = field(default_factory=list)
     permutations: dict = field(default_factory=dict)
+    hf_model_type: Optional[str] = None
 
     def __post_init__(self):
         if self.arch not in ARCHITECTURES:

@@ -204,6 +204,7 @@ def from_hf(model_or_path, calibration=None, *, tokenizer=None, mlp_choices=None
     """
     hf = load_hf_model(model_or_path)
     config = config_from_hf(hf.config)
+    config.hf_model_type = hf.config.model_type
     if mlp_choices is not None:
         config.mlp_choices = mlp_choices
     if head_choices is not None:

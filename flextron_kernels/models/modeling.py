@@ -96,6 +96,7 @@ class FlextronForCausalLM(nn.Module):
         self.static_router: Optional[StaticRouter] = None
         self.token_routers: Optional[nn.ModuleList] = None
         self.router_tau = 1.0  # Gumbel-softmax temperature in training (annealed by the trainer)
+        self.router_settings: Optional[dict] = None
 
     def attach_routers(self, budgets=(0.25, 0.5, 0.75, 1.0), *, static: bool = True, token: bool = False,
                        hidden: int = 256) -> None:
@@ -109,6 +110,7 @@ class FlextronForCausalLM(nn.Module):
         n_heads = {len(c) for c in cfg.head_choices}
         if len(n_mlp) != 1 or len(n_heads) != 1:
             raise ValueError("attach_routers: every layer needs the same number of choices")
+        self.router_settings = dict(budgets=sorted(budgets), static=static, token=token, hidden=hidden)
         if static:
             self.static_router = StaticRouter(budgets, cfg.n_layers, n_mlp.pop(), n_heads.pop(), hidden).to(p.device)
         if token:
@@ -185,6 +187,33 @@ class FlextronForCausalLM(nn.Module):
         device = self.router_budgets.device
         per_seq = budget.to(device).float() if isinstance(budget, torch.Tensor) else torch.full((per_token_count,), float(budget), device=device)
         return encode_budget(repeat(per_seq), self.router_budgets)
+
+    # ------------------------------------------------------------------ save, load, export
+    @staticmethod
+    def from_hf(model_or_path, calibration=None, **kwargs) -> "FlextronForCausalLM":
+        """Convert a Hugging Face causal LM (see :func:`flextron_kernels.models.convert.from_hf`)."""
+        from flextron_kernels.models.convert import from_hf
+
+        return from_hf(model_or_path, calibration, **kwargs)
+
+    def save_pretrained(self, path):
+        """``config.json`` + ``model.safetensors`` (weights, permutations, choices, routers)."""
+        from flextron_kernels.models.io import save_pretrained
+
+        return save_pretrained(self, path)
+
+    @staticmethod
+    def from_pretrained(path, *, device=None) -> "FlextronForCausalLM":
+        from flextron_kernels.models.io import from_pretrained
+
+        return from_pretrained(path, device=device)
+
+    def export_hf(self, budget: float, path, *, model_type=None):
+        """A dense Hugging Face checkpoint of the sub-network at ``budget`` (see
+        :func:`flextron_kernels.models.io.export_hf`)."""
+        from flextron_kernels.models.io import export_hf
+
+        return export_hf(self, budget, path, model_type=model_type)
 
     # ------------------------------------------------------------------ forward
     def _pack(self, input_ids, cu_seqlens):

@@ -1,0 +1,153 @@
+"""Saving, loading and exporting Flextron models.
+
+- ``save_pretrained(model, path)`` / ``from_pretrained(path)``: ``config.json`` (the
+  FlextronConfig, with permutations and choice lists, and the routers' settings) and
+  ``model.safetensors`` (weights and routers); a bit-exact round trip.
+- ``export_hf(model, budget, path)``: a dense checkpoint at one budget that plain
+  ``transformers`` loads, for uniform per-layer choices (the Llama family at any
+  width and head count; GPT-2 at any MLP width with all heads, since GPT-2's config
+  ties the head size to ``n_embd / n_head``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from flextron_kernels.models.config import FlextronConfig
+from flextron_kernels.models.modeling import FlextronForCausalLM
+
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+
+
+def save_pretrained(model: FlextronForCausalLM, path) -> Path:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    meta = {"flextron_config": model.config.to_dict(), "routers": model.router_settings, "budget": model.budget,
+            "router_tau": model.router_tau}
+    (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight")  # shares storage with embed.weight
+    save_file(state, str(path / WEIGHTS_FILE))
+    return path
+
+
+def from_pretrained(path, *, device=None) -> FlextronForCausalLM:
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    meta = json.loads((path / CONFIG_FILE).read_text())
+    model = FlextronForCausalLM(FlextronConfig.from_dict(meta["flextron_config"]))
+    if meta["routers"]:
+        model.attach_routers(**meta["routers"])
+    state = load_file(str(path / WEIGHTS_FILE))
+    dtype = next(iter(state.values())).dtype if state else None
+    model.to(dtype=dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    allowed_missing = {"lm_head.weight"} if model.config.tie_embeddings else set()
+    if set(missing) - allowed_missing or unexpected:
+        raise ValueError(f"{path / WEIGHTS_FILE}: missing {sorted(set(missing) - allowed_missing)}, unexpected {unexpected}")
+    model.budget = meta["budget"]
+    model.router_tau = meta["router_tau"]
+    return model.to(device) if device is not None else model
+
+
+@torch.no_grad()
+def export_hf(model: FlextronForCausalLM, budget: float, path, *, model_type=None) -> Path:
+    """Write a dense Hugging Face checkpoint of the sub-network at ``budget``.
+
+    ``model_type``: for a Llama-family model, ``llama``, ``mistral`` or ``qwen2`` (the
+    checkpoint class; default: the converted checkpoint's, else ``llama``). Raises ValueError for heterogeneous per-layer choices or
+    per-token routers, which plain ``transformers`` cannot express.
+    """
+    import transformers
+
+    cfg = model.config
+    if model.token_routers is not None:
+        raise ValueError("export_hf: per-token routers cannot be exported to a dense checkpoint")
+    was_training = model.training
+    model.eval()
+    plan = model._plan(budget, 1, model.embed.weight.device)
+    model.train(was_training)
+    widths = {p["width"] for p in plan}
+    heads = {p["heads"] for p in plan}
+    if len(widths) != 1 or len(heads) != 1:
+        raise ValueError(f"export_hf: the budget's per-layer choices differ (widths {sorted(widths)}, heads {sorted(heads)}); "
+                         "a dense Hugging Face checkpoint needs one width and one head count for every layer")
+    width, n_heads = widths.pop(), heads.pop()
+    n_kv = n_heads // cfg.group
+    dh = cfg.head_dim
+    q_rows, kv_rows = n_heads * dh, n_kv * dh
+    state = {}
+    if cfg.arch == "gpt2":
+        if n_heads != cfg.q_heads:
+            raise ValueError(f"export_hf: a GPT-2 checkpoint cannot hold {n_heads} of {cfg.q_heads} heads "
+                             "(its head size is n_embd / n_head); choose a budget that keeps all heads")
+        hf_config = transformers.GPT2Config(
+            vocab_size=cfg.vocab_size, n_embd=cfg.d_model, n_layer=cfg.n_layers, n_head=cfg.q_heads, n_inner=width,
+            n_positions=cfg.max_positions, layer_norm_epsilon=cfg.norm_eps, activation_function="gelu_new",
+        )
+        hf = transformers.GPT2LMHeadModel(hf_config)
+        base = hf.transformer
+        base.wte.weight.copy_(model.embed.weight)
+        base.wpe.weight.copy_(model.pos_embed.weight)
+        for layer, block in zip(model.layers, base.h):
+            block.ln_1.load_state_dict(layer.norm1.state_dict())
+            block.ln_2.load_state_dict(layer.norm2.state_dict())
+            a = layer.attn
+            block.attn.c_attn.weight.copy_(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).T)
+            block.attn.c_attn.bias.copy_(torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]))
+            block.attn.c_proj.weight.copy_(a.o_proj.weight.T)
+            block.attn.c_proj.bias.copy_(a.o_proj.bias)
+            block.mlp.c_fc.weight.copy_(layer.mlp.w_up[:width].T)
+            block.mlp.c_fc.bias.copy_(layer.mlp.b_up[:width])
+            block.mlp.c_proj.weight.copy_(layer.mlp.w_down[:, :width].T)
+            block.mlp.c_proj.bias.copy_(layer.mlp.b_down)
+        base.ln_f.load_state_dict(model.final_norm.state_dict())
+    else:
+        model_type = model_type or cfg.hf_model_type or "llama"
+        config_class = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+                        "qwen2": transformers.Qwen2Config}.get(model_type)
+        if config_class is None:
+            raise ValueError(f"model_type: expected one of llama, mistral, qwen2, got {model_type!r}")
+        extra = {}
+        if model_type == "llama":
+            extra["attention_bias"] = cfg.qkv_bias
+            if cfg.qkv_bias != cfg.out_bias:
+                raise ValueError("export_hf: a Llama checkpoint has Q/K/V and O biases together; use model_type='qwen2'")
+        elif cfg.out_bias or (model_type == "qwen2") != cfg.qkv_bias:
+            raise ValueError(f"export_hf: model_type {model_type!r} does not match this model's attention biases")
+        hf_config = config_class(
+            vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=width, num_hidden_layers=cfg.n_layers,
+            num_attention_heads=n_heads, num_key_value_heads=n_kv, head_dim=dh, rms_norm_eps=cfg.norm_eps,
+            max_position_embeddings=cfg.max_positions, tie_word_embeddings=cfg.tie_embeddings,
+            rope_theta=cfg.rope_theta, **extra,
+        )
+        hf = transformers.AutoModelForCausalLM.from_config(hf_config)
+        base = hf.model
+        base.embed_tokens.weight.copy_(model.embed.weight)
+        for layer, block in zip(model.layers, base.layers):
+            block.input_layernorm.weight.copy_(layer.norm1.weight)
+            block.post_attention_layernorm.weight.copy_(layer.norm2.weight)
+            for name, rows in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
+                ours, theirs = getattr(layer.attn, name), getattr(block.self_attn, name)
+                theirs.weight.copy_(ours.weight[:rows])
+                if ours.bias is not None:
+                    theirs.bias.copy_(ours.bias[:rows])
+            block.self_attn.o_proj.weight.copy_(layer.attn.o_proj.weight[:, :q_rows])
+            if layer.attn.o_proj.bias is not None:
+                block.self_attn.o_proj.bias.copy_(layer.attn.o_proj.bias)
+            block.mlp.gate_proj.weight.copy_(layer.mlp.w_gate[:width])
+            block.mlp.up_proj.weight.copy_(layer.mlp.w_up[:width])
+            block.mlp.down_proj.weight.copy_(layer.mlp.w_down[:, :width])
+        base.norm.weight.copy_(model.final_norm.weight)
+        if not cfg.tie_embeddings:
+            hf.lm_head.weight.copy_(model.lm_head.weight)
+    path = Path(path)
+    hf.save_pretrained(path, safe_serialization=True)
+    return path
