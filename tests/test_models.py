@@ -179,8 +179,10 @@ def test_bad_input():
         model(ids, budget=torch.tensor([0.5, 0.5, 1.0]))
     with pytest.raises(ValueError, match="budget: expected a float in \\(0, 1\\]"):
         model.set_budget(2)
-    with pytest.raises(ValueError, match="arch: expected one of llama, gpt2, got 'bert'"):
-        FlextronConfig(arch="bert", vocab_size=10, d_model=8, n_layers=1, q_heads=2, kv_heads=2, ffn=16)
+    with pytest.raises(ValueError, match="arch: expected one of llama, gpt2, bert, got 't5'"):
+        FlextronConfig(arch="t5", vocab_size=10, d_model=8, n_layers=1, q_heads=2, kv_heads=2, ffn=16)
+    with pytest.raises(ValueError, match="config.arch: expected 'llama' or 'gpt2' for a causal LM, got 'bert'"):
+        FlextronForCausalLM(FlextronConfig(arch="bert", vocab_size=10, d_model=8, n_layers=1, q_heads=2, kv_heads=2, ffn=16))
     with pytest.raises(ValueError, match="head_choices\\[0\\]: expected multiples of the GQA group 2"):
         FlextronConfig(arch="llama", vocab_size=10, d_model=8, n_layers=1, q_heads=4, kv_heads=2, ffn=16, head_choices=[[1, 4]])
 

@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-ARCHITECTURES = ("llama", "gpt2")
+ARCHITECTURES = ("llama", "gpt2", "bert")
 DEFAULT_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 MLP_WIDTH_MULTIPLE = 128
 
@@ -35,7 +35,8 @@ class FlextronConfig:
 
     ``arch``: ``llama`` (RMSNorm, rotary, GQA, SwiGLU, optional QKV biases; also Mistral
     and Qwen2 checkpoints) or ``gpt2`` (LayerNorm, learned positions, GELU-tanh, biases,
-    tied embeddings). ``qkv_bias`` / ``out_bias``: Q/K/V and O projection biases in a
+    tied embeddings); ``bert`` for encoders (post-LayerNorm, GELU, absolute positions and
+    ``type_vocab_size`` token types). ``qkv_bias`` / ``out_bias``: Q/K/V and O projection biases in a
     ``llama`` model (Qwen2 has the first, Llama's ``attention_bias`` both). ``mlp_choices[i]`` / ``head_choices[i]``: layer ``i``'s allowed MLP
     widths and query-head counts, ascending, the full size last. ``permutations``: the
     importance ordering applied at conversion; ``hf_model_type``: the source checkpoint's type.
@@ -59,6 +60,7 @@ class FlextronConfig:
     head_choices: list = field(default_factory=list)
     permutations: dict = field(default_factory=dict)
     hf_model_type: Optional[str] = None
+    type_vocab_size: int = 0
 
     def __post_init__(self):
         if self.arch not in ARCHITECTURES:

@@ -26,12 +26,13 @@ from flextron_kernels.models.modeling import FlextronForCausalLM
 SUPPORTED = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "gpt2": "gpt2"}
 
 
-def load_hf_model(model_or_path):
+def load_hf_model(model_or_path, auto_class: str = "AutoModelForCausalLM"):
     """A Hugging Face model object, or one loaded from a local folder (never downloaded)."""
     if isinstance(model_or_path, (str, Path)):
-        from transformers import AutoModelForCausalLM
+        import transformers
 
-        return AutoModelForCausalLM.from_pretrained(str(model_or_path), local_files_only=True, torch_dtype=torch.float32)
+        loader = getattr(transformers, auto_class)
+        return loader.from_pretrained(str(model_or_path), local_files_only=True, torch_dtype=torch.float32)
     return model_or_path
 
 
@@ -125,13 +126,20 @@ def _calibration_ids(calibration, tokenizer) -> list:
     return batches
 
 
+def _scored_modules(hf, arch: str) -> list:
+    """Per layer, the modules whose inputs are the MLP hidden activation and the heads' outputs."""
+    if arch == "gpt2":
+        return [(b.mlp.c_proj, b.attn.c_proj) for b in hf.transformer.h]
+    if arch == "bert":
+        encoder = hf.encoder if hasattr(hf, "encoder") else hf.bert.encoder
+        return [(b.output.dense, b.attention.output.dense) for b in encoder.layer]
+    return [(b.mlp.down_proj, b.self_attn.o_proj) for b in hf.model.layers]
+
+
 @torch.no_grad()
 def importance_scores(hf, config: FlextronConfig, batches: list) -> list:
     """Per layer ``(mlp_scores [F], head_scores [Hq])`` on the calibration batches."""
-    if config.arch == "gpt2":
-        layers = [(b.mlp.c_proj, b.attn.c_proj) for b in hf.transformer.h]
-    else:
-        layers = [(b.mlp.down_proj, b.self_attn.o_proj) for b in hf.model.layers]
+    layers = _scored_modules(hf, config.arch)
     scores = [[torch.zeros(config.ffn), torch.zeros(config.q_heads)] for _ in layers]
     hooks = []
     for i, (down, out_proj) in enumerate(layers):
@@ -214,6 +222,66 @@ def from_hf(model_or_path, calibration=None, *, tokenizer=None, mlp_choices=None
     device = next(hf.parameters()).device
     model = FlextronForCausalLM(config).to(device=device, dtype=next(hf.parameters()).dtype)
     _copy_weights(model, hf)
+    if batches:
+        permutations = permutations_from_scores(importance_scores(hf, config, batches), config)
+        apply_permutations(model, permutations)
+        config.permutations = permutations
+    return model.eval()
+
+
+def encoder_config_from_hf(hf_config) -> FlextronConfig:
+    if getattr(hf_config, "model_type", None) != "bert":
+        raise ValueError(f"model_type: expected one of bert, got {getattr(hf_config, 'model_type', None)!r}")
+    if hf_config.hidden_act != "gelu":
+        raise ValueError(f"hidden_act: expected 'gelu' (erf), got {hf_config.hidden_act!r}")
+    return FlextronConfig(
+        arch="bert", vocab_size=hf_config.vocab_size, d_model=hf_config.hidden_size, n_layers=hf_config.num_hidden_layers,
+        q_heads=hf_config.num_attention_heads, kv_heads=hf_config.num_attention_heads, ffn=hf_config.intermediate_size,
+        norm_eps=hf_config.layer_norm_eps, max_positions=hf_config.max_position_embeddings,
+        type_vocab_size=hf_config.type_vocab_size, hf_model_type="bert",
+    )
+
+
+@torch.no_grad()
+def _copy_encoder_weights(model, hf) -> None:
+    emb = hf.embeddings
+    model.embed.weight.copy_(emb.word_embeddings.weight)
+    model.pos_embed.weight.copy_(emb.position_embeddings.weight)
+    model.type_embed.weight.copy_(emb.token_type_embeddings.weight)
+    model.embed_norm.load_state_dict(emb.LayerNorm.state_dict())
+    for layer, block in zip(model.layers, hf.encoder.layer):
+        attn = block.attention
+        for ours, theirs in ((layer.attn.q_proj, attn.self.query), (layer.attn.k_proj, attn.self.key),
+                             (layer.attn.v_proj, attn.self.value), (layer.attn.o_proj, attn.output.dense)):
+            ours.load_state_dict(theirs.state_dict())
+        layer.norm1.load_state_dict(attn.output.LayerNorm.state_dict())
+        layer.mlp.w_up.copy_(block.intermediate.dense.weight)
+        layer.mlp.b_up.copy_(block.intermediate.dense.bias)
+        layer.mlp.w_down.copy_(block.output.dense.weight)
+        layer.mlp.b_down.copy_(block.output.dense.bias)
+        layer.norm2.load_state_dict(block.output.LayerNorm.state_dict())
+    if model.pooler is not None:
+        model.pooler.load_state_dict(hf.pooler.dense.state_dict())
+
+
+def encoder_from_hf(model_or_path, calibration=None, *, tokenizer=None, mlp_choices=None, head_choices=None):
+    """A :class:`~flextron_kernels.models.encoder.FlextronEncoder` from a Hugging Face
+    ``BertModel`` (object or local path); arguments as for :func:`from_hf`."""
+    from flextron_kernels.models.encoder import FlextronEncoder
+
+    hf = load_hf_model(model_or_path, "AutoModel")
+    if hasattr(hf, "bert"):  # a task model (BertForMaskedLM, ...): its encoder
+        hf = hf.bert
+    config = encoder_config_from_hf(hf.config)
+    if mlp_choices is not None:
+        config.mlp_choices = mlp_choices
+    if head_choices is not None:
+        config.head_choices = head_choices
+    config.__post_init__()
+    batches = _calibration_ids(calibration, tokenizer)
+    param = next(hf.parameters())
+    model = FlextronEncoder(config, pooler=getattr(hf, "pooler", None) is not None).to(device=param.device, dtype=param.dtype)
+    _copy_encoder_weights(model, hf)
     if batches:
         permutations = permutations_from_scores(importance_scores(hf, config, batches), config)
         apply_permutations(model, permutations)

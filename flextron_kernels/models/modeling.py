@@ -77,11 +77,33 @@ class FlextronBlock(nn.Module):
         return h + self.mlp(x, width=width, scale=scale)
 
 
-class FlextronForCausalLM(nn.Module):
+class ElasticBudgets:
+    """Budget handling shared by the elastic models: a default budget and the uniform
+    per-layer choice policy (see the module docstring). Needs ``self.config``."""
+
+    budget: float = 1.0
+
+    def set_budget(self, budget: float) -> None:
+        """The budget used when a call gives none (``b`` in (0, 1])."""
+        self.budget = _check_budget(budget)
+
+    def layer_choices(self, budget: Budget) -> list[tuple]:
+        """Per layer ``(mlp_width, heads)``: ints for a float budget, ``[B]`` tensors for a
+        per-sequence budget tensor."""
+        budget = self.budget if budget is None else budget
+        choices = []
+        for widths, heads in zip(self.config.mlp_choices, self.config.head_choices):
+            choices.append((_pick(widths, self.config.ffn, budget), _pick(heads, self.config.q_heads, budget)))
+        return choices
+
+
+class FlextronForCausalLM(ElasticBudgets, nn.Module):
     """Elastic causal LM (Llama family or GPT-2). ``forward`` returns logits."""
 
     def __init__(self, config: FlextronConfig):
         super().__init__()
+        if config.arch not in ("llama", "gpt2"):
+            raise ValueError(f"config.arch: expected 'llama' or 'gpt2' for a causal LM, got {config.arch!r}")
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.pos_embed = nn.Embedding(config.max_positions, config.d_model) if config.arch == "gpt2" else None
@@ -120,19 +142,6 @@ class FlextronForCausalLM(nn.Module):
             self.register_buffer("router_budgets", torch.tensor(sorted(budgets), dtype=torch.float32, device=p.device))
 
     # ------------------------------------------------------------------ budgets
-    def set_budget(self, budget: float) -> None:
-        """The budget used when a call gives none (``b`` in (0, 1])."""
-        self.budget = _check_budget(budget)
-
-    def layer_choices(self, budget: Budget) -> list[tuple]:
-        """Per layer ``(mlp_width, heads)``: ints for a float budget, ``[B]`` tensors for a
-        per-sequence budget tensor."""
-        budget = self.budget if budget is None else budget
-        choices = []
-        for widths, heads in zip(self.config.mlp_choices, self.config.head_choices):
-            choices.append((_pick(widths, self.config.ffn, budget), _pick(heads, self.config.q_heads, budget)))
-        return choices
-
     def cost(self, budget: Budget = None) -> dict:
         """Parameters used per token and matmul FLOPs per token (2 per multiply-add,
         attention scores excluded) at a float budget."""

@@ -63,12 +63,13 @@ class ElasticAttention(nn.Module):
     Args:
         d_model: hidden size; q_heads, kv_heads: ``q_heads % kv_heads == 0``;
         head_dim: default ``d_model // q_heads``; qkv_bias / out_bias: projection biases;
-        rotary: apply rotary position embeddings with base ``rope_theta``.
+        rotary: apply rotary position embeddings with base ``rope_theta``;
+        causal: each token attends to the tokens before it (decoders) or to all (encoders).
     """
 
     def __init__(self, d_model: int, q_heads: int, kv_heads: Optional[int] = None, head_dim: Optional[int] = None, *,
                  qkv_bias: bool = False, out_bias: bool = False, rotary: bool = True, rope_theta: float = 10000.0,
-                 device=None, dtype=None):
+                 causal: bool = True, device=None, dtype=None):
         super().__init__()
         kv_heads = q_heads if kv_heads is None else kv_heads
         if q_heads % kv_heads:
@@ -76,7 +77,7 @@ class ElasticAttention(nn.Module):
         self.q_heads, self.kv_heads = q_heads, kv_heads
         self.group = q_heads // kv_heads
         self.head_dim = head_dim or d_model // q_heads
-        self.rotary, self.rope_theta = rotary, rope_theta
+        self.rotary, self.rope_theta, self.causal = rotary, rope_theta, causal
         factory = dict(device=device, dtype=dtype)
         self.q_proj = ElasticLinear(d_model, q_heads * self.head_dim, bias=qkv_bias, **factory)
         self.k_proj = ElasticLinear(d_model, kv_heads * self.head_dim, bias=qkv_bias, **factory)
@@ -142,7 +143,7 @@ class ElasticAttention(nn.Module):
         if q.shape[1] == 0:  # no head at all: only the output projection's bias remains
             return self._output(q, heads)
         attn = elastic_attention(q, k, v, heads=q.shape[1] if not isinstance(heads, torch.Tensor) else heads,
-                                 cu_seqlens=cu_seqlens, causal=True)
+                                 cu_seqlens=cu_seqlens, causal=self.causal)
         return self._output(attn, heads)
 
     def decode(self, x: torch.Tensor, cache: KVCache, *, heads: Optional[Heads] = None) -> torch.Tensor:
