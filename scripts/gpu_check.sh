@@ -37,9 +37,9 @@ run 30 "$results/bench_routing_metadata.log" python benchmarks/bench_routing_met
 run 60 "$results/bench_elastic_linear.log" python benchmarks/bench_elastic_linear.py --quick --out "$results/elastic_linear_gpu.json"
 run 60 "$results/bench_elastic_mlp.log" python benchmarks/bench_elastic_mlp.py --quick --out "$results/elastic_mlp_gpu.json"
 run 45 "$results/bench_elastic_attention.log" python benchmarks/bench_elastic_attention.py --quick --out "$results/elastic_attention_gpu.json"
-if [ -f benchmarks/bench_elastic_attention_decode.py ]; then
-  run 30 "$results/bench_elastic_attention_decode.log" python benchmarks/bench_elastic_attention_decode.py --quick --out "$results/elastic_attention_decode_gpu.json"
-fi
+run 30 "$results/bench_elastic_attention_decode.log" python benchmarks/bench_elastic_attention_decode.py --quick --out "$results/elastic_attention_decode_gpu.json"
+run 90 "$results/flextron_bench.log" python -m flextron_kernels.bench --quick --out "$results/flextron_bench_gpu" \
+  --lut "$results/flextron_bench_gpu/latency_table.json"
 
 step "done (status $status)"
 exit $status

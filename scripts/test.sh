@@ -17,4 +17,6 @@ echo "building the wheel (the extension too, unless FLEXTRON_SKIP_EXT=1)"
 if [ "${FLEXTRON_SKIP_EXT:-0}" = 1 ]; then export FLEXTRON_EXPECT_EXT=0; else export FLEXTRON_EXPECT_EXT=1; fi
 # Run from tests/ so that the checkout's source folder cannot shadow the installed package.
 cd tests
-exec "../$venv/bin/python" -m pytest -p no:cacheprovider "$@" .
+"../$venv/bin/python" -m pytest -p no:cacheprovider "$@" .
+# The pytest-benchmark suites, once each as a smoke test (untimed).
+"../$venv/bin/python" -m pytest -p no:cacheprovider -q --benchmark-disable ../benchmarks

@@ -204,6 +204,18 @@ def test_activation_derivatives(activation):
     torch.testing.assert_close(activation_derivative(activation, z.detach()), grad)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inference_without_grad(backend, device):
+    tensors, gen = make(7, 16, 40, gated=True, bias=True, dtype=torch.float32, device=device, seed=12)
+    t = tensors
+    width = torch.randint(0, 41, (7,), generator=gen).to(device)
+    with torch.no_grad(), fk.use_backend(backend):
+        out = fk.elastic_mlp(t["x"], t["w_up"], t["w_down"], width=width, w_gate=t["w_gate"], b_up=t["b_up"], b_down=t["b_down"])
+    ref = reference.elastic_mlp(t["x"].double(), t["w_up"].double(), t["w_down"].double(), width=width,
+                                w_gate=t["w_gate"].double(), b_up=t["b_up"].double(), b_down=t["b_down"].double())
+    assert rel_err(out, ref) < 1e-5
+
+
 def test_backward_twice_is_a_clear_error(device):
     mlp = fk.ElasticMLP(8, 16).to(device)
     out = mlp(torch.randn(3, 8, device=device), width=8).sum()
@@ -250,10 +262,11 @@ def test_opcheck(backend, device):
     widths = torch.randint(0, 31, (11,), generator=gen).to(device)
     with fk.use_backend(backend):
         for w, fw in ((widths, 30), (None, 13)):
-            torch.library.opcheck(
-                torch.ops.flextron.elastic_mlp_fwd,
-                (t["x"], t["w_up"], t["w_down"], t["w_gate"], t["b_up"], t["b_down"], w, fw, "silu", t["scale"], True),
-            )
+            for save in (True, False):
+                torch.library.opcheck(
+                    torch.ops.flextron.elastic_mlp_fwd,
+                    (t["x"], t["w_up"], t["w_down"], t["w_gate"], t["b_up"], t["b_down"], w, fw, "silu", t["scale"], save),
+                )
             out, up_pre, gate_pre = torch.ops.flextron.elastic_mlp_fwd(
                 t["x"], t["w_up"], t["w_down"], t["w_gate"], t["b_up"], t["b_down"], w, fw, "silu", t["scale"], True
             )

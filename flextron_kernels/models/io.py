@@ -57,9 +57,16 @@ def from_pretrained(path, *, device=None) -> FlextronForCausalLM:
     return model.to(device) if device is not None else model
 
 
-@torch.no_grad()
 def export_hf(model: FlextronForCausalLM, budget: float, path, *, model_type=None) -> Path:
-    """Write a dense Hugging Face checkpoint of the sub-network at ``budget``.
+    """Write a dense Hugging Face checkpoint of the sub-network at ``budget`` (see :func:`dense_hf_model`)."""
+    path = Path(path)
+    dense_hf_model(model, budget, model_type=model_type).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@torch.no_grad()
+def dense_hf_model(model: FlextronForCausalLM, budget: float, *, model_type=None):
+    """The sub-network at ``budget`` as a dense Hugging Face model (in memory).
 
     ``model_type``: for a Llama-family model, ``llama``, ``mistral`` or ``qwen2`` (the
     checkpoint class; default: the converted checkpoint's, else ``llama``). Raises ValueError for heterogeneous per-layer choices or
@@ -148,6 +155,5 @@ def export_hf(model: FlextronForCausalLM, budget: float, path, *, model_type=Non
         base.norm.weight.copy_(model.final_norm.weight)
         if not cfg.tie_embeddings:
             hf.lm_head.weight.copy_(model.lm_head.weight)
-    path = Path(path)
-    hf.save_pretrained(path, safe_serialization=True)
-    return path
+    param = model.embed.weight
+    return hf.to(device=param.device, dtype=param.dtype).eval()

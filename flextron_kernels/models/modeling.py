@@ -142,18 +142,33 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
             self.register_buffer("router_budgets", torch.tensor(sorted(budgets), dtype=torch.float32, device=p.device))
 
     # ------------------------------------------------------------------ budgets
-    def cost(self, budget: Budget = None) -> dict:
-        """Parameters used per token and matmul FLOPs per token (2 per multiply-add,
-        attention scores excluded) at a float budget."""
+    def load_latency_table(self, table) -> None:
+        """Use a latency table (a path or a ``LatencyTable`` from ``flextron bench --lut``) in :meth:`cost`."""
+        from flextron_kernels.bench.latency_table import LatencyTable
+
+        self.latency_table = table if isinstance(table, LatencyTable) else LatencyTable.load(table)
+
+    def cost(self, budget: Budget = None, *, phase: str = "prefill", tokens: int = 1) -> dict:
+        """At a float budget: parameters used per token, matmul FLOPs per token (2 per
+        multiply-add, attention scores excluded), and, once a latency table is loaded,
+        the estimated latency in ms of the layers' MLPs and attention for ``tokens``
+        tokens in ``phase`` (``prefill`` or ``decode``)."""
         budget = _check_budget(self.budget if budget is None else budget)
         cfg = self.config
         params = 0
+        latency = 0.0
+        table = getattr(self, "latency_table", None)
         for width, heads in self.layer_choices(budget):
             kv = heads // cfg.group
             params += cfg.d_model * cfg.head_dim * (2 * heads + 2 * kv)  # q, o; k, v
             params += cfg.d_model * width * (3 if cfg.arch == "llama" else 2)
+            if table is not None:
+                latency += table.latency("mlp", width, phase, tokens) + table.latency("attention", heads, phase, tokens)
         params += cfg.d_model * cfg.vocab_size  # lm head
-        return {"budget": budget, "params_per_token": params, "flops_per_token": 2 * params}
+        result = {"budget": budget, "params_per_token": params, "flops_per_token": 2 * params}
+        if table is not None:
+            result["latency_ms"] = latency
+        return result
 
     def _plan(self, budget: Budget, num_seqs: int, device) -> list[dict]:
         """Per layer: ``width``, ``heads`` (ints, or ``[B]`` tensors), and the static

@@ -241,8 +241,7 @@ def _fwd_op(
     ``[0]`` when not saved). ``widths [T]`` per token, or None for ``width`` everywhere."""
     impl = _forward_triton if _select(x, widths is not None) == "triton" else _forward_torch
     out, up_pre, gate_pre = impl(x, w_up, w_down, w_gate, b_up, b_down, widths, width, activation, scale, save_for_backward)
-    empty = x.new_empty(0)
-    return out, up_pre if up_pre is not None else empty, gate_pre if gate_pre is not None else empty
+    return out, up_pre if up_pre is not None else x.new_empty(0), gate_pre if gate_pre is not None else x.new_empty(0)
 
 
 @_fwd_op.register_fake

@@ -1,0 +1,189 @@
+"""The ``flextron`` command. ``flextron bench``: latency-per-budget curves, tables and plots."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+def _budgets(text: str) -> list:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--budgets: expected comma-separated numbers, got {text!r}") from None
+    if not values or any(not 0 < v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"--budgets: expected values in (0, 1], got {text!r}")
+    return sorted(set(values))
+
+
+def _positive(name):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name}: expected a positive integer, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{name}: expected a positive integer, got {text!r}")
+        return value
+
+    return parse
+
+
+def bench_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    from flextron_kernels.bench.harness import MODELS
+
+    p = parser or argparse.ArgumentParser(prog="flextron bench")
+    p.description = "Latency per budget of the elastic ops, a layer and a model, beside same-run baselines."
+    p.add_argument("--model", default=None,
+                   help=f"one of {', '.join(MODELS)} or a JSON file of shapes (default: llama2-7b on a GPU, tiny on a CPU)")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="default bfloat16 on a GPU, float32 on a CPU")
+    p.add_argument("--budgets", type=_budgets, default=[0.25, 0.5, 0.75, 1.0], help="comma-separated, in (0, 1]")
+    p.add_argument("--tokens", type=_positive("--tokens"), default=None, help="tokens per prefill call")
+    p.add_argument("--batch", type=_positive("--batch"), default=None, help="sequences (prefill) and requests (decode)")
+    p.add_argument("--phase", choices=("prefill", "decode", "both"), default="both")
+    p.add_argument("--layers", type=_positive("--layers"), default=None, help="model layers to time (default: all)")
+    p.add_argument("--quick", action="store_true", help="fewer tokens and layers")
+    p.add_argument("--out", default="flextron-bench", help="output folder (results.json, results.csv, plot.png)")
+    p.add_argument("--lut", default=None, help="also write the latency lookup table (JSON) here")
+    return p
+
+
+def _resolve_model(name: str | None, on_gpu: bool):
+    from flextron_kernels.bench.harness import MODELS
+
+    if name is None:
+        name = "llama2-7b" if on_gpu else "tiny"
+    if name in MODELS:
+        return name, dict(MODELS[name])
+    path = Path(name)
+    if path.suffix == ".json" and path.is_file():
+        shapes = json.loads(path.read_text())
+        required = set(MODELS["tiny"])
+        if not required <= set(shapes):
+            raise SystemExit(f"--model: {path} lacks {sorted(required - set(shapes))}")
+        return path.stem, {k: shapes[k] for k in required}
+    raise SystemExit(f"--model: expected one of {', '.join(MODELS)} or a JSON file of shapes, got {name!r}")
+
+
+def _writable_folder(path: str) -> Path:
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise SystemExit(f"--out: cannot write to {str(out)!r} ({err.strerror or err})") from None
+    return out
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from flextron_kernels.bench.harness import BenchSettings, Harness
+    from flextron_kernels.bench.measure import format_table
+
+    on_gpu = torch.cuda.is_available()
+    model_name, shapes = _resolve_model(args.model, on_gpu)
+    out = _writable_folder(args.out)
+    if args.lut:
+        _writable_folder(str(Path(args.lut).parent or "."))
+    device = torch.device("cuda" if on_gpu else "cpu")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if on_gpu else "float32"))
+    if on_gpu:
+        tokens, batch, layers = args.tokens or (2048 if args.quick else 4096), args.batch or 8, args.layers or (4 if args.quick else None)
+        lut_tokens = (1, 16, 512, 4096)
+    else:
+        tokens, batch, layers = args.tokens or 128, args.batch or 4, args.layers or (1 if args.quick else None)
+        lut_tokens = (1, 16, 128)
+    phases = ("prefill", "decode") if args.phase == "both" else (args.phase,)
+    settings = BenchSettings(model=shapes, model_name=model_name, device=device, dtype=dtype, budgets=args.budgets,
+                             tokens=tokens, batch=batch, phases=phases, layers=layers, lut_tokens=lut_tokens)
+    harness = Harness(settings)
+    results = harness.run()
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    _write_csv(out / "results.csv", results["rows"])
+    plotted = _plot(out / "plot.png", results)
+    print(f"device: {results['environment']['device']}, model: {model_name}, dtype: {settings_dtype(dtype)}, "
+          f"copy {results['ceilings']['copy_tbps']:.2f} TB/s, matmul {results['ceilings']['matmul_tflops']:.1f} TFLOP/s")
+    print(format_table(results["rows"], ["op", "budget", "ms", "baseline", "baseline_ms", "vs_baseline", "ideal_ms", "vs_ideal"]))
+    if args.lut:
+        path = harness.latency_table().save(args.lut)
+        print(f"wrote {path}")
+    print(f"wrote {out / 'results.json'}, {out / 'results.csv'}" + (f", {out / 'plot.png'}" if plotted else " (no plot: matplotlib missing)"))
+    return 0
+
+
+def settings_dtype(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _write_csv(path: Path, rows: list) -> None:
+    columns = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("op", "budget", "ms"), k))
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _plot(path: Path, results: dict) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = results["rows"]
+    ops = [op for op in ("linear", "mlp", "attention", "layer", "prefill", "decode") if any(r["op"] == op for r in rows)]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7.5))
+    for ax, op in zip(axes.flat, ops):
+        mine = [r for r in rows if r["op"] == op]
+        budgets = [r["budget"] for r in mine]
+        ax.plot(budgets, [r["ms"] for r in mine], "o-", label="flextron_kernels")
+        if any(r["baseline_ms"] for r in mine):
+            ax.plot(budgets, [r["baseline_ms"] for r in mine], "s--", label=mine[0]["baseline"])
+        if any(r["ideal_ms"] for r in mine):
+            ax.plot(budgets, [r["ideal_ms"] for r in mine], ":", color="gray", label="FLOP-proportional ideal")
+        if op == "mlp":
+            for r in rows:
+                if r["op"] == "mlp_mixed":
+                    ax.plot([r["budget"]], [r["ms"]], "D", label="per-token mix (ours)")
+                    ax.plot([r["budget"]], [r["baseline_ms"]], "x", label="per-token mix (bucketed loop)")
+        ax.set_title(op)
+        ax.set_xlabel("budget")
+        ax.set_ylabel("ms")
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(ops):]:
+        ax.axis("off")
+    env = results["environment"]
+    fig.suptitle(f"{results['settings']['model']} ({results['settings']['dtype']}) on {env['device']}, torch {env['torch']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="flextron", description="flextron_kernels command line")
+    sub = parser.add_subparsers(dest="command", required=True)
+    bench_parser(sub.add_parser("bench", help="latency-per-budget benchmark (the main job)"))
+    args = parser.parse_args(argv)
+    if args.command == "bench":
+        return run_bench(args)
+    return 2
+
+
+def bench_main(argv=None) -> int:
+    """``python -m flextron_kernels.bench``: ``flextron bench`` with the same options."""
+    return run_bench(bench_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

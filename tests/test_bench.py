@@ -1,0 +1,92 @@
+"""The benchmark harness end to end on the CPU at a tiny shape (nothing timed is asserted)."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from flextron_kernels.bench.latency_table import LatencyTable
+from flextron_kernels.cli import main
+from flextron_kernels.models import FlextronConfig, FlextronForCausalLM
+
+pytest.importorskip("transformers", reason="the prefill baseline is a transformers model")
+
+ROW_KEYS = {"op", "budget", "ms", "baseline", "baseline_ms", "vs_baseline", "ideal_ms", "vs_ideal"}
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    code = main(["bench", "--quick", "--model", "tiny", "--budgets", "0.5,1", "--tokens", "32", "--batch", "2",
+                 "--out", str(out), "--lut", str(out / "lut.json")])
+    assert code == 0
+    return out
+
+
+def test_outputs_and_schema(bench_run):
+    results = json.loads((bench_run / "results.json").read_text())
+    assert set(results) == {"environment", "settings", "ceilings", "rows"}
+    for key in ("device", "torch", "triton", "date"):
+        assert key in results["environment"]
+    assert results["settings"]["budgets"] == [0.5, 1.0]
+    assert results["ceilings"]["copy_tbps"] > 0 and results["ceilings"]["matmul_tflops"] > 0
+    ops = [r["op"] for r in results["rows"]]
+    for op in ("linear", "mlp", "mlp_mixed", "attention", "layer", "prefill", "decode"):
+        assert op in ops
+    for row in results["rows"]:
+        assert ROW_KEYS <= set(row)
+        assert row["ms"] > 0
+    with open(bench_run / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(results["rows"])
+    assert (bench_run / "plot.png").stat().st_size > 1000
+
+
+def test_latency_table_loads_into_the_model(bench_run):
+    table = LatencyTable.load(bench_run / "lut.json")
+    widths = table.choices("mlp", "prefill")
+    heads = table.choices("attention", "decode")
+    assert widths == [256, 512] and heads == [2, 4]
+    assert table.latency("mlp", 256, "prefill", 16) > 0
+    # Interpolation between token counts, proportional extrapolation beyond.
+    low, high = table.latency("mlp", 512, "prefill", 1), table.latency("mlp", 512, "prefill", 16)
+    assert min(low, high) <= table.latency("mlp", 512, "prefill", 8) <= max(low, high)
+    config = FlextronConfig(arch="llama", vocab_size=64, d_model=128, n_layers=2, q_heads=4, kv_heads=2, ffn=512,
+                            mlp_choices=[[256, 512]] * 2, head_choices=[[2, 4]] * 2)
+    model = FlextronForCausalLM(config)
+    model.load_latency_table(bench_run / "lut.json")
+    half, full = model.cost(0.5, phase="decode", tokens=16), model.cost(1.0, phase="decode", tokens=16)
+    assert 0 < half["latency_ms"] and 0 < full["latency_ms"]
+    with pytest.raises(KeyError, match="no entry for kind='mlp', choice=100"):
+        table.latency("mlp", 100, "prefill", 1)
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--model", "llama-99b"], "--model: expected one of llama2-7b, llama3-8b, gpt2, tiny"),
+        (["--budgets", "0.5,1.5"], "--budgets: expected values in \\(0, 1\\]"),
+        (["--budgets", "half"], "--budgets: expected comma-separated numbers"),
+        (["--tokens", "0"], "--tokens: expected a positive integer"),
+    ],
+)
+def test_bad_options(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--out", str(tmp_path)] + argv)
+    text = str(exc.value.code) + capsys.readouterr().err
+    assert __import__("re").search(message, text), text
+
+
+def test_unwritable_output_folder(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit, match="--out: cannot write to"):
+        main(["bench", "--model", "tiny", "--out", str(blocker / "sub")])
+
+
+def test_latency_table_format_is_checked(tmp_path):
+    (tmp_path / "t.json").write_text(json.dumps({"format": "other", "entries": []}))
+    with pytest.raises(ValueError, match="expected a latency table of format"):
+        LatencyTable.load(tmp_path / "t.json")
+    with pytest.raises(ValueError, match="unknown kind/phase"):
+        LatencyTable([{"kind": "conv", "choice": 1, "phase": "prefill", "tokens": 1, "ms": 1.0}])
