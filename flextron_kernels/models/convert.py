@@ -213,15 +213,20 @@ def from_hf(model_or_path, calibration=None, *, tokenizer=None, mlp_choices=None
     hf = load_hf_model(model_or_path)
     config = config_from_hf(hf.config)
     config.hf_model_type = hf.config.model_type
+    return _convert(hf, config, FlextronForCausalLM, _copy_weights, calibration, tokenizer, mlp_choices, head_choices)
+
+
+def _convert(hf, config, model_class, copy_weights, calibration, tokenizer, mlp_choices, head_choices, **model_kwargs):
+    """Build ``model_class(config)`` like ``hf``, copy its weights, rank and permute."""
     if mlp_choices is not None:
         config.mlp_choices = mlp_choices
     if head_choices is not None:
         config.head_choices = head_choices
     config.__post_init__()
     batches = _calibration_ids(calibration, tokenizer)
-    device = next(hf.parameters()).device
-    model = FlextronForCausalLM(config).to(device=device, dtype=next(hf.parameters()).dtype)
-    _copy_weights(model, hf)
+    param = next(hf.parameters())
+    model = model_class(config, **model_kwargs).to(device=param.device, dtype=param.dtype)
+    copy_weights(model, hf)
     if batches:
         permutations = permutations_from_scores(importance_scores(hf, config, batches), config)
         apply_permutations(model, permutations)
@@ -273,17 +278,5 @@ def encoder_from_hf(model_or_path, calibration=None, *, tokenizer=None, mlp_choi
     if hasattr(hf, "bert"):  # a task model (BertForMaskedLM, ...): its encoder
         hf = hf.bert
     config = encoder_config_from_hf(hf.config)
-    if mlp_choices is not None:
-        config.mlp_choices = mlp_choices
-    if head_choices is not None:
-        config.head_choices = head_choices
-    config.__post_init__()
-    batches = _calibration_ids(calibration, tokenizer)
-    param = next(hf.parameters())
-    model = FlextronEncoder(config, pooler=getattr(hf, "pooler", None) is not None).to(device=param.device, dtype=param.dtype)
-    _copy_encoder_weights(model, hf)
-    if batches:
-        permutations = permutations_from_scores(importance_scores(hf, config, batches), config)
-        apply_permutations(model, permutations)
-        config.permutations = permutations
-    return model.eval()
+    return _convert(hf, config, FlextronEncoder, _copy_encoder_weights, calibration, tokenizer, mlp_choices,
+                    head_choices, pooler=getattr(hf, "pooler", None) is not None)
