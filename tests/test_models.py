@@ -226,3 +226,27 @@ def test_export_errors(tmp_path):
     llama = FlextronForCausalLM.from_hf(hf_model("llama"), mlp_choices=[[64, 256], [128, 256]])
     with pytest.raises(ValueError, match="per-layer choices differ"):
         llama.export_hf(0.5, tmp_path / "y")
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_export_sliced_keeps_heterogeneous_choices(tmp_path, kind):
+    model = FlextronForCausalLM.from_hf(hf_model(kind), calibration=torch.randint(0, VOCAB, (2, 9)),
+                                        mlp_choices=[[64, 256], [128, 256]])
+    model.attach_routers(hidden=8)
+    with torch.no_grad():  # router: layer 0 at width 64 and the fewest heads, layer 1 in full
+        mlp_bias = model.static_router.mlp[-1].bias
+        heads_bias = model.static_router.heads[-1].bias
+        model.static_router.mlp[-1].weight.zero_()
+        model.static_router.heads[-1].weight.zero_()
+        mlp_bias.copy_(torch.tensor([10.0, 0.0, 0.0, 10.0]))
+        heads_bias.copy_(torch.tensor([10.0] + [0.0] * (heads_bias.numel() - 1)))
+    model.export_sliced(0.5, tmp_path / "sliced")
+    sliced = FlextronForCausalLM.from_pretrained(tmp_path / "sliced")
+    assert [l.mlp.ffn for l in sliced.layers] == [64, 256]
+    assert sliced.config.layer_sizes[0][1] == model.config.head_choices[0][0]
+    ids = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(sliced(ids, budget=1.0), model.eval()(ids, budget=0.5), rtol=1e-5, atol=1e-5)
+        sliced.generate(ids, max_new_tokens=2)
+    with pytest.raises(ValueError, match="export_sliced writes such a sub-network"):
+        model.export_hf(0.5, tmp_path / "dense")

@@ -61,6 +61,7 @@ class FlextronConfig:
     permutations: dict = field(default_factory=dict)
     hf_model_type: Optional[str] = None
     type_vocab_size: int = 0
+    layer_sizes: list = field(default_factory=list)
 
     def __post_init__(self):
         if self.arch not in ARCHITECTURES:
@@ -69,19 +70,34 @@ class FlextronConfig:
             raise ValueError(f"kv_heads: expected a divisor of q_heads={self.q_heads}, got {self.kv_heads}")
         if self.head_dim is None:
             self.head_dim = self.d_model // self.q_heads
-        if not self.mlp_choices:
-            self.mlp_choices = [mlp_width_choices(self.ffn) for _ in range(self.n_layers)]
-        if not self.head_choices:
-            self.head_choices = [head_choices(self.q_heads, self.kv_heads) for _ in range(self.n_layers)]
         group = self.q_heads // self.kv_heads
-        for name, choices, full in (("mlp_choices", self.mlp_choices, self.ffn), ("head_choices", self.head_choices, self.q_heads)):
+        if self.layer_sizes:
+            if len(self.layer_sizes) != self.n_layers:
+                raise ValueError(f"layer_sizes: expected one [ffn, q_heads] per layer ({self.n_layers}), got {len(self.layer_sizes)}")
+            for i, (ffn, heads) in enumerate(self.layer_sizes):
+                if not 0 < ffn <= self.ffn or not 0 < heads <= self.q_heads or heads % group:
+                    raise ValueError(f"layer_sizes[{i}]: expected ffn in [1, {self.ffn}] and heads a multiple of {group} "
+                                     f"in [1, {self.q_heads}], got {[ffn, heads]}")
+        if not self.mlp_choices:
+            self.mlp_choices = [mlp_width_choices(self.layer_ffn(i)) for i in range(self.n_layers)]
+        if not self.head_choices:
+            self.head_choices = [head_choices(self.layer_heads(i), self.layer_heads(i) // group) for i in range(self.n_layers)]
+        for name, choices, full in (("mlp_choices", self.mlp_choices, self.layer_ffn), ("head_choices", self.head_choices, self.layer_heads)):
             if len(choices) != self.n_layers:
                 raise ValueError(f"{name}: expected one list per layer ({self.n_layers}), got {len(choices)}")
             for i, layer in enumerate(choices):
-                if list(layer) != sorted(set(layer)) or not layer or layer[-1] != full or layer[0] < 0:
-                    raise ValueError(f"{name}[{i}]: expected distinct ascending values ending at {full}, got {layer}")
+                if list(layer) != sorted(set(layer)) or not layer or layer[-1] != full(i) or layer[0] < 0:
+                    raise ValueError(f"{name}[{i}]: expected distinct ascending values ending at {full(i)}, got {layer}")
                 if name == "head_choices" and any(h % group for h in layer):
                     raise ValueError(f"head_choices[{i}]: expected multiples of the GQA group {group}, got {layer}")
+
+    def layer_ffn(self, i: int) -> int:
+        """Layer ``i``'s full MLP width."""
+        return self.layer_sizes[i][0] if self.layer_sizes else self.ffn
+
+    def layer_heads(self, i: int) -> int:
+        """Layer ``i``'s full query-head count."""
+        return self.layer_sizes[i][1] if self.layer_sizes else self.q_heads
 
     @property
     def group(self) -> int:

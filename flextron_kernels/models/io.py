@@ -85,7 +85,8 @@ def dense_hf_model(model: FlextronForCausalLM, budget: float, *, model_type=None
     heads = {p["heads"] for p in plan}
     if len(widths) != 1 or len(heads) != 1:
         raise ValueError(f"export_hf: the budget's per-layer choices differ (widths {sorted(widths)}, heads {sorted(heads)}); "
-                         "a dense Hugging Face checkpoint needs one width and one head count for every layer")
+                         "a dense Hugging Face checkpoint needs one width and one head count for every layer "
+                         "(export_sliced writes such a sub-network in this project's format)")
     width, n_heads = widths.pop(), heads.pop()
     n_kv = n_heads // cfg.group
     dh = cfg.head_dim
@@ -157,3 +158,50 @@ def dense_hf_model(model: FlextronForCausalLM, budget: float, *, model_type=None
             hf.lm_head.weight.copy_(model.lm_head.weight)
     param = model.embed.weight
     return hf.to(device=param.device, dtype=param.dtype).eval()
+
+
+@torch.no_grad()
+def export_sliced(model: FlextronForCausalLM, budget: float, path) -> Path:
+    """Write the sub-network at ``budget`` as a smaller Flextron model (this project's
+    format, read by ``FlextronForCausalLM.from_pretrained``): each layer holds only its
+    chosen width and heads, so heterogeneous per-layer choices are kept. Its choice lists
+    are the original ones up to each layer's size; routers are not carried over."""
+    import copy
+
+    was_training = model.training
+    model.eval()
+    plan = model._plan(budget, 1, model.embed.weight.device)
+    model.train(was_training)
+    cfg = copy.deepcopy(model.config)
+    sizes = [[p["width"], p["heads"]] for p in plan]
+    cfg.layer_sizes = sizes
+    cfg.mlp_choices = [[c for c in choices if c < w] + [w] for choices, (w, _) in zip(cfg.mlp_choices, sizes)]
+    cfg.head_choices = [[c for c in choices if c < h] + [h] for choices, (_, h) in zip(cfg.head_choices, sizes)]
+    cfg.__post_init__()
+    sliced = FlextronForCausalLM(cfg).to(device=model.embed.weight.device, dtype=model.embed.weight.dtype)
+    sliced.embed.load_state_dict(model.embed.state_dict())
+    if model.pos_embed is not None:
+        sliced.pos_embed.load_state_dict(model.pos_embed.state_dict())
+    sliced.final_norm.load_state_dict(model.final_norm.state_dict())
+    if not cfg.tie_embeddings:
+        sliced.lm_head.load_state_dict(model.lm_head.state_dict())
+    for ours, theirs, (width, heads) in zip(sliced.layers, model.layers, sizes):
+        rows, kv_rows = heads * cfg.head_dim, heads // cfg.group * cfg.head_dim
+        ours.norm1.load_state_dict(theirs.norm1.state_dict())
+        ours.norm2.load_state_dict(theirs.norm2.state_dict())
+        for name, n in (("q_proj", rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
+            src, dst = getattr(theirs.attn, name), getattr(ours.attn, name)
+            dst.weight.copy_(src.weight[:n])
+            if src.bias is not None:
+                dst.bias.copy_(src.bias[:n])
+        ours.attn.o_proj.weight.copy_(theirs.attn.o_proj.weight[:, :rows])
+        if theirs.attn.o_proj.bias is not None:
+            ours.attn.o_proj.bias.copy_(theirs.attn.o_proj.bias)
+        for name in ("w_up", "w_gate", "b_up"):
+            src = getattr(theirs.mlp, name)
+            if src is not None:
+                getattr(ours.mlp, name).copy_(src[:width])
+        ours.mlp.w_down.copy_(theirs.mlp.w_down[:, :width])
+        if theirs.mlp.b_down is not None:
+            ours.mlp.b_down.copy_(theirs.mlp.b_down)
+    return save_pretrained(sliced, path)

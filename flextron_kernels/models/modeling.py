@@ -42,17 +42,18 @@ class RMSNorm(nn.Module):
 class FlextronBlock(nn.Module):
     """Pre-norm transformer block: ``h + attn(norm1(h))``, then ``h + mlp(norm2(h))``."""
 
-    def __init__(self, config: FlextronConfig):
+    def __init__(self, config: FlextronConfig, index: int = 0):
         super().__init__()
         llama = config.arch == "llama"
         d = config.d_model
+        ffn, heads = config.layer_ffn(index), config.layer_heads(index)
         norm = (lambda: RMSNorm(d, config.norm_eps)) if llama else (lambda: nn.LayerNorm(d, eps=config.norm_eps))
         self.norm1, self.norm2 = norm(), norm()
         self.attn = ElasticAttention(
-            d, config.q_heads, config.kv_heads, config.head_dim, qkv_bias=config.qkv_bias or not llama,
+            d, heads, heads // config.group, config.head_dim, qkv_bias=config.qkv_bias or not llama,
             out_bias=config.out_bias or not llama, rotary=llama, rope_theta=config.rope_theta,
         )
-        self.mlp = ElasticMLP(d, config.ffn, gated=llama, activation="silu" if llama else "gelu_tanh", bias=not llama)
+        self.mlp = ElasticMLP(d, ffn, gated=llama, activation="silu" if llama else "gelu_tanh", bias=not llama)
 
     def forward(self, h, *, heads, width, cu_seqlens, positions, cache=None, attn_scale=None, mlp_scale=None,
                 token_router=None):
@@ -92,8 +93,9 @@ class ElasticBudgets:
         per-sequence budget tensor."""
         budget = self.budget if budget is None else budget
         choices = []
-        for widths, heads in zip(self.config.mlp_choices, self.config.head_choices):
-            choices.append((_pick(widths, self.config.ffn, budget), _pick(heads, self.config.q_heads, budget)))
+        cfg = self.config
+        for i, (widths, heads) in enumerate(zip(cfg.mlp_choices, cfg.head_choices)):
+            choices.append((_pick(widths, cfg.layer_ffn(i), budget), _pick(heads, cfg.layer_heads(i), budget)))
         return choices
 
 
@@ -107,7 +109,7 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.pos_embed = nn.Embedding(config.max_positions, config.d_model) if config.arch == "gpt2" else None
-        self.layers = nn.ModuleList(FlextronBlock(config) for _ in range(config.n_layers))
+        self.layers = nn.ModuleList(FlextronBlock(config, i) for i in range(config.n_layers))
         self.final_norm = (
             RMSNorm(config.d_model, config.norm_eps) if config.arch == "llama" else nn.LayerNorm(config.d_model, eps=config.norm_eps)
         )
@@ -232,6 +234,13 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
 
         return from_pretrained(path, device=device)
 
+    def export_sliced(self, budget: float, path):
+        """The sub-network at ``budget`` as a smaller Flextron checkpoint (heterogeneous
+        per-layer choices kept; see :func:`flextron_kernels.models.io.export_sliced`)."""
+        from flextron_kernels.models.io import export_sliced
+
+        return export_sliced(self, budget, path)
+
     def export_hf(self, budget: float, path, *, model_type=None):
         """A dense Hugging Face checkpoint of the sub-network at ``budget`` (see
         :func:`flextron_kernels.models.io.export_hf`)."""
@@ -302,7 +311,8 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
         """Empty per-layer KV caches ``[batch, Hkv, max_len, Dh]`` in the model's dtype."""
         p = self.embed.weight
         cfg = self.config
-        return [KVCache.empty(batch, cfg.kv_heads, max_len, cfg.head_dim, device=p.device, dtype=p.dtype) for _ in self.layers]
+        return [KVCache.empty(batch, layer.attn.kv_heads, max_len, cfg.head_dim, device=p.device, dtype=p.dtype)
+                for layer in self.layers]
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, *, budget: Budget = None, max_new_tokens: int = 20,
