@@ -41,5 +41,7 @@ run 30 "$results/bench_elastic_attention_decode.log" python benchmarks/bench_ela
 run 90 "$results/flextron_bench.log" python -m flextron_kernels.bench --quick --out "$results/flextron_bench_gpu" \
   --lut "$results/flextron_bench_gpu/latency_table.json"
 
+python -m flextron_kernels.bench.report "$results" --out BENCHMARKS.md
+
 step "done (status $status)"
 exit $status

@@ -90,3 +90,11 @@ def test_latency_table_format_is_checked(tmp_path):
         LatencyTable.load(tmp_path / "t.json")
     with pytest.raises(ValueError, match="unknown kind/phase"):
         LatencyTable([{"kind": "conv", "choice": 1, "phase": "prefill", "tokens": 1, "ms": 1.0}])
+
+
+def test_benchmarks_report_is_generated_from_result_files(bench_run, tmp_path):
+    from flextron_kernels.bench.report import build_report
+
+    report = build_report(bench_run.parent)
+    assert "# Benchmarks" in report and "flextron bench (tiny)" in report and "mlp_mixed" in report
+    assert "No results yet" in build_report(tmp_path)
