@@ -153,8 +153,14 @@ def _backward_triton(dout, q, k, v, out, lse, cu_seqlens, heads, static_heads, c
     dv = new_output(v.shape, dtype=v.dtype, device=v.device)
     q_tiles = sequence_tiles(cu_seqlens, q.shape[0], config["BLOCK_M"])
     k_tiles = sequence_tiles(cu_seqlens, q.shape[0], config["BLOCK_N"])
+    seq_heads = None
+    if heads is not None:  # each sequence's largest head count, so the kernel can skip a head for a whole sequence
+        num_seqs = cu_seqlens.numel() - 1
+        seq_ids = torch.bucketize(torch.arange(q.shape[0], device=q.device, dtype=cu_seqlens.dtype), cu_seqlens[1:], right=True)
+        seq_heads = torch.zeros(max(num_seqs, 1), dtype=torch.int32, device=q.device)
+        seq_heads.scatter_reduce_(0, seq_ids, heads.to(torch.int32), reduce="amax")
     attention_bwd(
-        q, k, v, dout, lse, delta, dq, dk, dv, heads, static_heads, cu_seqlens, q_tiles, k_tiles,
+        q, k, v, dout, lse, delta, dq, dk, dv, heads, seq_heads, static_heads, cu_seqlens, q_tiles, k_tiles,
         causal=causal, softmax_scale=scale, config=config,
     )
     return dq, dk, dv

@@ -116,7 +116,7 @@ def attention_fwd_kernel(
 
 @triton.jit
 def attention_bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, heads_ptr, cu_seqlens_ptr,
+    q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, heads_ptr, seq_heads_ptr, cu_seqlens_ptr,
     tile_group_ptr, tile_start_ptr, tile_end_ptr,
     num_tokens, static_heads, softmax_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
@@ -132,7 +132,8 @@ def attention_bwd_dkdv_kernel(
 ):
     """Gradients of one tile of BLOCK_N keys for one KV head, summed over the GROUP query
     heads that read it and over the queries of its sequence. Grid: (key tiles, Hkv).
-    ``delta [Hq, T] = rowsum(dout * out)``."""
+    ``delta [Hq, T] = rowsum(dout * out)``; ``seq_heads [B]``: each sequence's largest head
+    count (with ``HAS_HEADS``)."""
     kv_head = tl.program_id(1)
     seq, start, end, seq_start, seq_end, cols, col_mask = _tile(
         tile_group_ptr, tile_start_ptr, tile_end_ptr, cu_seqlens_ptr, tl.program_id(0), BLOCK_N
@@ -153,13 +154,19 @@ def attention_bwd_dkdv_kernel(
         q_lo = seq_start + ((start - seq_start) // BLOCK_M) * BLOCK_M
     else:
         q_lo = seq_start
+    if HAS_HEADS:
+        seq_heads = tl.load(seq_heads_ptr + seq)
+    else:
+        seq_heads = static_heads
     for g in range(GROUP):
         head = kv_head * GROUP + g
-        for m0 in range(q_lo, seq_end, BLOCK_M):
-            rows = m0 + tl.arange(0, BLOCK_M)
-            row_mask = rows < seq_end
-            used = row_mask & (head < _head_counts(heads_ptr, rows, row_mask, static_heads, HAS_HEADS))
-            if tl.max(used.to(tl.int32), axis=0) > 0:
+        # Skip a head no token of the sequence uses; the test sits outside the query loop,
+        # which keeps that loop software-pipelined.
+        if head < seq_heads:
+            for m0 in range(q_lo, seq_end, BLOCK_M):
+                rows = m0 + tl.arange(0, BLOCK_M)
+                row_mask = rows < seq_end
+                used = row_mask & (head < _head_counts(heads_ptr, rows, row_mask, static_heads, HAS_HEADS))
                 rows64 = rows.to(tl.int64)
                 q = tl.load(q_ptr + rows64[:, None] * stride_qt + head * stride_qh + dims[None, :], mask=used[:, None] & dim_mask[None, :], other=0.0)
                 do = tl.load(dout_ptr + rows64[:, None] * stride_dot + head * stride_doh + dims[None, :], mask=used[:, None] & dim_mask[None, :], other=0.0)
@@ -255,10 +262,11 @@ def attention_fwd(q, k, v, out, lse, heads, static_heads, cu_seqlens, tiles, *, 
     )
 
 
-def attention_bwd(q, k, v, dout, lse, delta, dq, dk, dv, heads, static_heads, cu_seqlens, q_tiles, k_tiles, *,
-                  causal, softmax_scale, config):
+def attention_bwd(q, k, v, dout, lse, delta, dq, dk, dv, heads, seq_heads, static_heads, cu_seqlens, q_tiles, k_tiles,
+                  *, causal, softmax_scale, config):
     """Launch the backward: writes ``dq``, ``dk``, ``dv`` (shapes of q, k, v) from
-    ``dout``, the forward's ``lse [Hq, T]`` and ``delta [Hq, T] = rowsum(dout * out)``.
+    ``dout``, the forward's ``lse [Hq, T]`` and ``delta [Hq, T] = rowsum(dout * out)``;
+    ``seq_heads [B]``: each sequence's largest head count (with per-token ``heads``).
     ``q_tiles`` / ``k_tiles``: sequence tiles of ``BLOCK_M`` / ``BLOCK_N`` tokens."""
     num_tokens, q_heads, head_dim = q.shape
     if num_tokens == 0:
@@ -266,7 +274,7 @@ def attention_bwd(q, k, v, dout, lse, delta, dq, dk, dv, heads, static_heads, cu
     common = dict(GROUP=q_heads // k.shape[1], HAS_HEADS=heads is not None, CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), **config)
     heads_arg = heads if heads is not None else cu_seqlens
     attention_bwd_dkdv_kernel[(k_tiles.tile_start.numel(), k.shape[1])](
-        q, k, v, dout, lse, delta, dk, dv, heads_arg, cu_seqlens,
+        q, k, v, dout, lse, delta, dk, dv, heads_arg, seq_heads if seq_heads is not None else cu_seqlens, cu_seqlens,
         k_tiles.tile_group, k_tiles.tile_start, k_tiles.tile_end,
         num_tokens, static_heads, softmax_scale,
         *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *_strides(dv),

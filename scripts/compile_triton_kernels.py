@@ -1,0 +1,148 @@
+"""Compile every Triton kernel for sm_90 (Hopper) without a GPU, at the tile configurations
+the ops launch with on a GPU, and report shared memory, registers and spills.
+
+Triton's own ptxas builds the cubin, so this runs on any machine with triton installed.
+It catches compile errors, and shared memory beyond what an H100/H200 block may use,
+before a GPU run, and reports whether the GEMM loops got asynchronous (pipelined) copies
+and tensor-core instructions. Usage: ``TRITON_INTERPRET=0 python scripts/compile_triton_kernels.py``
+(prints one JSON object per kernel configuration; exit status 1 if any failed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+
+os.environ["TRITON_INTERPRET"] = "0"
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from flextron_kernels.triton import (  # noqa: E402
+    attention,
+    attention_decode,
+    mlp_activation_grad,
+    prefix_weight_grad,
+    routed_matmul,
+)
+
+HOPPER = GPUTarget("cuda", 90, 32)
+MAX_SHARED = 232448  # bytes a block may use on sm_90
+
+DATA = {"a_ptr", "b_ptr", "b2_ptr", "bias_ptr", "c_ptr", "pre_ptr", "pre2_ptr", "dy_ptr", "x_ptr", "grad_weight_ptr",
+        "grad_bias_ptr", "grad_h_ptr", "up_ptr", "gate_ptr", "q_ptr", "k_ptr", "v_ptr", "out_ptr", "dout_ptr", "dq_ptr",
+        "dk_ptr", "dv_ptr"}
+INDEX = {"sorted_token_idx_ptr", "tile_start_ptr", "tile_end_ptr", "tile_group_ptr", "group_offsets_ptr",
+         "boundaries_ptr", "cu_seqlens_ptr", "seqlens_ptr"}
+WIDTHS = {"out_widths_ptr", "red_widths_ptr", "in_widths_ptr", "widths_ptr", "heads_ptr"}
+FLOAT_ARGS = {"softmax_scale", "qk_scale"}
+LIMITS = {"out_size", "out_limit", "red_limit", "in_limit", "width_limit"}
+
+
+def signature(fn, dtype: str, constexprs: dict) -> dict:
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in DATA:
+            sig[name] = "*" + dtype
+        elif name in INDEX:
+            sig[name] = "*i32"
+        elif name in WIDTHS:
+            sig[name] = "*i64"
+        elif name.endswith("_ptr"):
+            sig[name] = "*fp32"  # lse, delta, row scale, dscale, partial outputs
+        elif name in FLOAT_ARGS:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def compile_one(label, fn, dtype, constexprs, options):
+    fn = getattr(fn, "fn", fn) if not hasattr(fn, "arg_names") else fn
+    # Pointers, strides and sizes divisible by 16, as Triton specialises them at launch for
+    # the usual shapes (a mask against such a size keeps loads vectorised).
+    aligned = [n for n in fn.arg_names if n.endswith("_ptr") or n.startswith("stride") or n in LIMITS]
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned if n not in constexprs}
+    src = ASTSource(fn, signature(fn, dtype, constexprs), constexprs=constexprs, attrs=attrs)
+    try:
+        kernel = triton.compile(src, target=HOPPER, options=options)
+    except Exception as err:  # report every failure, not only the first
+        return dict(kernel=label, ok=False, error=f"{type(err).__name__}: {str(err)[:2000]}")
+    ptx = kernel.asm["ptx"]
+    shared = kernel.metadata.shared
+    return dict(kernel=label, ok=shared <= MAX_SHARED, shared=shared, regs=getattr(kernel, "n_regs", None),
+                spill_instructions=len(re.findall(r"\b(ld|st)\.local", ptx)),
+                async_copies=len(re.findall(r"cp\.async\.c", ptx)),
+                tensor_core_ops=ptx.count("wgmma.mma_async") + ptx.count("mma.sync"),
+                error=None if shared <= MAX_SHARED else f"shared memory {shared} > {MAX_SHARED}")
+
+
+def configurations():
+    # Unit strides are what Triton specialises on at launch for contiguous tensors.
+    rm = routed_matmul.routed_matmul_kernel
+    flags = dict(stride_ar=1, stride_br=1, stride_b2r=1, stride_cj=1, ROUTED=True, HAS_OUT_WIDTHS=False, HAS_RED_WIDTHS=False, HAS_BIAS=False, HAS_ROW_SCALE=False,
+                 GATED=False, ACTIVATION="none", STORE_PRE=False, ACCUMULATE=False, INPUT_PRECISION="tf32",
+                 BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)
+    big = dict(num_warps=8, num_stages=3)
+    yield "linear fwd, per-token out widths", rm, "bf16", dict(flags, HAS_OUT_WIDTHS=True, HAS_BIAS=True), big
+    dgrad = {k: v for k, v in flags.items() if k not in ("stride_br", "stride_b2r")}
+    yield "linear dgrad, per-token in+out widths", rm, "bf16", dict(dgrad, stride_bj=1, HAS_OUT_WIDTHS=True,
+                                                                   HAS_RED_WIDTHS=True), big
+    yield "linear fwd, static, decode tile", rm, "bf16", dict(flags, ROUTED=False, BLOCK_M=16), big
+    yield "mlp gate+up+silu, saving pre-activations", rm, "bf16", dict(flags, HAS_OUT_WIDTHS=True, GATED=True,
+                                                                       ACTIVATION="silu", STORE_PRE=True), big
+    yield "mlp up+gelu_tanh, bias", rm, "fp16", dict(flags, HAS_OUT_WIDTHS=True, HAS_BIAS=True, ACTIVATION="gelu_tanh"), big
+    yield "mlp down, scale + bias", rm, "bf16", dict(flags, HAS_RED_WIDTHS=True, HAS_BIAS=True, HAS_ROW_SCALE=True), big
+    yield "mlp dx, accumulate", rm, "bf16", dict(dgrad, stride_bj=1, HAS_RED_WIDTHS=True, ACCUMULATE=True), big
+    yield "mlp gate+up fp32 tf32", rm, "fp32", dict(flags, HAS_OUT_WIDTHS=True, GATED=True, ACTIVATION="silu",
+                                                   STORE_PRE=True, BLOCK_M=64, BLOCK_K=32), big
+    yield "mlp gate+up fp32 ieee", rm, "fp32", dict(flags, HAS_OUT_WIDTHS=True, GATED=True, ACTIVATION="silu",
+                                                   INPUT_PRECISION="ieee", BLOCK_M=64, BLOCK_N=64, BLOCK_K=32), \
+        dict(num_warps=4, num_stages=2)
+
+    wg = prefix_weight_grad.prefix_weight_grad_kernel
+    wflags = dict(stride_dyj=1, stride_xc=1, stride_gwc=1, ROUTED=True, SORT_BY_OUT=True, HAS_OUT_WIDTHS=True, HAS_IN_WIDTHS=False, HAS_BIAS=False,
+                  K_BLOCK_OFFSET=0, INPUT_PRECISION="tf32", GROUPS_POW2=32, BLOCK_M=64, BLOCK_N=128, BLOCK_K=128)
+    yield "weight grad, bias column", wg, "bf16", dict(wflags, HAS_BIAS=True), big
+    yield "weight grad, plain columns", wg, "bf16", dict(wflags, K_BLOCK_OFFSET=1), big
+    yield "weight grad, sorted by in widths", wg, "bf16", dict(wflags, SORT_BY_OUT=False, HAS_OUT_WIDTHS=False,
+                                                              HAS_IN_WIDTHS=True), big
+    yield "weight grad, static", wg, "bf16", dict(wflags, ROUTED=False, HAS_OUT_WIDTHS=False), big
+
+    ag = mlp_activation_grad.mlp_activation_grad_kernel
+    for gated, act in ((True, "silu"), (True, "gelu"), (False, "gelu_tanh"), (False, "relu2")):
+        yield f"activation grad {'gated ' if gated else ''}{act}", ag, "bf16", dict(
+            stride_f=1, HAS_WIDTHS=True, HAS_SCALE=True, GATED=gated, ACTIVATION=act, BLOCK_M=8, BLOCK_F=256), dict(num_warps=4)
+
+    att = dict(GROUP=4, HAS_HEADS=True, CAUSAL=True, INPUT_PRECISION="tf32", HEAD_DIM=128, BLOCK_D=128,
+               BLOCK_M=128, BLOCK_N=64)
+    opts = dict(num_warps=8, num_stages=2)
+    for name, fn in (("fwd", attention.attention_fwd_kernel), ("bwd dk/dv", attention.attention_bwd_dkdv_kernel),
+                     ("bwd dq", attention.attention_bwd_dq_kernel)):
+        yield f"attention {name}", fn, "bf16", att, opts
+    yield "attention fwd, head dim 96, not causal", attention.attention_fwd_kernel, "bf16", dict(
+        att, HEAD_DIM=96, CAUSAL=False), opts
+
+    dec = attention_decode.attention_decode_split_kernel
+    yield "decode split, GQA 4", dec, "bf16", dict(GROUP=4, HAS_HEADS=True, HEAD_DIM=128, INPUT_PRECISION="tf32",
+                                                   BLOCK_G=16, BLOCK_N=64, BLOCK_D=128), dict(num_warps=4, num_stages=2)
+    yield "decode combine", attention_decode.attention_decode_combine_kernel, "bf16", dict(
+        HAS_HEADS=True, HEAD_DIM=128, BLOCK_S=64, CHUNK_S=16, BLOCK_D=128), dict(num_warps=4)
+
+
+def main() -> int:
+    failed = 0
+    for label, fn, dtype, constexprs, options in configurations():
+        result = compile_one(label, fn, dtype, constexprs, options)
+        failed += not result["ok"]
+        print(json.dumps(result), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
