@@ -265,11 +265,12 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
         return value.repeat_interleave(lengths, output_size=num_tokens)
 
     def forward(self, input_ids: torch.Tensor, *, budget: Budget = None, cu_seqlens: Optional[torch.Tensor] = None,
-                caches: Optional[list] = None) -> torch.Tensor:
+                caches: Optional[list] = None, choices: Optional[list] = None) -> torch.Tensor:
         """Logits for ``input_ids`` ``[B, S]`` (logits ``[B, S, V]``) or packed ``[T]`` with
         ``cu_seqlens [B + 1]`` (logits ``[T, V]``). ``budget``: a float in (0, 1] or a
         ``[B]`` tensor (one per sequence); default the model's (:meth:`set_budget`).
-        ``caches``: one :class:`KVCache` per layer to fill (prefill before decoding)."""
+        ``caches``: one :class:`KVCache` per layer to fill (prefill before decoding).
+        ``choices``: per layer ``(mlp_width, heads)``, overriding the budget and routers."""
         shape = input_ids.shape
         ids, cu = self._pack(input_ids, cu_seqlens)
         num_tokens = ids.numel()
@@ -286,7 +287,12 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
             return self._per_token(value, cu, num_tokens)
 
         code = self._budget_code(budget, num_seqs, per_token)
-        for i, (layer, plan) in enumerate(zip(self.layers, self._plan(budget, num_seqs, ids.device))):
+        if choices is not None:
+            plans = [dict(width=w, heads=h, mlp_scale=None, attn_scale=None) for w, h in choices]
+            code = None
+        else:
+            plans = self._plan(budget, num_seqs, ids.device)
+        for i, (layer, plan) in enumerate(zip(self.layers, plans)):
             h = layer(
                 h, heads=per_token(plan["heads"]), width=per_token(plan["width"]),
                 cu_seqlens=cu, positions=positions, cache=None if caches is None else caches[i],

@@ -1,0 +1,124 @@
+"""Stage 1: elastic continued-training.
+
+Each step trains the full network and sampled sub-networks on the same batch; their
+gradients accumulate into the shared weights through the ops' prefix-accumulating
+backward. Loss per sub-network: LM loss, plus optionally ``distill_weight`` times the
+KL divergence from the full network's logits (``distill="full"``) or from a frozen
+teacher's (``distill="teacher"``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from flextron_kernels.training.common import (
+    Metrics,
+    Progress,
+    check_budgets,
+    distillation_loss,
+    evaluate,
+    lm_loss,
+    load_checkpoint,
+    rng_state,
+    sample_budgets,
+    save_checkpoint,
+    set_rng_state,
+)
+
+
+@dataclass
+class ElasticConfig:
+    steps: int = 100
+    batch_size: int = 8
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    warmup: int = 10
+    budgets: list = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
+    subnets: int = 3
+    sampling: str = "sandwich"
+    distill: str = "none"  # none | full | teacher
+    distill_weight: float = 1.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 0
+
+    def __post_init__(self):
+        self.budgets = check_budgets(self.budgets)
+        if self.distill not in ("none", "full", "teacher"):
+            raise ValueError(f"distill: expected none, full or teacher, got {self.distill!r}")
+
+
+def cosine_schedule(optimizer, warmup: int, total: int):
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / max(warmup, 1)
+        progress = (step - warmup) / max(total - warmup, 1)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def elastic_train(model, train, val=None, config: Optional[ElasticConfig] = None, *, teacher=None,
+                  metrics_path=None, checkpoint=None, resume: bool = False, progress: bool = True) -> list:
+    """Train ``model`` (a FlextronForCausalLM) on ``train`` (PackedSequences) for
+    ``config.steps`` steps; returns the metrics records. ``checkpoint``: a file written
+    every ``checkpoint_every`` steps and at the end; ``resume``: continue from it exactly
+    (model, optimizer, scheduler, step, RNG)."""
+    config = config or ElasticConfig()
+    if config.distill == "teacher" and teacher is None:
+        raise ValueError("distill: 'teacher' needs a teacher model")
+    device = model.embed.weight.device
+    params = [p for n, p in model.named_parameters() if "router" not in n]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = cosine_schedule(optimizer, config.warmup, config.steps)
+    generator = torch.Generator().manual_seed(config.seed)
+    start = 0
+    if resume:
+        if checkpoint is None or not Path(checkpoint).exists():
+            raise FileNotFoundError(f"resume: no checkpoint at {checkpoint!r}")
+        values = load_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler)
+        start = values["step"]
+        set_rng_state(values["rng"], generator)
+    metrics = Metrics(metrics_path)
+    bar = Progress(config.steps, "elastic", progress)
+    model.train()
+    for step in range(start, config.steps):
+        rows = train.batch(config.batch_size, generator).to(device)
+        inputs, targets = rows[:, :-1], rows[:, 1:]
+        budgets = sample_budgets(config.budgets, config.subnets, config.sampling, generator)
+        optimizer.zero_grad(set_to_none=True)
+        losses, full_logits = {}, None
+        for budget in budgets:
+            logits = model(inputs, budget=budget)
+            loss = lm_loss(logits, targets)
+            losses[str(budget)] = loss.item()
+            if budget == config.budgets[-1] and config.distill == "full":
+                full_logits = logits.detach()
+            elif config.distill == "full" and full_logits is not None:
+                loss = loss + config.distill_weight * distillation_loss(logits, full_logits)
+            elif config.distill == "teacher":
+                with torch.no_grad():
+                    reference = teacher(inputs)
+                loss = loss + config.distill_weight * distillation_loss(logits, reference)
+            (loss / len(budgets)).backward()
+        if config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        rate = bar.update(step + 1, inputs.numel() * len(budgets), loss=sum(losses.values()) / len(losses))
+        record = dict(stage="elastic", step=step + 1, loss_per_budget=losses, lr=scheduler.get_last_lr()[0],
+                      tokens_per_s=rate)
+        if val is not None and ((step + 1) % config.log_every == 0 or step + 1 == config.steps):
+            record["val_loss"] = {str(b): evaluate(model, val, b) for b in config.budgets}
+        metrics.log(**record)
+        done = step + 1 == config.steps
+        if checkpoint and (done or (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0)):
+            save_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler, step=step + 1,
+                            rng=rng_state(generator), config=asdict(config))
+    return metrics.records

@@ -1,0 +1,86 @@
+"""Stage 3: joint fine-tuning of the model and its routers (the surrogate discarded).
+
+Each batch mixes budgets (one per sequence). Routers sample hard choices with
+Gumbel-softmax; the LM loss reaches them through the straight-through scales the ops
+apply, and the static router also gets the latency loss of its expected choice cost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from flextron_kernels.bench.latency_table import LatencyTable
+from flextron_kernels.training.common import Metrics, Progress, check_budgets, lm_loss
+from flextron_kernels.training.routers import (
+    check_table,
+    choice_costs,
+    expected_cost,
+    full_budget_pull,
+    latency_loss,
+    straight_through,
+)
+
+
+@dataclass
+class JointConfig:
+    steps: int = 50
+    batch_size: int = 8
+    lr: float = 1e-4
+    router_lr: float = 1e-2
+    budgets: list = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
+    latency_weight: float = 2.0
+    tolerance: float = 0.05
+    tau: float = 0.5
+    phase: str = "prefill"
+    tokens: int = 512
+    seed: int = 0
+
+    def __post_init__(self):
+        self.budgets = check_budgets(self.budgets)
+
+
+def joint_train(model, data, config: Optional[JointConfig] = None, *, latency_table=None, metrics_path=None,
+                progress: bool = True) -> list:
+    """Fine-tune ``model`` and its attached routers together; returns the metrics records."""
+    config = config or JointConfig()
+    if model.static_router is None and model.token_routers is None:
+        raise ValueError("joint_train: attach routers first (model.attach_routers or train_routers)")
+    table = latency_table if latency_table is None or isinstance(latency_table, LatencyTable) else LatencyTable.load(latency_table)
+    if table is not None:
+        check_table(model, table, config.phase)
+    costs = choice_costs(model, table, config.phase, config.tokens)
+    full_cost = costs[0][:, -1].sum() + costs[1][:, -1].sum()
+    router_params = [p for n, p in model.named_parameters() if "router" in n]
+    model_params = [p for n, p in model.named_parameters() if "router" not in n]
+    optimizer = torch.optim.AdamW([dict(params=model_params, lr=config.lr), dict(params=router_params, lr=config.router_lr)])
+    generator = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)
+    budgets = torch.tensor(config.budgets)
+    metrics = Metrics(metrics_path)
+    bar = Progress(config.steps, "joint", progress)
+    device = model.embed.weight.device
+    model.train()
+    model.router_tau = config.tau
+    for step in range(config.steps):
+        rows = data.batch(config.batch_size, generator).to(device)
+        per_seq = budgets[torch.randint(0, len(budgets), (config.batch_size,), generator=generator)]
+        lm = lm_loss(model(rows[:, :-1], budget=per_seq.to(device)), rows[:, 1:])
+        loss = lm
+        lat = torch.zeros(())
+        if model.static_router is not None:
+            mlp_logits, head_logits = model.static_router(per_seq)
+            cost = expected_cost(straight_through(F.softmax(mlp_logits / config.tau, -1).double()),
+                                 straight_through(F.softmax(head_logits / config.tau, -1).double()), costs)
+            lat = latency_loss(cost, per_seq.double() * full_cost, config.tolerance).mean()
+            loss = loss + config.latency_weight * lat.float() + full_budget_pull(mlp_logits, head_logits, per_seq)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        bar.update(step + 1, rows[:, :-1].numel(), lm=lm.item(), latency=lat.item())
+        metrics.log(stage="joint", step=step + 1, loss=lm.item(), latency_loss=lat.item())
+    model.eval()
+    return metrics.records

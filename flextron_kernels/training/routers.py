@@ -1,0 +1,228 @@
+"""Stage 2: router training against a surrogate of the LM loss and a latency table.
+
+The model is frozen. Sampled router choices are run through the model to record
+(choice one-hots -> LM loss) pairs; a small MLP, the surrogate, learns to predict the
+loss from router probabilities. The static router is then updated on
+``surrogate(probs) + latency_weight * latency_loss``, only while the surrogate's relative
+error on fresh samples stays under ``surrogate_threshold`` (otherwise it is refreshed
+with more samples). A choice set's latency is the sum over layers of the latency
+table's MLP and attention entries (fallback without a table: a parameter count, which
+is proportional to FLOPs); the target is ``budget x`` the full model's latency, and the
+loss ``| expected / target - 1 |`` is zero within ``tolerance``; at budget 1 the router is also pulled to
+the largest choices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flextron_kernels.bench.latency_table import LatencyTable
+from flextron_kernels.training.common import Metrics, Progress, check_budgets, lm_loss
+
+
+@dataclass
+class RouterConfig:
+    steps: int = 200
+    batch_size: int = 8
+    lr: float = 1e-2
+    budgets: list = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
+    samples: int = 48  # (choices, loss) pairs per surrogate refresh
+    surrogate_steps: int = 300
+    surrogate_threshold: float = 0.05  # relative error on fresh samples
+    check_every: int = 50
+    latency_weight: float = 20.0
+    surrogate_weight: float = 0.2  # the latency target is the constraint; the surrogate picks among configs meeting it
+    tolerance: float = 0.02  # no latency loss within 2% of the target (routes are judged at 5%)
+    tau_start: float = 1.0
+    tau_end: float = 0.1
+    phase: str = "prefill"
+    tokens: int = 512
+    seed: int = 0
+
+    def __post_init__(self):
+        self.budgets = check_budgets(self.budgets)
+
+
+class Surrogate(nn.Module):
+    """Router probabilities (per layer, MLP then heads, flattened) -> predicted LM loss."""
+
+    def __init__(self, n_inputs: int, hidden: int = 64):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(n_inputs, hidden), nn.LeakyReLU(0.1), nn.Linear(hidden, 1))
+
+    def forward(self, probs: torch.Tensor) -> torch.Tensor:
+        return self.net(probs).squeeze(-1)
+
+
+def choice_costs(model, table: Optional[LatencyTable], phase: str, tokens: int):
+    """Per layer, the cost of each MLP-width and head-count choice: ``([L, Cm], [L, Ch])``
+    latencies from ``table``, or parameter counts without one."""
+    cfg = model.config
+    mlp, heads = [], []
+    for mc, hc in zip(cfg.mlp_choices, cfg.head_choices):
+        if table is not None:
+            mlp.append([table.latency("mlp", c, phase, tokens) for c in mc])
+            heads.append([table.latency("attention", h, phase, tokens) for h in hc])
+        else:
+            per_neuron = cfg.d_model * (3 if cfg.arch == "llama" else 2)
+            mlp.append([c * per_neuron for c in mc])
+            heads.append([h * cfg.head_dim * cfg.d_model * (2 + 2 / cfg.group) for h in hc])
+    return torch.tensor(mlp, dtype=torch.float64), torch.tensor(heads, dtype=torch.float64)
+
+
+def check_table(model, table: LatencyTable, phase: str) -> None:
+    """Raise ValueError if ``table`` lacks any of the model's choices."""
+    for kind, per_layer in (("mlp", model.config.mlp_choices), ("attention", model.config.head_choices)):
+        have = set(table.choices(kind, phase))
+        need = {c for layer in per_layer for c in layer}
+        if not need <= have:
+            raise ValueError(f"latency table: no {phase} entries for {kind} choices {sorted(need - have)} "
+                             f"(the table has {sorted(have)}); measure it with the model's choices")
+
+
+def straight_through(probs: torch.Tensor) -> torch.Tensor:
+    """The argmax one-hot of ``probs [..., C]`` carrying their gradient: the cost of the
+    choice actually made, differentiable."""
+    hard = F.one_hot(probs.argmax(-1), probs.shape[-1]).to(probs.dtype)
+    return hard - probs.detach() + probs
+
+
+def expected_cost(mlp_probs, head_probs, costs):
+    """``[B]``: sum over layers of the probability-weighted choice costs."""
+    mlp_cost, head_cost = (c.to(mlp_probs.dtype) for c in costs)
+    return (mlp_probs * mlp_cost).sum((-1, -2)) + (head_probs * head_cost).sum((-1, -2))
+
+
+def latency_loss(cost, target, tolerance):
+    excess = (cost / target - 1).abs()
+    return torch.where(excess < tolerance, torch.zeros_like(excess), excess)
+
+
+def full_budget_pull(mlp_logits, head_logits, budgets):
+    """At budget 1 the latency target allows everything: pull the router to the largest
+    choices there (cross-entropy toward the last choice of every layer)."""
+    full = budgets >= 1.0
+    if not bool(full.any()):
+        return mlp_logits.new_zeros(())
+    terms = []
+    for logits in (mlp_logits[full], head_logits[full]):
+        target = torch.full(logits.shape[:-1], logits.shape[-1] - 1, dtype=torch.int64)
+        terms.append(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1)))
+    return sum(terms)
+
+
+def _collect(model, data, budgets, n, batch_size, generator, tau):
+    """(one-hot choices [n, features], LM losses [n]) from routes sampled at random budgets."""
+    router = model.static_router
+    features, losses, sampled = [], [], []
+    with torch.no_grad():
+        for _ in range(n):
+            budget = budgets[int(torch.randint(0, len(budgets), (1,), generator=generator))]
+            rows = data.batch(batch_size, generator).to(model.embed.weight.device)
+            mlp_logits, head_logits = router(torch.tensor([budget]))
+            gumbel = lambda lg: F.gumbel_softmax(lg, tau=tau, hard=True)  # noqa: E731
+            mlp_choice, head_choice = gumbel(mlp_logits), gumbel(head_logits)
+            loss = _loss_with_choices(model, rows, mlp_choice[0].argmax(-1), head_choice[0].argmax(-1))
+            features.append(torch.cat([mlp_choice.flatten(), head_choice.flatten()]))
+            losses.append(loss)
+            sampled.append(budget)
+    return torch.stack(features), torch.tensor(losses)
+
+
+def _loss_with_choices(model, rows, mlp_index, head_index) -> float:
+    """LM loss of the sub-network with these per-layer choice indices."""
+    cfg = model.config
+    choices = [(mc[i], hc[j]) for mc, hc, i, j in zip(cfg.mlp_choices, cfg.head_choices, mlp_index.tolist(), head_index.tolist())]
+    was_training = model.training
+    model.eval()
+    loss = lm_loss(model(rows[:, :-1], choices=choices), rows[:, 1:]).item()
+    model.train(was_training)
+    return loss
+
+
+def _fit(surrogate, features, losses, steps, lr=3e-3):
+    opt = torch.optim.Adam(surrogate.parameters(), lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        F.mse_loss(surrogate(features), losses).backward()
+        opt.step()
+
+
+def _relative_error(surrogate, features, losses) -> float:
+    with torch.no_grad():
+        return ((surrogate(features) - losses).abs() / losses.abs().clamp_min(1e-6)).mean().item()
+
+
+def train_routers(model, data, config: Optional[RouterConfig] = None, *, latency_table=None, metrics_path=None,
+                  progress: bool = True) -> dict:
+    """Train ``model.static_router`` (attached if missing) with the model frozen.
+
+    Returns ``{"surrogate": Surrogate, "records": [...]}``."""
+    config = config or RouterConfig()
+    table = latency_table if latency_table is None or isinstance(latency_table, LatencyTable) else LatencyTable.load(latency_table)
+    if table is not None:
+        check_table(model, table, config.phase)
+    if model.static_router is None:
+        model.attach_routers(config.budgets, static=True, token=False)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("static_router."))
+    router = model.static_router
+    costs = choice_costs(model, table, config.phase, config.tokens)
+    full_cost = costs[0][:, -1].sum() + costs[1][:, -1].sum()
+    generator = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)
+    metrics = Metrics(metrics_path)
+    bar = Progress(config.steps, "routers", progress)
+    n_features = sum(len(c) for c in model.config.mlp_choices) + sum(len(c) for c in model.config.head_choices)
+    surrogate = Surrogate(n_features)
+    opt = torch.optim.Adam(router.parameters(), lr=config.lr)
+    features, losses = _collect(model, data, config.budgets, config.samples, config.batch_size, generator, config.tau_start)
+    _fit(surrogate, features, losses, config.surrogate_steps)
+    fresh = _collect(model, data, config.budgets, config.samples // 2, config.batch_size, generator, config.tau_start)
+    error = _relative_error(surrogate, *fresh)
+    budgets = torch.tensor(config.budgets, dtype=torch.float32)
+    for step in range(config.steps):
+        tau = config.tau_start * (config.tau_end / config.tau_start) ** (step / max(config.steps - 1, 1))
+        if step and step % config.check_every == 0:
+            fresh_f, fresh_l = _collect(model, data, config.budgets, config.samples // 2, config.batch_size, generator, tau)
+            error = _relative_error(surrogate, fresh_f, fresh_l)
+            if error >= config.surrogate_threshold:  # refresh the surrogate before trusting it again
+                features, losses = torch.cat([features, fresh_f]), torch.cat([losses, fresh_l])
+                _fit(surrogate, features, losses, config.surrogate_steps)
+                error = _relative_error(surrogate, fresh_f, fresh_l)
+        mlp_logits, head_logits = router(budgets)
+        # Temperature 1 here: an annealed temperature saturates the softmax and starves the
+        # straight-through gradient (tau anneals the sampling of routes for the surrogate).
+        mlp_probs, head_probs = F.softmax(mlp_logits, -1), F.softmax(head_logits, -1)
+        # The latency of the choice the router makes (its argmax), with the soft gradient.
+        cost = expected_cost(straight_through(mlp_probs.double()), straight_through(head_probs.double()), costs)
+        lat = latency_loss(cost, budgets.double() * full_cost, config.tolerance)
+        loss = config.latency_weight * lat.mean() + full_budget_pull(mlp_logits, head_logits, budgets)
+        if error < config.surrogate_threshold:
+            probs = torch.cat([mlp_probs.flatten(1), head_probs.flatten(1)], dim=1)
+            loss = loss + config.surrogate_weight * surrogate(probs).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        bar.update(step + 1, 0, loss=loss.item(), surrogate_error=error)
+        metrics.log(stage="routers", step=step + 1, loss=loss.item(), latency_loss=lat.mean().item(),
+                    surrogate_error=error, tau=tau)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.eval()
+    return {"surrogate": surrogate, "records": metrics.records, "costs": costs, "full_cost": full_cost.item()}
+
+
+def routed_cost_ratio(model, budget: float, costs) -> float:
+    """The latency (by ``costs``) of the router's argmax choice at ``budget``, over the full model's."""
+    with torch.no_grad():
+        mlp_logits, head_logits = model.static_router(torch.tensor([budget]))
+        mlp = F.one_hot(mlp_logits.argmax(-1), mlp_logits.shape[-1]).double()
+        heads = F.one_hot(head_logits.argmax(-1), head_logits.shape[-1]).double()
+        full = costs[0][:, -1].sum() + costs[1][:, -1].sum()
+        return (expected_cost(mlp, heads, costs) / full).item()

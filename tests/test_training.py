@@ -1,0 +1,139 @@
+"""Training stages on a tiny model and a small slice of Python's standard library."""
+
+import json
+
+import pytest
+import torch
+
+from flextron_kernels.bench.latency_table import LatencyTable
+from flextron_kernels.models import FlextronConfig, FlextronForCausalLM
+from flextron_kernels.training import (
+    ByteTokenizer,
+    ElasticConfig,
+    JointConfig,
+    PackedSequences,
+    RouterConfig,
+    elastic_train,
+    find_files,
+    joint_train,
+    routed_cost_ratio,
+    tokenize_files,
+    train_routers,
+)
+from flextron_kernels.training.data import stdlib_sources
+
+BUDGETS = [0.25, 0.5, 0.75, 1.0]
+
+
+@pytest.fixture(scope="module")
+def data():
+    stream = tokenize_files(stdlib_sources(60_000), ByteTokenizer())
+    return PackedSequences(stream, 32).split(0.05)
+
+
+def tiny_model(seed=0, layers=2):
+    torch.manual_seed(seed)
+    config = FlextronConfig(arch="gpt2", vocab_size=257, d_model=32, n_layers=layers, q_heads=4, kv_heads=4, ffn=64,
+                            max_positions=64, tie_embeddings=True, mlp_choices=[[16, 32, 48, 64]] * layers,
+                            head_choices=[[1, 2, 3, 4]] * layers)
+    return FlextronForCausalLM(config)
+
+
+def test_data_pipeline(tmp_path):
+    tok = ByteTokenizer()
+    assert tok.decode(tok.encode("héllo")) == "héllo"
+    (tmp_path / "a.txt").write_text("abc")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.txt").write_text("defgh")
+    files = find_files([tmp_path], "*.txt")
+    stream = tokenize_files(files, tok)
+    assert stream.tolist() == list(b"abc") + [256] + list(b"defgh") + [256]
+    packed = PackedSequences(stream, 4)
+    assert packed.rows.shape == (2, 5) and torch.equal(packed.rows[1, 0], stream[4])
+    with pytest.raises(FileNotFoundError, match="data: no such file or folder"):
+        find_files([tmp_path / "missing.txt"])
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(ValueError, match="data: the corpus is empty"):
+        tokenize_files([tmp_path / "empty.txt"], tok)
+    with pytest.raises(ValueError, match="cannot fill one sequence"):
+        PackedSequences(stream, 100)
+
+
+def test_elastic_training_lowers_every_budget_loss(data, tmp_path):
+    train, val = data
+    model = tiny_model()
+    from flextron_kernels.training.common import evaluate
+
+    before = {b: evaluate(model, val, b) for b in BUDGETS}
+    records = elastic_train(model, train, val, ElasticConfig(steps=30, batch_size=8, lr=3e-3, log_every=29,
+                                                             distill="full"), metrics_path=tmp_path / "m.jsonl",
+                            progress=False)
+    first, last = records[0]["loss_per_budget"], records[-1]["val_loss"]
+    assert set(first) == {"1.0", "0.25"} | set(first)  # sandwich: full and smallest every step
+    assert all(last[str(b)] < before[b] - 0.3 for b in BUDGETS), (before, last)
+    lines = (tmp_path / "m.jsonl").read_text().splitlines()
+    assert len(lines) == 30 and "tokens_per_s" in json.loads(lines[-1])
+
+
+def test_resume_continues_the_same_run(data, tmp_path):
+    train, _ = data
+    config = ElasticConfig(steps=6, batch_size=4, lr=1e-3, checkpoint_every=3, seed=5)
+    straight = tiny_model(1)
+    full_run = elastic_train(straight, train, None, config, checkpoint=tmp_path / "a.pt", progress=False)
+    first = tiny_model(1)
+    elastic_train(first, train, None, ElasticConfig(**{**config.__dict__, "steps": 3}), checkpoint=tmp_path / "b.pt",
+                  progress=False)
+    resumed = tiny_model(1)
+    rest = elastic_train(resumed, train, None, config, checkpoint=tmp_path / "b.pt", resume=True, progress=False)
+    assert [r["loss_per_budget"] for r in rest] == [r["loss_per_budget"] for r in full_run[3:]]
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+# Eight layers: with two, one step of one layer's choice moves the latency by 12.5%, more
+# than the 5% a route is allowed to miss its budget by.
+def test_router_training_meets_budgets(data):
+    train, _ = data
+    model = tiny_model(2, layers=8)
+    result = train_routers(model, train, RouterConfig(steps=150, samples=16, surrogate_steps=150, batch_size=4),
+                           progress=False)
+    for budget in BUDGETS:
+        assert abs(routed_cost_ratio(model, budget, result["costs"]) / budget - 1) <= 0.05, budget
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_router_training_with_a_latency_table(data):
+    train, _ = data
+    model = tiny_model(3, layers=8)
+    entries = [dict(kind="mlp", choice=c, phase="prefill", tokens=128, ms=0.01 + c / 1000) for c in (16, 32, 48, 64)]
+    entries += [dict(kind="attention", choice=h, phase="prefill", tokens=128, ms=0.02 * h) for h in (1, 2, 3, 4)]
+    table = LatencyTable(entries)
+    result = train_routers(model, train, RouterConfig(steps=120, samples=12, surrogate_steps=100, batch_size=4, tokens=128),
+                           latency_table=table, progress=False)
+    for budget in (0.5, 1.0):
+        assert abs(routed_cost_ratio(model, budget, result["costs"]) / budget - 1) <= 0.05, budget
+    bad = LatencyTable([e for e in entries if e["choice"] != 48])
+    with pytest.raises(ValueError, match="latency table: no prefill entries for mlp choices \\[48\\]"):
+        train_routers(tiny_model(), train, RouterConfig(steps=1), latency_table=bad, progress=False)
+
+
+def test_joint_fine_tuning_updates_model_and_routers(data):
+    train, _ = data
+    model = tiny_model(4)
+    model.attach_routers(BUDGETS, static=True, token=True, hidden=16)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    joint_train(model, train, JointConfig(steps=3, batch_size=4), progress=False)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert any(n.startswith("static_router") for n in changed)
+    assert any(n.startswith("token_routers") for n in changed)
+    assert any(n.startswith("layers.0.mlp") for n in changed)
+    with pytest.raises(ValueError, match="joint_train: attach routers first"):
+        joint_train(tiny_model(), train, JointConfig(steps=1), progress=False)
+
+
+def test_bad_budgets():
+    for bad in ([0.0, 1.0], [1.5], []):
+        with pytest.raises(ValueError, match="budgets: expected values in \\(0, 1\\]"):
+            ElasticConfig(budgets=bad)
+    with pytest.raises(ValueError, match="budgets: expected values in \\(0, 1\\]"):
+        RouterConfig(budgets=[2.0])
