@@ -170,14 +170,96 @@ def _plot(path: Path, results: dict) -> bool:
     return True
 
 
+def train_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.description = ("Train a Flextron model: 'elastic' (stage 1), 'routers' (stage 2, surrogate + latency "
+                     "table), 'joint' (stage 3). Reads and writes Flextron checkpoints (save_pretrained folders).")
+    p.add_argument("stage", choices=("elastic", "routers", "joint"))
+    p.add_argument("--model", required=True, help="a Flextron checkpoint folder, or a local Hugging Face model to convert")
+    p.add_argument("--data", nargs="+", required=True, help="text files or folders")
+    p.add_argument("--pattern", default="*", help="file pattern inside folders (e.g. '*.py')")
+    p.add_argument("--tokenizer", default="byte", help="'byte' or a local Hugging Face tokenizer path")
+    p.add_argument("--out", required=True, help="output checkpoint folder")
+    p.add_argument("--steps", type=_positive("--steps"), default=100)
+    p.add_argument("--batch-size", type=_positive("--batch-size"), default=8)
+    p.add_argument("--seq-len", type=_positive("--seq-len"), default=128)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--budgets", type=_budgets, default=[0.25, 0.5, 0.75, 1.0])
+    p.add_argument("--lut", default=None, help="latency table from 'flextron bench --lut' (routers, joint)")
+    p.add_argument("--distill", choices=("none", "full"), default="none")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/trainer.pt (elastic)")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from flextron_kernels.models import FlextronForCausalLM
+    from flextron_kernels.training import (
+        ElasticConfig,
+        JointConfig,
+        PackedSequences,
+        RouterConfig,
+        elastic_train,
+        find_files,
+        joint_train,
+        load_tokenizer,
+        tokenize_files,
+        train_routers,
+    )
+
+    # Every input is checked before any training starts.
+    try:
+        files = find_files(args.data, args.pattern)
+        stream = tokenize_files(files, load_tokenizer(args.tokenizer))
+        train, val = PackedSequences(stream, args.seq_len).split(0.05)
+    except (OSError, ValueError) as err:
+        raise SystemExit(str(err)) from None
+    out = _writable_folder(args.out)
+    model_path = Path(args.model)
+    config_file = model_path / "config.json"
+    if config_file.exists() and "flextron_config" in json.loads(config_file.read_text()):
+        model = FlextronForCausalLM.from_pretrained(model_path)
+    elif model_path.exists():  # a Hugging Face checkpoint: convert, ranked on the first training rows
+        model = FlextronForCausalLM.from_hf(model_path, calibration=train.rows[:16, :-1])
+    else:
+        raise SystemExit(f"--model: no such folder: {str(model_path)!r}")
+    if args.lut:
+        from flextron_kernels.bench.latency_table import LatencyTable
+        from flextron_kernels.training.routers import check_table
+
+        try:
+            check_table(model, LatencyTable.load(args.lut), "prefill")
+        except (OSError, ValueError) as err:
+            raise SystemExit(f"--lut: {err}") from None
+    metrics = out / f"metrics_{args.stage}.jsonl"
+    torch.manual_seed(args.seed)
+    if args.stage == "elastic":
+        config = ElasticConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr or 3e-4, budgets=args.budgets,
+                               distill=args.distill, seed=args.seed, checkpoint_every=max(args.steps // 10, 1))
+        elastic_train(model, train, val, config, metrics_path=metrics, checkpoint=out / "trainer.pt", resume=args.resume)
+    elif args.stage == "routers":
+        config = RouterConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr or 1e-2, budgets=args.budgets,
+                              tokens=args.batch_size * args.seq_len, seed=args.seed)
+        train_routers(model, train, config, latency_table=args.lut, metrics_path=metrics)
+    else:
+        config = JointConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr or 1e-4, budgets=args.budgets,
+                             tokens=args.batch_size * args.seq_len, seed=args.seed)
+        joint_train(model, train, config, latency_table=args.lut, metrics_path=metrics)
+    model.save_pretrained(out)
+    print(f"wrote {out} (metrics: {metrics})")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="flextron", description="flextron_kernels command line")
     sub = parser.add_subparsers(dest="command", required=True)
     bench_parser(sub.add_parser("bench", help="latency-per-budget benchmark (the main job)"))
+    train_parser(sub.add_parser("train", help="elastic training, router training, joint fine-tuning"))
     args = parser.parse_args(argv)
     if args.command == "bench":
         return run_bench(args)
-    return 2
+    return run_train(args)
 
 
 def bench_main(argv=None) -> int:

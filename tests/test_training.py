@@ -137,3 +137,52 @@ def test_bad_budgets():
             ElasticConfig(budgets=bad)
     with pytest.raises(ValueError, match="budgets: expected values in \\(0, 1\\]"):
         RouterConfig(budgets=[2.0])
+
+
+def test_train_command_runs_the_three_stages(tmp_path):
+    from flextron_kernels.cli import main
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for f in stdlib_sources(30_000):
+        (corpus / f.name).write_text(f.read_text())
+    tiny_model(0).save_pretrained(tmp_path / "start")
+    common = ["--data", str(corpus), "--seq-len", "32", "--batch-size", "4", "--steps", "3"]
+    assert main(["train", "elastic", "--model", str(tmp_path / "start"), "--out", str(tmp_path / "s1")] + common) == 0
+    assert main(["train", "routers", "--model", str(tmp_path / "s1"), "--out", str(tmp_path / "s2")] + common) == 0
+    assert main(["train", "joint", "--model", str(tmp_path / "s2"), "--out", str(tmp_path / "s3")] + common) == 0
+    final = FlextronForCausalLM.from_pretrained(tmp_path / "s3")
+    assert final.static_router is not None
+    assert (tmp_path / "s1" / "metrics_elastic.jsonl").exists() and (tmp_path / "s1" / "trainer.pt").exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--data", "/nonexistent/corpus"], "data: no such file or folder"),
+    (["--budgets", "0.5,1.2"], "--budgets: expected values in \\(0, 1\\]"),
+    (["--model", "/nonexistent/model"], "--model: no such folder"),
+])
+def test_train_command_bad_input(tmp_path, argv, message, capsys):
+    from flextron_kernels.cli import main
+
+    (tmp_path / "a.py").write_text("x = 1\n" * 400)
+    tiny_model(0).save_pretrained(tmp_path / "m")
+    base = {"--data": str(tmp_path / "a.py"), "--model": str(tmp_path / "m"), "--out": str(tmp_path / "o"), "--seq-len": "16"}
+    for key, value in zip(argv[::2], argv[1::2]):
+        base[key] = value
+    args = ["train", "elastic"] + [x for kv in base.items() for x in kv]
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    text = str(exc.value.code) + capsys.readouterr().err
+    assert __import__("re").search(message, text), text
+
+
+def test_train_command_rejects_a_mismatched_latency_table(tmp_path):
+    from flextron_kernels.cli import main
+
+    (tmp_path / "a.py").write_text("x = 1\n" * 400)
+    tiny_model(0).save_pretrained(tmp_path / "m")
+    LatencyTable([dict(kind="mlp", choice=99, phase="prefill", tokens=1, ms=1.0),
+                  dict(kind="attention", choice=1, phase="prefill", tokens=1, ms=1.0)]).save(tmp_path / "lut.json")
+    with pytest.raises(SystemExit, match="--lut: latency table: no prefill entries for mlp choices"):
+        main(["train", "routers", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "a.py"), "--seq-len", "16",
+              "--out", str(tmp_path / "o"), "--lut", str(tmp_path / "lut.json")])
