@@ -9,6 +9,7 @@ teacher's (``distill="teacher"``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Optional
 
 import torch
 
+from flextron_kernels.ops.common import full_size_weight_grads
 from flextron_kernels.training.common import (
     Metrics,
     Progress,
@@ -73,40 +75,36 @@ def elastic_train(model, train, val=None, config: Optional[ElasticConfig] = None
     config = config or ElasticConfig()
     if config.distill == "teacher" and teacher is None:
         raise ValueError("distill: 'teacher' needs a teacher model")
-    device = model.embed.weight.device
+    distributed, rank = distributed_rank()
+    core = getattr(model, "module", model)  # the model inside a DDP wrapper
+    device = core.embed.weight.device
     params = [p for n, p in model.named_parameters() if "router" not in n]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = cosine_schedule(optimizer, config.warmup, config.steps)
+    # Sub-network sampling is identical on every rank (same seed); batches differ per rank.
     generator = torch.Generator().manual_seed(config.seed)
+    data_generator = torch.Generator().manual_seed(config.seed * 7919 + rank + 1)
     start = 0
     if resume:
         if checkpoint is None or not Path(checkpoint).exists():
             raise FileNotFoundError(f"resume: no checkpoint at {checkpoint!r}")
-        values = load_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler)
+        values = load_checkpoint(checkpoint, model=core, optimizer=optimizer, scheduler=scheduler)
         start = values["step"]
         set_rng_state(values["rng"], generator)
+        data_generator.set_state(values["data_rng"])
+    # Distributed wrappers (DDP, FSDP2) reduce gradients from autograd's accumulation hooks:
+    # there, weight gradients go through autograd at full size instead of in place.
+    grads_mode = full_size_weight_grads if distributed else contextlib.nullcontext
     metrics = Metrics(metrics_path)
     bar = Progress(config.steps, "elastic", progress)
     model.train()
     for step in range(start, config.steps):
-        rows = train.batch(config.batch_size, generator).to(device)
+        rows = train.batch(config.batch_size, data_generator).to(device)
         inputs, targets = rows[:, :-1], rows[:, 1:]
         budgets = sample_budgets(config.budgets, config.subnets, config.sampling, generator)
         optimizer.zero_grad(set_to_none=True)
-        losses, full_logits = {}, None
-        for budget in budgets:
-            logits = model(inputs, budget=budget)
-            loss = lm_loss(logits, targets)
-            losses[str(budget)] = loss.item()
-            if budget == config.budgets[-1] and config.distill == "full":
-                full_logits = logits.detach()
-            elif config.distill == "full" and full_logits is not None:
-                loss = loss + config.distill_weight * distillation_loss(logits, full_logits)
-            elif config.distill == "teacher":
-                with torch.no_grad():
-                    reference = teacher(inputs)
-                loss = loss + config.distill_weight * distillation_loss(logits, reference)
-            (loss / len(budgets)).backward()
+        with grads_mode():
+            losses = _train_subnetworks(model, inputs, targets, budgets, config, teacher)
         if config.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
         optimizer.step()
@@ -115,10 +113,41 @@ def elastic_train(model, train, val=None, config: Optional[ElasticConfig] = None
         record = dict(stage="elastic", step=step + 1, loss_per_budget=losses, lr=scheduler.get_last_lr()[0],
                       tokens_per_s=rate)
         if val is not None and ((step + 1) % config.log_every == 0 or step + 1 == config.steps):
-            record["val_loss"] = {str(b): evaluate(model, val, b) for b in config.budgets}
+            record["val_loss"] = {str(b): evaluate(core, val, b) for b in config.budgets}
         metrics.log(**record)
         done = step + 1 == config.steps
         if checkpoint and (done or (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0)):
-            save_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler, step=step + 1,
-                            rng=rng_state(generator), config=asdict(config))
+            if rank == 0:
+                save_checkpoint(checkpoint, model=core, optimizer=optimizer, scheduler=scheduler, step=step + 1,
+                                rng=rng_state(generator), data_rng=data_generator.get_state(), config=asdict(config))
     return metrics.records
+
+
+def distributed_rank() -> tuple:
+    """(whether torch.distributed is running, this process's rank)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return True, dist.get_rank()
+    return False, 0
+
+
+def _train_subnetworks(model, inputs, targets, budgets, config, teacher) -> dict:
+    """Forward and backward of each sampled sub-network (the full one first); returns
+    the LM loss per budget."""
+    losses, full_logits = {}, None
+    for budget in budgets:
+        logits = model(inputs, budget=budget)
+        loss = lm_loss(logits, targets)
+        losses[str(budget)] = loss.item()
+        if config.distill == "full":
+            if budget == config.budgets[-1]:
+                full_logits = logits.detach()
+            elif full_logits is not None:
+                loss = loss + config.distill_weight * distillation_loss(logits, full_logits)
+        elif config.distill == "teacher":
+            with torch.no_grad():
+                reference = teacher(inputs)
+            loss = loss + config.distill_weight * distillation_loss(logits, reference)
+        (loss / len(budgets)).backward()
+    return losses
