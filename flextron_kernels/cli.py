@@ -187,6 +187,7 @@ def train_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--lut", default=None, help="latency table from 'flextron bench --lut' (routers, joint)")
     p.add_argument("--distill", choices=("none", "full"), default="none")
     p.add_argument("--resume", action="store_true", help="continue from OUT/trainer.pt (elastic)")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard with FSDP2 (fully_shard) instead of DDP")
     p.add_argument("--seed", type=int, default=0)
     return p
 
@@ -234,10 +235,17 @@ def run_train(args: argparse.Namespace) -> int:
             raise SystemExit(f"--lut: {err}") from None
     metrics = out / f"metrics_{args.stage}.jsonl"
     torch.manual_seed(args.seed)
+    trained = model
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun
+        trained = _distribute(model, args.fsdp)
+        if args.stage != "elastic":
+            raise SystemExit(f"train {args.stage}: run it in one process (only the elastic stage is distributed)")
     if args.stage == "elastic":
         config = ElasticConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr or 3e-4, budgets=args.budgets,
                                distill=args.distill, seed=args.seed, checkpoint_every=max(args.steps // 10, 1))
-        elastic_train(model, train, val, config, metrics_path=metrics, checkpoint=out / "trainer.pt", resume=args.resume)
+        rank0 = int(os.environ.get("RANK", "0")) == 0
+        elastic_train(trained, train, val, config, metrics_path=metrics if rank0 else None,
+                      checkpoint=out / "trainer.pt", resume=args.resume, progress=rank0)
     elif args.stage == "routers":
         config = RouterConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr or 1e-2, budgets=args.budgets,
                               tokens=args.batch_size * args.seq_len, seed=args.seed)
@@ -246,9 +254,34 @@ def run_train(args: argparse.Namespace) -> int:
         config = JointConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr or 1e-4, budgets=args.budgets,
                              tokens=args.batch_size * args.seq_len, seed=args.seed)
         joint_train(model, train, config, latency_table=args.lut, metrics_path=metrics)
-    model.save_pretrained(out)
-    print(f"wrote {out} (metrics: {metrics})")
+    # FSDP2 shards parameters as DTensors: gather full ones (a collective: every rank).
+    state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in model.state_dict().items()}
+    if int(os.environ.get("RANK", "0")) == 0:
+        model.save_pretrained(out, state_dict=state)
+        print(f"wrote {out} (metrics: {metrics})")
     return 0
+
+
+def _distribute(model, fsdp: bool):
+    """Join the torchrun process group and wrap ``model`` in DDP or FSDP2."""
+    import torch
+    import torch.distributed as dist
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        model.cuda(local)
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.layers:
+            fully_shard(layer)
+        return fully_shard(model)
+    return torch.nn.parallel.DistributedDataParallel(model)
+
 
 
 def main(argv=None) -> int:

@@ -52,3 +52,25 @@ def test_ranks_agree_after_elastic_training(tmp_path, wrapper):
 
     start = tiny_model(0).state_dict()
     assert any(not torch.equal(start[k], v) for k, v in results[0]["state"].items())
+
+
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_train_command_under_torchrun(tmp_path, fsdp):
+    import subprocess
+
+    from test_training import tiny_model
+
+    (tmp_path / "a.py").write_text("def f(x):\n    return x + 1\n" * 300)
+    tiny_model(0).save_pretrained(tmp_path / "m")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "flextron_kernels.cli", "train", "elastic", "--model", str(tmp_path / "m"), "--data",
+           str(tmp_path / "a.py"), "--seq-len", "16", "--batch-size", "2", "--steps", "2", "--out", str(tmp_path / "o")]
+    if fsdp:
+        cmd.append("--fsdp")
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    from flextron_kernels.models import FlextronForCausalLM
+
+    trained = FlextronForCausalLM.from_pretrained(tmp_path / "o")
+    start = tiny_model(0)
+    assert any(not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), start.state_dict().values()))

@@ -22,7 +22,9 @@ from flextron_kernels.models.modeling import FlextronForCausalLM
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 
 
-def save_pretrained(model: FlextronForCausalLM, path) -> Path:
+def save_pretrained(model: FlextronForCausalLM, path, *, state_dict=None) -> Path:
+    """``state_dict``: the weights to write instead of ``model.state_dict()`` (e.g. full
+    tensors gathered from a sharded model)."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -30,7 +32,7 @@ def save_pretrained(model: FlextronForCausalLM, path) -> Path:
     meta = {"flextron_config": model.config.to_dict(), "routers": model.router_settings, "budget": model.budget,
             "router_tau": model.router_tau}
     (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous() for k, v in (state_dict or model.state_dict()).items()}
     if model.config.tie_embeddings:
         state.pop("lm_head.weight")  # shares storage with embed.weight
     save_file(state, str(path / WEIGHTS_FILE))

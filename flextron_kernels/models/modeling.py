@@ -121,6 +121,7 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
         self.token_routers: Optional[nn.ModuleList] = None
         self.router_tau = 1.0  # Gumbel-softmax temperature in training (annealed by the trainer)
         self.router_settings: Optional[dict] = None
+        self.token_router_probs: list = []  # per layer [T, C], filled by a training forward
 
     def attach_routers(self, budgets=(0.25, 0.5, 0.75, 1.0), *, static: bool = True, token: bool = False,
                        hidden: int = 256) -> None:
@@ -201,7 +202,10 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
         choices = torch.tensor(self.config.mlp_choices[layer], device=budget_code.device)
 
         def route(x):
-            index, scale = select(self.token_routers[layer](x, budget_code), training=self.training, tau=self.router_tau)
+            logits = self.token_routers[layer](x, budget_code)
+            index, scale = select(logits, training=self.training, tau=self.router_tau)
+            if self.training:  # for the trainer's latency loss: each token's choice probabilities
+                self.token_router_probs.append(torch.softmax(logits.float(), -1))
             return choices[index], (scale if self.training else None)
 
         return route
@@ -222,11 +226,11 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
 
         return from_hf(model_or_path, calibration, **kwargs)
 
-    def save_pretrained(self, path):
+    def save_pretrained(self, path, *, state_dict=None):
         """``config.json`` + ``model.safetensors`` (weights, permutations, choices, routers)."""
         from flextron_kernels.models.io import save_pretrained
 
-        return save_pretrained(self, path)
+        return save_pretrained(self, path, state_dict=state_dict)
 
     @staticmethod
     def from_pretrained(path, *, device=None) -> "FlextronForCausalLM":
@@ -287,6 +291,7 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
             return self._per_token(value, cu, num_tokens)
 
         code = self._budget_code(budget, num_seqs, per_token)
+        self.token_router_probs = []
         if choices is not None:
             plans = [dict(width=w, heads=h, mlp_scale=None, attn_scale=None) for w, h in choices]
             code = None

@@ -2,7 +2,8 @@
 
 Each batch mixes budgets (one per sequence). Routers sample hard choices with
 Gumbel-softmax; the LM loss reaches them through the straight-through scales the ops
-apply, and the static router also gets the latency loss of its expected choice cost.
+apply; both also get the latency loss of the choices they make (straight-through: the
+argmax choice's latency, the softmax's gradient), token routers per token.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from flextron_kernels.training.common import Metrics, Progress, check_budgets, l
 from flextron_kernels.training.routers import (
     check_table,
     choice_costs,
-    expected_cost,
     full_budget_pull,
     latency_loss,
     straight_through,
@@ -32,8 +32,8 @@ class JointConfig:
     lr: float = 1e-4
     router_lr: float = 1e-2
     budgets: list = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
-    latency_weight: float = 2.0
-    tolerance: float = 0.05
+    latency_weight: float = 20.0
+    tolerance: float = 0.02
     tau: float = 0.5
     phase: str = "prefill"
     tokens: int = 512
@@ -70,13 +70,29 @@ def joint_train(model, data, config: Optional[JointConfig] = None, *, latency_ta
         per_seq = budgets[torch.randint(0, len(budgets), (config.batch_size,), generator=generator)]
         lm = lm_loss(model(rows[:, :-1], budget=per_seq.to(device)), rows[:, 1:])
         loss = lm
-        lat = torch.zeros(())
+        mlp_cost, head_cost = costs
         if model.static_router is not None:
             mlp_logits, head_logits = model.static_router(per_seq)
-            cost = expected_cost(straight_through(F.softmax(mlp_logits / config.tau, -1).double()),
-                                 straight_through(F.softmax(head_logits / config.tau, -1).double()), costs)
-            lat = latency_loss(cost, per_seq.double() * full_cost, config.tolerance).mean()
-            loss = loss + config.latency_weight * lat.float() + full_budget_pull(mlp_logits, head_logits, per_seq)
+            mlp_probs = straight_through(F.softmax(mlp_logits, -1).double())
+            head_probs = straight_through(F.softmax(head_logits, -1).double())
+            loss = loss + full_budget_pull(mlp_logits, head_logits, per_seq)
+        else:  # every layer's heads in full
+            mlp_probs = F.one_hot(torch.full(mlp_cost.shape[:1], mlp_cost.shape[1] - 1), mlp_cost.shape[1]).double()
+            head_probs = F.one_hot(torch.full(head_cost.shape[:1], head_cost.shape[1] - 1), head_cost.shape[1]).double()
+            mlp_probs, head_probs = mlp_probs.expand(len(per_seq), -1, -1), head_probs.expand(len(per_seq), -1, -1)
+        head_part = (head_probs * head_cost).sum((-1, -2))  # [B]
+        if model.token_routers is not None:
+            # Each token's own MLP choices (the static router's MLP choice is overridden).
+            seq_len = rows.shape[1] - 1
+            token_probs = torch.stack(model.token_router_probs, dim=1).double()  # [T, L, C]
+            token_cost = (straight_through(token_probs) * mlp_cost).sum((-1, -2)).reshape(len(per_seq), seq_len)
+            cost = token_cost + head_part[:, None]
+            target = (per_seq.double() * full_cost)[:, None]
+        else:
+            cost = (mlp_probs * mlp_cost).sum((-1, -2)) + head_part
+            target = per_seq.double() * full_cost
+        lat = latency_loss(cost, target, config.tolerance).mean()
+        loss = loss + config.latency_weight * lat.float()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
