@@ -109,20 +109,21 @@ def main(argv=None) -> int:
     print("4. latency table and static router", flush=True)
     shapes = dict(d_model=128, ffn=512, q_heads=4, kv_heads=4, head_dim=32, vocab_size=257, n_layers=4, arch="gpt2")
     harness = Harness(BenchSettings(model=shapes, model_name="example", device=torch.device("cpu"), dtype=torch.float32,
-                                    budgets=BUDGETS, tokens=512, batch=4, lut_tokens=(512,)), progress=lambda m: None)
+                                    budgets=BUDGETS, tokens=2048, batch=4, lut_tokens=(2048,)), progress=lambda m: None)
     table = harness.latency_table()
     table.save(out / "latency_table.json")
-    result = train_routers(model, train, RouterConfig(steps=steps["routers"], batch_size=8, tokens=512),
+    result = train_routers(model, train, RouterConfig(steps=steps["routers"], batch_size=8, tokens=2048),
                            latency_table=table, progress=False)
     static = routed_losses(model, val, result["costs"])
     costs = result["costs"]
-    floor = ((costs[0][:, 0].sum() + costs[1][:, 0].sum()) / (costs[0][:, -1].sum() + costs[1][:, -1].sum())).item()
+    floor = ((costs[0].min(1).values.sum() + costs[1].min(1).values.sum())
+             / (costs[0][:, -1].sum() + costs[1][:, -1].sum())).item()
     print(f"  the table's smallest sub-network costs {floor:.2f} of the full model: lower budgets cannot be met", flush=True)
     print("  static router:", {b: (round(v["val_loss"], 3), round(v["latency_ratio"], 3)) for b, v in static.items()}, flush=True)
 
     print("5. token routers, joint fine-tuning", flush=True)
     model.attach_routers(BUDGETS, static=False, token=True)
-    joint_train(model, train, JointConfig(steps=steps["joint"], batch_size=8, tokens=512), latency_table=table,
+    joint_train(model, train, JointConfig(steps=steps["joint"], batch_size=8, tokens=2048), latency_table=table,
                 progress=False)
     token = losses_per_budget(model, val)
     print("  token routers:", {b: round(v, 3) for b, v in token.items()}, flush=True)

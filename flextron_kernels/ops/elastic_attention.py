@@ -73,22 +73,30 @@ def _sequence_scores(q, k, scale, causal):
     return scores
 
 
+def _active_kv_heads(q_heads, kv_heads, heads, static_heads):
+    """KV heads to compute: with one head count for every token, only the used ones."""
+    return kv_heads if heads is not None else static_heads // (q_heads // kv_heads)
+
+
 def _forward_torch(q, k, v, cu_seqlens, heads, static_heads, causal, scale):
     num_tokens, q_heads, head_dim = q.shape
     kv_heads = k.shape[1]
     group = q_heads // kv_heads
+    active = _active_kv_heads(q_heads, kv_heads, heads, static_heads)
     out = torch.zeros(num_tokens, q_heads, head_dim, dtype=torch.float32, device=q.device)
     lse = torch.zeros(q_heads, num_tokens, dtype=torch.float32, device=q.device)
     bounds = cu_seqlens.tolist()
     for start, end in zip(bounds[:-1], bounds[1:]):
-        if end == start:
+        if end == start or active == 0:
             continue
-        qs = q[start:end].float().reshape(end - start, kv_heads, group, head_dim)
-        scores = _sequence_scores(qs, k[start:end].float(), scale, causal)
+        length = end - start
+        qs = q[start:end, : active * group].float().reshape(length, active, group, head_dim)
+        scores = _sequence_scores(qs, k[start:end, :active].float(), scale, causal)
         seq_lse = torch.logsumexp(scores, dim=-1)
         probs = torch.exp(scores - seq_lse[..., None])
-        out[start:end] = torch.einsum("kgtu,ukd->tkgd", probs, v[start:end].float()).reshape(end - start, q_heads, head_dim)
-        lse[:, start:end] = seq_lse.reshape(q_heads, end - start)
+        out[start:end, : active * group] = torch.einsum("kgtu,ukd->tkgd", probs, v[start:end, :active].float()).reshape(
+            length, active * group, head_dim)
+        lse[: active * group, start:end] = seq_lse.reshape(active * group, length)
     used = _used_heads(heads, static_heads, num_tokens, q_heads, q.device)
     out = torch.where(used[:, :, None], out, 0.0).to(q.dtype)
     return out, lse
@@ -104,22 +112,24 @@ def _backward_torch(dout, q, k, v, out, lse, cu_seqlens, heads, static_heads, ca
     dq = torch.zeros(num_tokens, q_heads, head_dim, dtype=torch.float32, device=q.device)
     dk = torch.zeros(num_tokens, kv_heads, head_dim, dtype=torch.float32, device=q.device)
     dv = torch.zeros_like(dk)
+    active = _active_kv_heads(q_heads, kv_heads, heads, static_heads)
+    nq = active * group
     bounds = cu_seqlens.tolist()
     for start, end in zip(bounds[:-1], bounds[1:]):
-        if end == start:
+        if end == start or active == 0:
             continue
         length = end - start
-        qs = q[start:end].float().reshape(length, kv_heads, group, head_dim)
-        ks, vs = k[start:end].float(), v[start:end].float()
-        dos = dout[start:end].reshape(length, kv_heads, group, head_dim)
-        seq_lse = lse[:, start:end].reshape(kv_heads, group, length)
+        qs = q[start:end, :nq].float().reshape(length, active, group, head_dim)
+        ks, vs = k[start:end, :active].float(), v[start:end, :active].float()
+        dos = dout[start:end, :nq].reshape(length, active, group, head_dim)
+        seq_lse = lse[:nq, start:end].reshape(active, group, length)
         probs = torch.exp(_sequence_scores(qs, ks, scale, causal) - seq_lse[..., None])
-        dv[start:end] = torch.einsum("kgtu,tkgd->ukd", probs, dos)
+        dv[start:end, :active] = torch.einsum("kgtu,tkgd->ukd", probs, dos)
         dprobs = torch.einsum("tkgd,ukd->kgtu", dos, vs)
-        seq_delta = delta[start:end].reshape(length, kv_heads, group).permute(1, 2, 0)
+        seq_delta = delta[start:end, :nq].reshape(length, active, group).permute(1, 2, 0)
         dscores = probs * (dprobs - seq_delta[..., None])
-        dq[start:end] = (torch.einsum("kgtu,ukd->tkgd", dscores, ks) * scale).reshape(length, q_heads, head_dim)
-        dk[start:end] = torch.einsum("kgtu,tkgd->ukd", dscores, qs) * scale
+        dq[start:end, :nq] = (torch.einsum("kgtu,ukd->tkgd", dscores, ks) * scale).reshape(length, nq, head_dim)
+        dk[start:end, :active] = torch.einsum("kgtu,tkgd->ukd", dscores, qs) * scale
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
