@@ -37,6 +37,24 @@ def _head_counts(heads_ptr, rows, row_mask, static_heads, HAS_HEADS: tl.constexp
 
 
 @triton.jit
+def _load_head(ptr, tokens64, token_mask, stride_t, head, stride_h, dims, dim_mask):
+    """``[len(tokens), BLOCK_D]``: one head's vectors of the given tokens (zeros where masked)."""
+    return tl.load(ptr + tokens64[:, None] * stride_t + head * stride_h + dims[None, :],
+                   mask=token_mask[:, None] & dim_mask[None, :], other=0.0)
+
+
+@triton.jit
+def _load_query_side(q_ptr, dout_ptr, lse_ptr, delta_ptr, rows64, used, head, num_tokens,
+                     stride_qt, stride_qh, stride_dot, stride_doh, dims, dim_mask):
+    """The backward's per-query inputs for one head: q, dout, lse (base 2) and delta."""
+    q = _load_head(q_ptr, rows64, used, stride_qt, head, stride_qh, dims, dim_mask)
+    do = _load_head(dout_ptr, rows64, used, stride_dot, head, stride_doh, dims, dim_mask)
+    lse = tl.load(lse_ptr + head * num_tokens + rows64, mask=used, other=0.0) * _LOG2E
+    delta = tl.load(delta_ptr + head * num_tokens + rows64, mask=used, other=0.0)
+    return q, do, lse, delta
+
+
+@triton.jit
 def attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, heads_ptr, cu_seqlens_ptr,
     tile_group_ptr, tile_start_ptr, tile_end_ptr,
@@ -71,7 +89,7 @@ def attention_fwd_kernel(
         return
 
     kv_head = head // GROUP
-    q = tl.load(q_ptr + rows64[:, None] * stride_qt + head * stride_qh + dims[None, :], mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
+    q = _load_head(q_ptr, rows64, row_mask, stride_qt, head, stride_qh, dims, dim_mask)
     qk_scale = softmax_scale * _LOG2E
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -91,8 +109,8 @@ def attention_fwd_kernel(
             cols = n0 + tl.arange(0, BLOCK_N)
             cols64 = cols.to(tl.int64)
             col_mask = cols < hi
-            k = tl.load(k_ptr + cols64[:, None] * stride_kt + kv_head * stride_kh + dims[None, :], mask=col_mask[:, None] & dim_mask[None, :], other=0.0)
-            v = tl.load(v_ptr + cols64[:, None] * stride_vt + kv_head * stride_vh + dims[None, :], mask=col_mask[:, None] & dim_mask[None, :], other=0.0)
+            k = _load_head(k_ptr, cols64, col_mask, stride_kt, kv_head, stride_kh, dims, dim_mask)
+            v = _load_head(v_ptr, cols64, col_mask, stride_vt, kv_head, stride_vh, dims, dim_mask)
             s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
             if phase == 1:
                 keep = col_mask[None, :]
@@ -143,8 +161,8 @@ def attention_bwd_dkdv_kernel(
     dims = tl.arange(0, BLOCK_D)
     dim_mask = dims < HEAD_DIM
     cols64 = cols.to(tl.int64)
-    k = tl.load(k_ptr + cols64[:, None] * stride_kt + kv_head * stride_kh + dims[None, :], mask=col_mask[:, None] & dim_mask[None, :], other=0.0)
-    v = tl.load(v_ptr + cols64[:, None] * stride_vt + kv_head * stride_vh + dims[None, :], mask=col_mask[:, None] & dim_mask[None, :], other=0.0)
+    k = _load_head(k_ptr, cols64, col_mask, stride_kt, kv_head, stride_kh, dims, dim_mask)
+    v = _load_head(v_ptr, cols64, col_mask, stride_vt, kv_head, stride_vh, dims, dim_mask)
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     qk_scale = softmax_scale * _LOG2E
@@ -168,10 +186,10 @@ def attention_bwd_dkdv_kernel(
                 row_mask = rows < seq_end
                 used = row_mask & (head < _head_counts(heads_ptr, rows, row_mask, static_heads, HAS_HEADS))
                 rows64 = rows.to(tl.int64)
-                q = tl.load(q_ptr + rows64[:, None] * stride_qt + head * stride_qh + dims[None, :], mask=used[:, None] & dim_mask[None, :], other=0.0)
-                do = tl.load(dout_ptr + rows64[:, None] * stride_dot + head * stride_doh + dims[None, :], mask=used[:, None] & dim_mask[None, :], other=0.0)
-                lse = tl.load(lse_ptr + head * num_tokens + rows64, mask=used, other=0.0) * _LOG2E
-                delta = tl.load(delta_ptr + head * num_tokens + rows64, mask=used, other=0.0)
+                q, do, lse, delta = _load_query_side(
+                    q_ptr, dout_ptr, lse_ptr, delta_ptr, rows64, used, head, num_tokens,
+                    stride_qt, stride_qh, stride_dot, stride_doh, dims, dim_mask,
+                )
                 s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
                 keep = used[:, None] & col_mask[None, :]
                 if CAUSAL:
@@ -217,18 +235,18 @@ def attention_bwd_dq_kernel(
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     if tl.max(used.to(tl.int32), axis=0) > 0:
         kv_head = head // GROUP
-        q = tl.load(q_ptr + rows64[:, None] * stride_qt + head * stride_qh + dims[None, :], mask=used[:, None] & dim_mask[None, :], other=0.0)
-        do = tl.load(dout_ptr + rows64[:, None] * stride_dot + head * stride_doh + dims[None, :], mask=used[:, None] & dim_mask[None, :], other=0.0)
-        lse = tl.load(lse_ptr + head * num_tokens + rows64, mask=used, other=0.0) * _LOG2E
-        delta = tl.load(delta_ptr + head * num_tokens + rows64, mask=used, other=0.0)
+        q, do, lse, delta = _load_query_side(
+            q_ptr, dout_ptr, lse_ptr, delta_ptr, rows64, used, head, num_tokens,
+            stride_qt, stride_qh, stride_dot, stride_doh, dims, dim_mask,
+        )
         qk_scale = softmax_scale * _LOG2E
         kv_end = end if CAUSAL else seq_end
         for n0 in range(seq_start, kv_end, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             cols64 = cols.to(tl.int64)
             col_mask = cols < kv_end
-            k = tl.load(k_ptr + cols64[:, None] * stride_kt + kv_head * stride_kh + dims[None, :], mask=col_mask[:, None] & dim_mask[None, :], other=0.0)
-            v = tl.load(v_ptr + cols64[:, None] * stride_vt + kv_head * stride_vh + dims[None, :], mask=col_mask[:, None] & dim_mask[None, :], other=0.0)
+            k = _load_head(k_ptr, cols64, col_mask, stride_kt, kv_head, stride_kh, dims, dim_mask)
+            v = _load_head(v_ptr, cols64, col_mask, stride_vt, kv_head, stride_vh, dims, dim_mask)
             s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
             keep = used[:, None] & col_mask[None, :]
             if CAUSAL:
