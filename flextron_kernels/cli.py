@@ -186,7 +186,7 @@ def train_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--budgets", type=_budgets, default=[0.25, 0.5, 0.75, 1.0])
     p.add_argument("--lut", default=None, help="latency table from 'flextron bench --lut' (routers, joint)")
     p.add_argument("--distill", choices=("none", "full"), default="none")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/trainer.pt (elastic)")
+    p.add_argument("--resume", action="store_true", help="continue exactly from OUT/trainer.pt")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard with FSDP2 (fully_shard) instead of DDP")
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -249,11 +249,13 @@ def run_train(args: argparse.Namespace) -> int:
     elif args.stage == "routers":
         config = RouterConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr or 1e-2, budgets=args.budgets,
                               tokens=args.batch_size * args.seq_len, seed=args.seed)
-        train_routers(model, train, config, latency_table=args.lut, metrics_path=metrics)
+        train_routers(model, train, config, latency_table=args.lut, metrics_path=metrics, checkpoint=out / "trainer.pt",
+                      checkpoint_every=max(args.steps // 10, 1), resume=args.resume)
     else:
         config = JointConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr or 1e-4, budgets=args.budgets,
                              tokens=args.batch_size * args.seq_len, seed=args.seed)
-        joint_train(model, train, config, latency_table=args.lut, metrics_path=metrics)
+        joint_train(model, train, config, latency_table=args.lut, metrics_path=metrics, checkpoint=out / "trainer.pt",
+                    checkpoint_every=max(args.steps // 10, 1), resume=args.resume)
     # FSDP2 shards parameters as DTensors: gather full ones (a collective: every rank).
     state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in model.state_dict().items()}
     if int(os.environ.get("RANK", "0")) == 0:

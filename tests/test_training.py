@@ -186,3 +186,40 @@ def test_train_command_rejects_a_mismatched_latency_table(tmp_path):
     with pytest.raises(SystemExit, match="--lut: latency table: no prefill entries for mlp choices"):
         main(["train", "routers", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "a.py"), "--seq-len", "16",
               "--out", str(tmp_path / "o"), "--lut", str(tmp_path / "lut.json")])
+
+
+def test_router_and_joint_stages_resume_exactly(data, tmp_path):
+    train, _ = data
+    config = RouterConfig(steps=8, samples=6, surrogate_steps=20, batch_size=2, check_every=3, surrogate_threshold=0.0)
+
+    def routers(steps, resume=False, name="r.pt", model=None):
+        model = model or tiny_model(6, layers=3)
+        cfg = RouterConfig(**{**config.__dict__, "steps": steps})
+        out = train_routers(model, train, cfg, checkpoint=tmp_path / name, checkpoint_every=2, resume=resume, progress=False)
+        return model, out["records"]
+
+    straight, straight_records = routers(8, name="a.pt")
+    first, _ = routers(4, name="b.pt")
+    resumed = tiny_model(6, layers=3)
+    resumed.attach_routers(BUDGETS)
+    resumed, rest = routers(8, resume=True, name="b.pt", model=resumed)
+    assert [r["loss"] for r in rest] == [r["loss"] for r in straight_records[4:]]
+    for a, b in zip(straight.static_router.parameters(), resumed.static_router.parameters()):
+        assert torch.equal(a, b)
+
+    def joint(model, steps, resume=False, name="j.pt"):
+        return joint_train(model, train, JointConfig(steps=steps, batch_size=2), checkpoint=tmp_path / name,
+                           checkpoint_every=2, resume=resume, progress=False)
+
+    m1 = tiny_model(7)
+    m1.attach_routers(BUDGETS, static=True, token=True, hidden=8)
+    full = joint(m1, 4, name="c.pt")
+    m2 = tiny_model(7)
+    m2.attach_routers(BUDGETS, static=True, token=True, hidden=8)
+    joint(m2, 2, name="d.pt")
+    m3 = tiny_model(7)
+    m3.attach_routers(BUDGETS, static=True, token=True, hidden=8)
+    rest = joint(m3, 4, resume=True, name="d.pt")
+    assert [r["loss"] for r in rest] == [r["loss"] for r in full[2:]]
+    for a, b in zip(m1.parameters(), m3.parameters()):
+        assert torch.equal(a, b)

@@ -9,13 +9,23 @@ argmax choice's latency, the softmax's gradient), token routers per token.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from flextron_kernels.bench.latency_table import LatencyTable
-from flextron_kernels.training.common import Metrics, Progress, check_budgets, lm_loss
+from flextron_kernels.training.common import (
+    Metrics,
+    Progress,
+    check_budgets,
+    lm_loss,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from flextron_kernels.training.routers import (
     check_table,
     choice_costs,
@@ -44,8 +54,11 @@ class JointConfig:
 
 
 def joint_train(model, data, config: Optional[JointConfig] = None, *, latency_table=None, metrics_path=None,
-                progress: bool = True) -> list:
-    """Fine-tune ``model`` and its attached routers together; returns the metrics records."""
+                progress: bool = True, checkpoint=None, checkpoint_every: int = 0, resume: bool = False) -> list:
+    """Fine-tune ``model`` and its attached routers together; returns the metrics records.
+
+    ``checkpoint`` / ``checkpoint_every`` / ``resume``: as for the other stages (model with
+    routers, optimizer, step, RNG)."""
     config = config or JointConfig()
     if model.static_router is None and model.token_routers is None:
         raise ValueError("joint_train: attach routers first (model.attach_routers or train_routers)")
@@ -63,9 +76,16 @@ def joint_train(model, data, config: Optional[JointConfig] = None, *, latency_ta
     metrics = Metrics(metrics_path)
     bar = Progress(config.steps, "joint", progress)
     device = model.embed.weight.device
+    start = 0
+    if resume:
+        if checkpoint is None or not Path(checkpoint).exists():
+            raise FileNotFoundError(f"resume: no checkpoint at {checkpoint!r}")
+        values = load_checkpoint(checkpoint, model=model, optimizer=optimizer)
+        start = values["step"]
+        set_rng_state(values["rng"], generator)
     model.train()
     model.router_tau = config.tau
-    for step in range(config.steps):
+    for step in range(start, config.steps):
         rows = data.batch(config.batch_size, generator).to(device)
         per_seq = budgets[torch.randint(0, len(budgets), (config.batch_size,), generator=generator)]
         lm = lm_loss(model(rows[:, :-1], budget=per_seq.to(device)), rows[:, 1:])
@@ -98,5 +118,8 @@ def joint_train(model, data, config: Optional[JointConfig] = None, *, latency_ta
         optimizer.step()
         bar.update(step + 1, rows[:, :-1].numel(), lm=lm.item(), latency=lat.item())
         metrics.log(stage="joint", step=step + 1, loss=lm.item(), latency_loss=lat.item())
+        done = step + 1 == config.steps
+        if checkpoint and (done or (checkpoint_every and (step + 1) % checkpoint_every == 0)):
+            save_checkpoint(checkpoint, model=model, optimizer=optimizer, step=step + 1, rng=rng_state(generator))
     model.eval()
     return metrics.records

@@ -15,6 +15,7 @@ the largest choices.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -22,7 +23,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from flextron_kernels.bench.latency_table import LatencyTable
-from flextron_kernels.training.common import Metrics, Progress, check_budgets, lm_loss
+from flextron_kernels.training.common import (
+    Metrics,
+    Progress,
+    check_budgets,
+    lm_loss,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 
 
 @dataclass
@@ -159,10 +169,12 @@ def _relative_error(surrogate, features, losses) -> float:
 
 
 def train_routers(model, data, config: Optional[RouterConfig] = None, *, latency_table=None, metrics_path=None,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, checkpoint=None, checkpoint_every: int = 0, resume: bool = False) -> dict:
     """Train ``model.static_router`` (attached if missing) with the model frozen.
 
-    Returns ``{"surrogate": Surrogate, "records": [...]}``."""
+    ``checkpoint``: a file written every ``checkpoint_every`` steps and at the end (routers,
+    surrogate and its samples, optimizer, step, RNG); ``resume``: continue from it exactly.
+    Returns ``{"surrogate": Surrogate, "records": [...], "costs": ..., "full_cost": ...}``."""
     config = config or RouterConfig()
     table = latency_table if latency_table is None or isinstance(latency_table, LatencyTable) else LatencyTable.load(latency_table)
     if table is not None:
@@ -181,12 +193,22 @@ def train_routers(model, data, config: Optional[RouterConfig] = None, *, latency
     n_features = sum(len(c) for c in model.config.mlp_choices) + sum(len(c) for c in model.config.head_choices)
     surrogate = Surrogate(n_features)
     opt = torch.optim.Adam(router.parameters(), lr=config.lr)
-    features, losses = _collect(model, data, config.budgets, config.samples, config.batch_size, generator, config.tau_start)
-    _fit(surrogate, features, losses, config.surrogate_steps)
-    fresh = _collect(model, data, config.budgets, config.samples // 2, config.batch_size, generator, config.tau_start)
-    error = _relative_error(surrogate, *fresh)
+    start = 0
+    if resume:
+        if checkpoint is None or not Path(checkpoint).exists():
+            raise FileNotFoundError(f"resume: no checkpoint at {checkpoint!r}")
+        values = load_checkpoint(checkpoint, router=router, surrogate=surrogate, optimizer=opt)
+        start, error = values["step"], values["error"]
+        features, losses = values["features"], values["losses"]
+        set_rng_state(values["rng"], generator)
+    else:
+        features, losses = _collect(model, data, config.budgets, config.samples, config.batch_size, generator,
+                                    config.tau_start)
+        _fit(surrogate, features, losses, config.surrogate_steps)
+        fresh = _collect(model, data, config.budgets, config.samples // 2, config.batch_size, generator, config.tau_start)
+        error = _relative_error(surrogate, *fresh)
     budgets = torch.tensor(config.budgets, dtype=torch.float32)
-    for step in range(config.steps):
+    for step in range(start, config.steps):
         tau = config.tau_start * (config.tau_end / config.tau_start) ** (step / max(config.steps - 1, 1))
         if step and step % config.check_every == 0:
             fresh_f, fresh_l = _collect(model, data, config.budgets, config.samples // 2, config.batch_size, generator, tau)
@@ -212,6 +234,10 @@ def train_routers(model, data, config: Optional[RouterConfig] = None, *, latency
         bar.update(step + 1, 0, loss=loss.item(), surrogate_error=error)
         metrics.log(stage="routers", step=step + 1, loss=loss.item(), latency_loss=lat.mean().item(),
                     surrogate_error=error, tau=tau)
+        done = step + 1 == config.steps
+        if checkpoint and (done or (checkpoint_every and (step + 1) % checkpoint_every == 0)):
+            save_checkpoint(checkpoint, router=router, surrogate=surrogate, optimizer=opt, step=step + 1, error=error,
+                            features=features, losses=losses, rng=rng_state(generator))
     for p in model.parameters():
         p.requires_grad_(True)
     model.eval()
