@@ -21,6 +21,7 @@ from torch import nn
 from flextron_kernels.models.config import FlextronConfig
 from flextron_kernels.models.routers import StaticRouter, TokenRouter, encode_budget, select
 from flextron_kernels.nn import ElasticAttention, ElasticMLP, KVCache
+from flextron_kernels.ops.checks import value_checks_enabled
 
 Budget = Union[None, float, torch.Tensor]
 
@@ -91,7 +92,10 @@ class ElasticBudgets:
     def layer_choices(self, budget: Budget) -> list[tuple]:
         """Per layer ``(mlp_width, heads)``: ints for a float budget, ``[B]`` tensors for a
         per-sequence budget tensor."""
-        budget = self.budget if budget is None else budget
+        return self._layer_choices(_check_budget(self.budget if budget is None else budget))
+
+    def _layer_choices(self, budget) -> list[tuple]:
+        """:meth:`layer_choices` for a budget already checked."""
         choices = []
         cfg = self.config
         for i, (widths, heads) in enumerate(zip(cfg.mlp_choices, cfg.head_choices)):
@@ -161,7 +165,7 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
         params = 0
         latency = 0.0
         table = getattr(self, "latency_table", None)
-        for width, heads in self.layer_choices(budget):
+        for width, heads in self._layer_choices(budget):
             kv = heads // cfg.group
             params += cfg.d_model * cfg.head_dim * (2 * heads + 2 * kv)  # q, o; k, v
             params += cfg.d_model * width * (3 if cfg.arch == "llama" else 2)
@@ -178,7 +182,7 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
         router's straight-through ``mlp_scale`` / ``attn_scale`` (``[B]``, training only)."""
         budget = _check_budget(self.budget if budget is None else budget)
         if self.static_router is None:
-            return [dict(width=w, heads=h, mlp_scale=None, attn_scale=None) for w, h in self.layer_choices(budget)]
+            return [dict(width=w, heads=h, mlp_scale=None, attn_scale=None) for w, h in self._layer_choices(budget)]
         per_seq = budget.to(device).float() if isinstance(budget, torch.Tensor) else torch.full((num_seqs,), budget, device=device)
         mlp_logits, head_logits = self.static_router(per_seq)
         mlp_index, mlp_scale = select(mlp_logits, training=self.training, tau=self.router_tau)
@@ -360,7 +364,9 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
 
 def _check_budget(budget) -> float:
     if isinstance(budget, torch.Tensor):
-        if budget.numel() and not bool(((budget > 0) & (budget <= 1)).all()):
+        # A host sync: skipped where width values are not checked either (graph capture,
+        # torch.compile, skip_width_value_checks()).
+        if budget.numel() and value_checks_enabled(budget) and not bool(((budget > 0) & (budget <= 1)).all()):
             raise ValueError(f"budget: expected values in (0, 1], got {budget.tolist()}")
         return budget
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
@@ -369,8 +375,8 @@ def _check_budget(budget) -> float:
 
 
 def _pick(choices: list, full: int, budget) -> Union[int, torch.Tensor]:
-    """The largest choice whose fraction of ``full`` is at most ``budget`` (else the smallest)."""
-    budget = _check_budget(budget)
+    """The largest choice whose fraction of ``full`` is at most ``budget`` (else the smallest);
+    ``budget`` already checked."""
     if isinstance(budget, torch.Tensor):
         values = torch.tensor(choices, device=budget.device)
         fractions = values.double() / full
