@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 import flextron_kernels as fk
 from flextron_kernels.bench.measure import copy_bandwidth_tbps, format_table, matmul_tflops, time_ms, write_results
-from flextron_kernels.bench.workloads import FRACTIONS, mixed_widths, width_of
+from flextron_kernels.bench.workloads import FRACTIONS, mixed_widths, width_groups, width_of
 
 SHAPES = {
     # name: (N, K, elastic axis); the elastic axis is the MLP hidden size.
@@ -36,13 +36,8 @@ SHAPES = {
 }
 def bucketed_forward(x, weight, widths, axis):
     """The torch baseline: sort tokens by width, one F.linear per width (one host sync)."""
-    values, counts = torch.unique(widths, return_counts=True)
-    order = torch.argsort(widths)
     out = x.new_zeros(x.shape[0], weight.shape[0])
-    start = 0
-    for w, c in zip(values.tolist(), counts.tolist()):
-        idx = order[start : start + c]
-        start += c
+    for w, idx in width_groups(widths):
         if axis == "out":
             out[idx, :w] = F.linear(x.index_select(0, idx), weight[:w])
         else:

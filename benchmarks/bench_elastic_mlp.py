@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 import flextron_kernels as fk
 from flextron_kernels.bench.measure import copy_bandwidth_tbps, format_table, matmul_tflops, time_ms, write_results
-from flextron_kernels.bench.workloads import MIXES, MLP_SHAPES, mixed_widths
+from flextron_kernels.bench.workloads import MIXES, MLP_SHAPES, mixed_widths, width_groups
 
 
 def dense_mlp(x, w_gate, w_up, w_down, width):
@@ -31,13 +31,8 @@ def dense_mlp(x, w_gate, w_up, w_down, width):
 
 def bucketed_mlp(x, w_gate, w_up, w_down, widths):
     """The torch baseline: sort tokens by width, a dense MLP per width (one host sync)."""
-    values, counts = torch.unique(widths, return_counts=True)
-    order = torch.argsort(widths)
     out = torch.empty_like(x)
-    start = 0
-    for w, c in zip(values.tolist(), counts.tolist()):
-        idx = order[start : start + c]
-        start += c
+    for w, idx in width_groups(widths):
         out.index_copy_(0, idx, dense_mlp(x.index_select(0, idx), w_gate, w_up, w_down, w))
     return out
 

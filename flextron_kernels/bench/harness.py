@@ -31,7 +31,7 @@ from flextron_kernels.models import FlextronConfig, FlextronForCausalLM
 from flextron_kernels.nn import ElasticAttention
 from flextron_kernels.bench.latency_table import LatencyTable
 from flextron_kernels.bench.measure import copy_bandwidth_tbps, environment, matmul_tflops, time_ms
-from flextron_kernels.bench.workloads import mixed_widths
+from flextron_kernels.bench.workloads import width_groups
 
 MODELS = {
     # name: d_model, ffn, q_heads, kv_heads, head_dim, vocab, n_layers, arch
@@ -112,13 +112,8 @@ class Harness:
         return run
 
     def _bucketed_mlp(self, x, widths):
-        values, counts = torch.unique(widths, return_counts=True)
-        order = torch.argsort(widths)
         out = torch.empty_like(x)
-        start = 0
-        for w, c in zip(values.tolist(), counts.tolist()):
-            idx = order[start : start + c]
-            start += c
+        for w, idx in width_groups(widths):
             out.index_copy_(0, idx, self._mlp_dense(x.index_select(0, idx), w))
         return out
 

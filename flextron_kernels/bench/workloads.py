@@ -32,3 +32,14 @@ def mixed_widths(size: int, count: int, mix: str, device, seed: int = 0) -> torc
     else:
         raise ValueError(f"mix: expected one of {', '.join(MIXES)}, got {mix!r}")
     return choices[index].to(device)
+
+
+def width_groups(widths: torch.Tensor):
+    """``(width, token indices)`` for each distinct width, the torch bucketed-loop baselines'
+    grouping (one host sync)."""
+    values, counts = torch.unique(widths, return_counts=True)
+    order = torch.argsort(widths)
+    start = 0
+    for width, count in zip(values.tolist(), counts.tolist()):
+        yield width, order[start : start + count]
+        start += count
