@@ -242,10 +242,11 @@ def run_train(args: argparse.Namespace) -> int:
             raise SystemExit(f"train {args.stage}: run it in one process (only the elastic stage is distributed)")
     if args.stage == "elastic":
         config = ElasticConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr or 3e-4, budgets=args.budgets,
-                               distill=args.distill, seed=args.seed, checkpoint_every=max(args.steps // 10, 1))
+                               distill=args.distill, seed=args.seed)
         rank0 = int(os.environ.get("RANK", "0")) == 0
         elastic_train(trained, train, val, config, metrics_path=metrics if rank0 else None,
-                      checkpoint=out / "trainer.pt", resume=args.resume, progress=rank0)
+                      checkpoint=out / "trainer.pt", checkpoint_every=max(args.steps // 10, 1), resume=args.resume,
+                      progress=rank0)
     elif args.stage == "routers":
         config = RouterConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr or 1e-2, budgets=args.budgets,
                               tokens=args.batch_size * args.seq_len, seed=args.seed)

@@ -77,12 +77,13 @@ def test_elastic_training_lowers_every_budget_loss(data, tmp_path):
 
 def test_resume_continues_the_same_run(data, tmp_path):
     train, _ = data
-    config = ElasticConfig(steps=6, batch_size=4, lr=1e-3, checkpoint_every=3, seed=5)
+    config = ElasticConfig(steps=6, batch_size=4, lr=1e-3, seed=5)
     straight = tiny_model(1)
-    full_run = elastic_train(straight, train, None, config, checkpoint=tmp_path / "a.pt", progress=False)
+    full_run = elastic_train(straight, train, None, config, checkpoint=tmp_path / "a.pt", checkpoint_every=3,
+                             progress=False)
     first = tiny_model(1)
     elastic_train(first, train, None, ElasticConfig(**{**config.__dict__, "steps": 3}), checkpoint=tmp_path / "b.pt",
-                  progress=False)
+                  checkpoint_every=3, progress=False)
     resumed = tiny_model(1)
     rest = elastic_train(resumed, train, None, config, checkpoint=tmp_path / "b.pt", resume=True, progress=False)
     assert [r["loss_per_budget"] for r in rest] == [r["loss_per_budget"] for r in full_run[3:]]

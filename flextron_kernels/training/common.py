@@ -124,6 +124,18 @@ def save_checkpoint(path, **parts) -> Path:
     return path
 
 
+def checkpoint_due(step: int, total: int, every: int) -> bool:
+    """Whether a checkpoint is written after ``step`` (1-based): every ``every`` steps and at the end."""
+    return step == total or bool(every and step % every == 0)
+
+
+def resume_from(path, **objects) -> dict:
+    """:func:`load_checkpoint`, with a clear error when there is nothing to resume from."""
+    if path is None or not Path(path).exists():
+        raise FileNotFoundError(f"resume: no checkpoint at {str(path)!r}")
+    return load_checkpoint(path, **objects)
+
+
 def load_checkpoint(path, **objects) -> dict:
     """Restore each object's state from ``path``; returns the plain values."""
     state = torch.load(path, map_location="cpu", weights_only=False)

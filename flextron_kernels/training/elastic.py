@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -25,7 +24,8 @@ from flextron_kernels.training.common import (
     distillation_loss,
     evaluate,
     lm_loss,
-    load_checkpoint,
+    checkpoint_due,
+    resume_from,
     rng_state,
     sample_budgets,
     save_checkpoint,
@@ -48,7 +48,6 @@ class ElasticConfig:
     grad_clip: float = 1.0
     seed: int = 0
     log_every: int = 10
-    checkpoint_every: int = 0
 
     def __post_init__(self):
         self.budgets = check_budgets(self.budgets)
@@ -67,7 +66,8 @@ def cosine_schedule(optimizer, warmup: int, total: int):
 
 
 def elastic_train(model, train, val=None, config: Optional[ElasticConfig] = None, *, teacher=None,
-                  metrics_path=None, checkpoint=None, resume: bool = False, progress: bool = True) -> list:
+                  metrics_path=None, checkpoint=None, checkpoint_every: int = 0, resume: bool = False,
+                  progress: bool = True) -> list:
     """Train ``model`` (a FlextronForCausalLM) on ``train`` (PackedSequences) for
     ``config.steps`` steps; returns the metrics records. ``checkpoint``: a file written
     every ``checkpoint_every`` steps and at the end; ``resume``: continue from it exactly
@@ -86,9 +86,7 @@ def elastic_train(model, train, val=None, config: Optional[ElasticConfig] = None
     data_generator = torch.Generator().manual_seed(config.seed * 7919 + rank + 1)
     start = 0
     if resume:
-        if checkpoint is None or not Path(checkpoint).exists():
-            raise FileNotFoundError(f"resume: no checkpoint at {checkpoint!r}")
-        values = load_checkpoint(checkpoint, model=core, optimizer=optimizer, scheduler=scheduler)
+        values = resume_from(checkpoint, model=core, optimizer=optimizer, scheduler=scheduler)
         start = values["step"]
         set_rng_state(values["rng"], generator)
         data_generator.set_state(values["data_rng"])
@@ -115,8 +113,7 @@ def elastic_train(model, train, val=None, config: Optional[ElasticConfig] = None
         if val is not None and ((step + 1) % config.log_every == 0 or step + 1 == config.steps):
             record["val_loss"] = {str(b): evaluate(core, val, b) for b in config.budgets}
         metrics.log(**record)
-        done = step + 1 == config.steps
-        if checkpoint and (done or (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0)):
+        if checkpoint and checkpoint_due(step + 1, config.steps, checkpoint_every):
             if rank == 0:
                 save_checkpoint(checkpoint, model=core, optimizer=optimizer, scheduler=scheduler, step=step + 1,
                                 rng=rng_state(generator), data_rng=data_generator.get_state(), config=asdict(config))

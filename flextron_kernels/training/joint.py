@@ -9,28 +9,27 @@ argmax choice's latency, the softmax's gradient), token routers per token.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from flextron_kernels.bench.latency_table import LatencyTable
 from flextron_kernels.training.common import (
     Metrics,
     Progress,
     check_budgets,
     lm_loss,
-    load_checkpoint,
+    checkpoint_due,
+    resume_from,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
 from flextron_kernels.training.routers import (
-    check_table,
     choice_costs,
     full_budget_pull,
     latency_loss,
+    resolve_table,
     straight_through,
 )
 
@@ -62,9 +61,7 @@ def joint_train(model, data, config: Optional[JointConfig] = None, *, latency_ta
     config = config or JointConfig()
     if model.static_router is None and model.token_routers is None:
         raise ValueError("joint_train: attach routers first (model.attach_routers or train_routers)")
-    table = latency_table if latency_table is None or isinstance(latency_table, LatencyTable) else LatencyTable.load(latency_table)
-    if table is not None:
-        check_table(model, table, config.phase)
+    table = resolve_table(latency_table, model, config.phase)
     costs = choice_costs(model, table, config.phase, config.tokens)
     full_cost = costs[0][:, -1].sum() + costs[1][:, -1].sum()
     router_params = [p for n, p in model.named_parameters() if "router" in n]
@@ -78,9 +75,7 @@ def joint_train(model, data, config: Optional[JointConfig] = None, *, latency_ta
     device = model.embed.weight.device
     start = 0
     if resume:
-        if checkpoint is None or not Path(checkpoint).exists():
-            raise FileNotFoundError(f"resume: no checkpoint at {checkpoint!r}")
-        values = load_checkpoint(checkpoint, model=model, optimizer=optimizer)
+        values = resume_from(checkpoint, model=model, optimizer=optimizer)
         start = values["step"]
         set_rng_state(values["rng"], generator)
     model.train()
@@ -118,8 +113,7 @@ def joint_train(model, data, config: Optional[JointConfig] = None, *, latency_ta
         optimizer.step()
         bar.update(step + 1, rows[:, :-1].numel(), lm=lm.item(), latency=lat.item())
         metrics.log(stage="joint", step=step + 1, loss=lm.item(), latency_loss=lat.item())
-        done = step + 1 == config.steps
-        if checkpoint and (done or (checkpoint_every and (step + 1) % checkpoint_every == 0)):
+        if checkpoint and checkpoint_due(step + 1, config.steps, checkpoint_every):
             save_checkpoint(checkpoint, model=model, optimizer=optimizer, step=step + 1, rng=rng_state(generator))
     model.eval()
     return metrics.records

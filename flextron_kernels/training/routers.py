@@ -15,7 +15,6 @@ the largest choices.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -28,7 +27,8 @@ from flextron_kernels.training.common import (
     Progress,
     check_budgets,
     lm_loss,
-    load_checkpoint,
+    checkpoint_due,
+    resume_from,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -100,6 +100,16 @@ def straight_through(probs: torch.Tensor) -> torch.Tensor:
     choice actually made, differentiable."""
     hard = F.one_hot(probs.argmax(-1), probs.shape[-1]).to(probs.dtype)
     return hard - probs.detach() + probs
+
+
+def resolve_table(table, model, phase: str) -> Optional[LatencyTable]:
+    """``table`` (a LatencyTable, a path to one, or None), checked against the model's choices."""
+    if table is None:
+        return None
+    if not isinstance(table, LatencyTable):
+        table = LatencyTable.load(table)
+    check_table(model, table, phase)
+    return table
 
 
 def expected_cost(mlp_probs, head_probs, costs):
@@ -176,9 +186,7 @@ def train_routers(model, data, config: Optional[RouterConfig] = None, *, latency
     surrogate and its samples, optimizer, step, RNG); ``resume``: continue from it exactly.
     Returns ``{"surrogate": Surrogate, "records": [...], "costs": ..., "full_cost": ...}``."""
     config = config or RouterConfig()
-    table = latency_table if latency_table is None or isinstance(latency_table, LatencyTable) else LatencyTable.load(latency_table)
-    if table is not None:
-        check_table(model, table, config.phase)
+    table = resolve_table(latency_table, model, config.phase)
     if model.static_router is None:
         model.attach_routers(config.budgets, static=True, token=False)
     for name, p in model.named_parameters():
@@ -195,9 +203,7 @@ def train_routers(model, data, config: Optional[RouterConfig] = None, *, latency
     opt = torch.optim.Adam(router.parameters(), lr=config.lr)
     start = 0
     if resume:
-        if checkpoint is None or not Path(checkpoint).exists():
-            raise FileNotFoundError(f"resume: no checkpoint at {checkpoint!r}")
-        values = load_checkpoint(checkpoint, router=router, surrogate=surrogate, optimizer=opt)
+        values = resume_from(checkpoint, router=router, surrogate=surrogate, optimizer=opt)
         start, error = values["step"], values["error"]
         features, losses = values["features"], values["losses"]
         set_rng_state(values["rng"], generator)
@@ -234,8 +240,7 @@ def train_routers(model, data, config: Optional[RouterConfig] = None, *, latency
         bar.update(step + 1, 0, loss=loss.item(), surrogate_error=error)
         metrics.log(stage="routers", step=step + 1, loss=loss.item(), latency_loss=lat.mean().item(),
                     surrogate_error=error, tau=tau)
-        done = step + 1 == config.steps
-        if checkpoint and (done or (checkpoint_every and (step + 1) % checkpoint_every == 0)):
+        if checkpoint and checkpoint_due(step + 1, config.steps, checkpoint_every):
             save_checkpoint(checkpoint, router=router, surrogate=surrogate, optimizer=opt, step=step + 1, error=error,
                             features=features, losses=losses, rng=rng_state(generator))
     for p in model.parameters():
