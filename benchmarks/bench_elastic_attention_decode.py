@@ -69,7 +69,6 @@ def cases(batch, kv_len, q_heads, kv_heads, head_dim, dtype, device, copy_tbps):
             t_ours_int = time_ms(replayable(lambda: ours(heads)))
         dq, dk, dv = q[:, :heads].contiguous(), k[:, :active_kv].contiguous(), v[:, :active_kv].contiguous()
         t_sdpa = time_ms(replayable(lambda: sdpa_decode(dq, dk, dv)))
-        del dq, dk, dv
         kv_bytes = 2 * batch * active_kv * kv_len * head_dim * k.element_size()
         tbps = kv_bytes / (t_ours * 1e-3) / 1e12
         rows.append(

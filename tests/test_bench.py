@@ -4,7 +4,6 @@ import csv
 import json
 
 import pytest
-import torch
 
 from flextron_kernels.bench.latency_table import LatencyTable
 from flextron_kernels.cli import main

@@ -133,7 +133,7 @@ class Harness:
         self.progress(f"ceilings on {s.device} ...")
         ceilings = dict(copy_tbps=copy_bandwidth_tbps(s.device), matmul_tflops=matmul_tflops(s.device, s.dtype))
         rows = []
-        full_width, full_heads = self.s.model["ffn"], self.s.model["q_heads"]
+        full_width = self.s.model["ffn"]
         with torch.no_grad(), fk.skip_width_value_checks():
             t_dense_mlp = time_ms(lambda: self._mlp_dense(self.x, full_width))
             steps = [(op, b) for b in s.budgets for op in OPS if op != "mlp_mixed"] + [("mlp_mixed", None)]
@@ -247,7 +247,7 @@ class Harness:
 
             dense = dense_hf_model(model, budget)
             baseline, name = time_ms(lambda: dense(input_ids=ids, use_cache=False), rep=50), "transformers_dense_reduced"
-            del dense
+            dense = None  # free its weights before the next budget's
         except ImportError:
             baseline, name = None, "none (transformers missing)"
         return self._row("prefill", budget, ours, baseline, name, layers=self._layers())

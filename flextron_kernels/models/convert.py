@@ -16,7 +16,7 @@ unchanged.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Sequence
 
 import torch
 

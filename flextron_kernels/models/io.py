@@ -93,7 +93,6 @@ def dense_hf_model(model: FlextronForCausalLM, budget: float, *, model_type=None
     n_kv = n_heads // cfg.group
     dh = cfg.head_dim
     q_rows, kv_rows = n_heads * dh, n_kv * dh
-    state = {}
     if cfg.arch == "gpt2":
         if n_heads != cfg.q_heads:
             raise ValueError(f"export_hf: a GPT-2 checkpoint cannot hold {n_heads} of {cfg.q_heads} heads "

@@ -226,12 +226,6 @@ def _autograd_backward(ctx, dy):
 _elastic_linear_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
-def grad_buffer(param: torch.Tensor) -> torch.Tensor:
-    if param.grad is None:
-        param.grad = torch.zeros_like(param)
-    return param.grad
-
-
 class _PrefixGradAccumulation(torch.autograd.Function):
     """Eager autograd path for parameters: weight and bias gradients are accumulated in
     place into the used prefix of their ``.grad``; autograd sees none."""
