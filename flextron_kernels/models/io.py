@@ -59,6 +59,20 @@ def from_pretrained(path, *, device=None) -> FlextronForCausalLM:
     return model.to(device) if device is not None else model
 
 
+def _copy_attention_prefix(dst, src, q_rows: int, kv_rows: int) -> None:
+    """Copy the first ``q_rows`` rows of ``src``'s Q projection (``kv_rows`` of K and V) and
+    the first ``q_rows`` columns of its O projection into ``dst`` (modules with
+    ``q_proj``/``k_proj``/``v_proj``/``o_proj``, ours or Hugging Face's)."""
+    for name, rows in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
+        s, d = getattr(src, name), getattr(dst, name)
+        d.weight.copy_(s.weight[:rows])
+        if s.bias is not None:
+            d.bias.copy_(s.bias[:rows])
+    dst.o_proj.weight.copy_(src.o_proj.weight[:, :q_rows])
+    if src.o_proj.bias is not None:
+        dst.o_proj.bias.copy_(src.o_proj.bias)
+
+
 def export_hf(model: FlextronForCausalLM, budget: float, path, *, model_type=None) -> Path:
     """Write a dense Hugging Face checkpoint of the sub-network at ``budget`` (see :func:`dense_hf_model`)."""
     path = Path(path)
@@ -143,14 +157,7 @@ def dense_hf_model(model: FlextronForCausalLM, budget: float, *, model_type=None
         for layer, block in zip(model.layers, base.layers):
             block.input_layernorm.weight.copy_(layer.norm1.weight)
             block.post_attention_layernorm.weight.copy_(layer.norm2.weight)
-            for name, rows in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
-                ours, theirs = getattr(layer.attn, name), getattr(block.self_attn, name)
-                theirs.weight.copy_(ours.weight[:rows])
-                if ours.bias is not None:
-                    theirs.bias.copy_(ours.bias[:rows])
-            block.self_attn.o_proj.weight.copy_(layer.attn.o_proj.weight[:, :q_rows])
-            if layer.attn.o_proj.bias is not None:
-                block.self_attn.o_proj.bias.copy_(layer.attn.o_proj.bias)
+            _copy_attention_prefix(block.self_attn, layer.attn, q_rows, kv_rows)
             block.mlp.gate_proj.weight.copy_(layer.mlp.w_gate[:width])
             block.mlp.up_proj.weight.copy_(layer.mlp.w_up[:width])
             block.mlp.down_proj.weight.copy_(layer.mlp.w_down[:, :width])
@@ -190,14 +197,7 @@ def export_sliced(model: FlextronForCausalLM, budget: float, path) -> Path:
         rows, kv_rows = heads * cfg.head_dim, heads // cfg.group * cfg.head_dim
         ours.norm1.load_state_dict(theirs.norm1.state_dict())
         ours.norm2.load_state_dict(theirs.norm2.state_dict())
-        for name, n in (("q_proj", rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
-            src, dst = getattr(theirs.attn, name), getattr(ours.attn, name)
-            dst.weight.copy_(src.weight[:n])
-            if src.bias is not None:
-                dst.bias.copy_(src.bias[:n])
-        ours.attn.o_proj.weight.copy_(theirs.attn.o_proj.weight[:, :rows])
-        if theirs.attn.o_proj.bias is not None:
-            ours.attn.o_proj.bias.copy_(theirs.attn.o_proj.bias)
+        _copy_attention_prefix(ours.attn, theirs.attn, rows, kv_rows)
         for name in ("w_up", "w_gate", "b_up"):
             src = getattr(theirs.mlp, name)
             if src is not None:
