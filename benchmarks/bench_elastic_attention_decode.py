@@ -23,24 +23,8 @@ import torch
 import torch.nn.functional as F
 
 import flextron_kernels as fk
-from flextron_kernels.bench.measure import copy_bandwidth_tbps, format_table, time_ms, write_results
+from flextron_kernels.bench.measure import copy_bandwidth_tbps, format_table, graph_replay, time_ms, write_results
 from flextron_kernels.bench.workloads import FRACTIONS
-
-
-def replayable(fn):
-    """``fn``, or on a GPU the replay of a CUDA graph that captured one call of it."""
-    if not torch.cuda.is_available():
-        return fn
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):  # compile kernels and settle the allocator outside the capture
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 def sdpa_decode(q, k, v):
@@ -65,10 +49,10 @@ def cases(batch, kv_len, q_heads, kv_heads, head_dim, dtype, device, copy_tbps):
             return fk.elastic_attention_decode(q, k, v, cache_seqlens=cache_seqlens, heads=h)
 
         with fk.skip_width_value_checks():
-            t_ours = time_ms(replayable(ours))
-            t_ours_int = time_ms(replayable(lambda: ours(heads)))
+            t_ours = time_ms(graph_replay(ours))
+            t_ours_int = time_ms(graph_replay(lambda: ours(heads)))
         dq, dk, dv = q[:, :heads].contiguous(), k[:, :active_kv].contiguous(), v[:, :active_kv].contiguous()
-        t_sdpa = time_ms(replayable(lambda: sdpa_decode(dq, dk, dv)))
+        t_sdpa = time_ms(graph_replay(lambda: sdpa_decode(dq, dk, dv)))
         kv_bytes = 2 * batch * active_kv * kv_len * head_dim * k.element_size()
         tbps = kv_bytes / (t_ours * 1e-3) / 1e12
         rows.append(

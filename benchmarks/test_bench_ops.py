@@ -47,6 +47,16 @@ def test_elastic_mlp_per_token(benchmark, mix):
     assert out.shape == x.shape
 
 
+@pytest.mark.parametrize("batch", [1, 16])
+def test_elastic_mlp_decode_mixed(benchmark, batch):
+    mlp = fk.ElasticMLP(D_MODEL, FFN, device=DEVICE, dtype=DTYPE).requires_grad_(False)
+    x = torch.randn(batch, D_MODEL, device=DEVICE, dtype=DTYPE)
+    widths = mixed_widths(FFN, batch, "uniform", DEVICE)
+    with torch.no_grad(), fk.skip_width_value_checks():
+        out = benchmark(_sync(lambda: fk.elastic_mlp_decode(x, mlp.w_up, mlp.w_down, width=widths, w_gate=mlp.w_gate)))
+    assert out.shape == x.shape
+
+
 @pytest.mark.parametrize("fraction", [0.5, 1.0])
 def test_elastic_attention_prefill(benchmark, fraction):
     batch = 8 if ON_GPU else 2

@@ -14,6 +14,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "decode_mlp.h"
 #include "routing_metadata.h"
 
 // Build facts, defined by CMakeLists.txt for this file.
@@ -80,6 +81,7 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "flextron_kernels compiled extension (C++ and, when built with it, CUDA kernels)";
 
   m.attr("ROUTING_MAX_GROUPS") = py::int_(flextron::kRoutingMaxGroups);
+  m.attr("DECODE_MAX_TOKENS") = py::int_(flextron::kDecodeMaxTokens);
 
   m.def("build_info", &build_info,
         "Dict describing this build: version, cuda, cuda_archs, cuda_version, cxx_compiler, "
@@ -139,5 +141,50 @@ PYBIND11_MODULE(_C, m) {
       "a scratch workspace of at least routing_metadata_workspace_bytes(...) bytes and a "
       "cudaStream_t handle. Enqueues kernels on the stream and returns: no synchronisation, "
       "no allocation, capturable in a CUDA graph. num_groups <= ROUTING_MAX_GROUPS.");
+
+  m.def(
+      "elastic_mlp_decode_cuda",
+      [](int dtype, int activation, int64_t num_tokens, int64_t d_model, int64_t ffn, std::uintptr_t x,
+         int64_t x_stride, std::uintptr_t w_up, int64_t w_up_stride, std::uintptr_t w_gate,
+         int64_t w_gate_stride, std::uintptr_t w_down, int64_t w_down_stride, std::uintptr_t b_up,
+         std::uintptr_t b_down, std::uintptr_t scale, std::uintptr_t widths, int64_t static_width,
+         std::uintptr_t hidden, std::uintptr_t out, int64_t out_stride, std::uintptr_t stream) {
+        flextron::DecodeMlpArgs args{};
+        args.dtype = dtype;
+        args.activation = activation;
+        args.num_tokens = num_tokens;
+        args.d_model = d_model;
+        args.ffn = ffn;
+        args.x = as_ptr<const void>(x);
+        args.x_stride = x_stride;
+        args.w_up = as_ptr<const void>(w_up);
+        args.w_up_stride = w_up_stride;
+        args.w_gate = as_ptr<const void>(w_gate);
+        args.w_gate_stride = w_gate_stride;
+        args.w_down = as_ptr<const void>(w_down);
+        args.w_down_stride = w_down_stride;
+        args.b_up = as_ptr<const void>(b_up);
+        args.b_down = as_ptr<const void>(b_down);
+        args.scale = as_ptr<const void>(scale);
+        args.widths = as_ptr<const int32_t>(widths);
+        args.static_width = static_width;
+        args.hidden = as_ptr<void>(hidden);
+        args.out = as_ptr<void>(out);
+        args.out_stride = out_stride;
+        flextron::elastic_mlp_decode_cuda(args, as_ptr<void>(stream));
+      },
+      py::arg("dtype"), py::arg("activation"), py::arg("num_tokens"), py::arg("d_model"), py::arg("ffn"),
+      py::arg("x_ptr"), py::arg("x_stride"), py::arg("w_up_ptr"), py::arg("w_up_stride"),
+      py::arg("w_gate_ptr"), py::arg("w_gate_stride"), py::arg("w_down_ptr"), py::arg("w_down_stride"),
+      py::arg("b_up_ptr"), py::arg("b_down_ptr"), py::arg("scale_ptr"), py::arg("widths_ptr"),
+      py::arg("static_width"), py::arg("hidden_ptr"), py::arg("out_ptr"), py::arg("out_stride"),
+      py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+      "Fused elastic MLP for decode (see csrc/decode_mlp.h): dtype 0 float16 / 1 bfloat16, "
+      "activation an index into reference.ACTIVATIONS, at most DECODE_MAX_TOKENS tokens; "
+      "d_model and ffn multiples of 8, row strides (in elements) multiples of 8, matrices "
+      "16-byte aligned, last dimensions contiguous. Optional buffers (w_gate, b_up, b_down, "
+      "scale, widths) are 0 when absent; without widths every token runs at static_width. "
+      "hidden: a [num_tokens, ffn] workspace of the same dtype. Enqueues two kernels on the "
+      "stream: no synchronisation, no allocation, capturable in a CUDA graph.");
 #endif
 }

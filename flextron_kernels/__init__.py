@@ -1,7 +1,8 @@
 """flextron_kernels: Triton and CUDA kernels, with PyTorch ops, for elastic LLMs.
 
 Public API:
-- ops: :func:`elastic_linear`, :func:`elastic_mlp`, :func:`routing_metadata`;
+- ops: :func:`elastic_linear`, :func:`elastic_mlp`, :func:`elastic_mlp_decode`,
+  :func:`elastic_attention`, :func:`elastic_attention_decode`, :func:`routing_metadata`;
 - modules: :class:`ElasticLinear`, :class:`ElasticMLP`;
 - backends: :func:`use_backend`, :func:`build_info`;
 - :mod:`flextron_kernels.reference`: the meaning of every op in plain PyTorch.
@@ -18,6 +19,7 @@ from flextron_kernels.ops import (
     elastic_attention_decode,
     elastic_linear,
     elastic_mlp,
+    elastic_mlp_decode,
     full_size_weight_grads,
     routing_metadata,
     skip_width_value_checks,
@@ -34,6 +36,7 @@ __all__ = [
     "elastic_attention_decode",
     "elastic_linear",
     "elastic_mlp",
+    "elastic_mlp_decode",
     "full_size_weight_grads",
     "reference",
     "routing_metadata",

@@ -19,7 +19,7 @@ run() {
 }
 
 step "build and install (CUDA archs $FLEXTRON_CUDA_ARCHS)"
-timeout 100 python -m pip install --no-build-isolation --no-deps -e . >"$results/gpu_build.log" 2>&1 \
+timeout 90 python -m pip install --no-build-isolation --no-deps -e . >"$results/gpu_build.log" 2>&1 \
   || { tail -40 "$results/gpu_build.log"; echo "BUILD FAILED"; exit 1; }
 python - <<'PY' | tee "$results/gpu_build_info.json"
 import json, flextron_kernels as fk
@@ -29,16 +29,18 @@ PY
 step "GPU tests (bf16 against fp64, CUDA routing kernel, CUDA graphs)"
 run 110 "$results/gpu_tests.log" python -m pytest -q -p no:cacheprovider -m gpu tests/
 step "the CPU test suite's op tests, compiled on the GPU (fp32/fp16)"
-run 60 "$results/gpu_op_tests.log" python -m pytest -q -x -p no:cacheprovider -m "not gpu" \
+run 40 "$results/gpu_op_tests.log" python -m pytest -q -x -p no:cacheprovider -m "not gpu" \
   tests/test_routing_metadata.py tests/test_elastic_linear.py tests/test_elastic_mlp.py tests/test_elastic_attention.py
 
 step "benchmarks (quick)"
-run 20 "$results/bench_routing_metadata.log" python benchmarks/bench_routing_metadata.py --out "$results/routing_metadata_gpu.json"
-run 45 "$results/bench_elastic_linear.log" python benchmarks/bench_elastic_linear.py --quick --out "$results/elastic_linear_gpu.json"
-run 45 "$results/bench_elastic_mlp.log" python benchmarks/bench_elastic_mlp.py --quick --out "$results/elastic_mlp_gpu.json"
-run 35 "$results/bench_elastic_attention.log" python benchmarks/bench_elastic_attention.py --quick --out "$results/elastic_attention_gpu.json"
-run 20 "$results/bench_elastic_attention_decode.log" python benchmarks/bench_elastic_attention_decode.py --quick --out "$results/elastic_attention_decode_gpu.json"
-run 45 "$results/flextron_bench.log" python -m flextron_kernels.bench --quick --out "$results/flextron_bench_gpu" \
+run 10 "$results/bench_routing_metadata.log" python benchmarks/bench_routing_metadata.py --out "$results/routing_metadata_gpu.json"
+run 35 "$results/bench_elastic_linear.log" python benchmarks/bench_elastic_linear.py --quick --out "$results/elastic_linear_gpu.json"
+run 35 "$results/bench_elastic_mlp.log" python benchmarks/bench_elastic_mlp.py --quick --out "$results/elastic_mlp_gpu.json"
+run 30 "$results/bench_elastic_attention.log" python benchmarks/bench_elastic_attention.py --quick --out "$results/elastic_attention_gpu.json"
+run 15 "$results/bench_elastic_attention_decode.log" python benchmarks/bench_elastic_attention_decode.py --quick --out "$results/elastic_attention_decode_gpu.json"
+run 20 "$results/bench_elastic_mlp_decode.log" python benchmarks/bench_elastic_mlp_decode.py --quick --out "$results/elastic_mlp_decode_gpu.json"
+run 60 "$results/bench_serving.log" python benchmarks/bench_serving.py --quick --out "$results/serving_gpu.json"
+run 35 "$results/flextron_bench.log" python -m flextron_kernels.bench --quick --out "$results/flextron_bench_gpu" \
   --lut "$results/flextron_bench_gpu/latency_table.json"
 
 python -m flextron_kernels.bench.report "$results" --out BENCHMARKS.md

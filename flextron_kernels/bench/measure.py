@@ -36,6 +36,44 @@ def time_ms(fn: Callable[[], object], *, warmup: int = 25, rep: int = 100) -> fl
     return statistics.median(samples)
 
 
+def time_fixed_ms(fn: Callable[[], object], *, calls: int, warmup: int = 3) -> float:
+    """Median milliseconds of exactly ``warmup + calls`` calls of ``fn`` (for calls that
+    change state, such as a decode step appending to its cache: the count is known)."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(calls):
+        if torch.cuda.is_available():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end))
+        else:
+            begin = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - begin) * 1000)
+    return statistics.median(samples)
+
+
+def graph_replay(fn: Callable[[], object]) -> Callable[[], None]:
+    """``fn``, or on a GPU the replay of a CUDA graph that captured one call of it (small
+    calls take a few microseconds, below the cost of launching them from Python)."""
+    if not torch.cuda.is_available():
+        return fn
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # compile kernels and settle the allocator outside the capture
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def copy_bandwidth_tbps(device: torch.device, nbytes: int = 1 << 30) -> float:
     """Device-to-device copy rate, counting bytes read plus bytes written (TB/s)."""
     if device.type != "cuda":

@@ -32,9 +32,9 @@ def _section(path: Path, data: dict, root: Path) -> str:
     if rows:
         columns = HARNESS_COLUMNS if "op" in rows[0] else list(rows[0])
         lines += ["```", format_table(rows, columns), "```", ""]
-    plot = path.parent / "plot.png"
-    if path.name == "results.json" and plot.exists():
-        lines += [f"![latency per budget]({plot.relative_to(root.parent) if root.parent in plot.parents else plot})", ""]
+    plot = path.parent / "plot.png" if path.name == "results.json" else path.with_suffix(".png")
+    if plot.exists():
+        lines += [f"![{title}]({plot.relative_to(root.parent) if root.parent in plot.parents else plot})", ""]
     return "\n".join(lines)
 
 

@@ -12,6 +12,7 @@ when none is), so a budget is an upper bound on every layer's width fraction.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Union
 
 import torch
@@ -194,8 +195,8 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
         plan = []
         for i, (mc, hc) in enumerate(zip(self.config.mlp_choices, self.config.head_choices)):
             plan.append(dict(
-                width=torch.tensor(mc, device=device)[mlp_index[:, i]],
-                heads=torch.tensor(hc, device=device)[head_index[:, i]],
+                width=_constant(mc, device)[mlp_index[:, i]],
+                heads=_constant(hc, device)[head_index[:, i]],
                 mlp_scale=mlp_scale[:, i] if self.training else None,
                 attn_scale=head_scale[:, i] if self.training else None,
             ))
@@ -203,7 +204,7 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
 
     def _token_router(self, layer: int, budget_code: torch.Tensor):
         """A callable ``x -> (width [T], scale [T])`` for layer ``layer``'s token router."""
-        choices = torch.tensor(self.config.mlp_choices[layer], device=budget_code.device)
+        choices = _constant(self.config.mlp_choices[layer], budget_code.device)
 
         def route(x):
             logits = self.token_routers[layer](x, budget_code)
@@ -311,16 +312,42 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
         logits = self.lm_head(self.final_norm(h))
         return logits.reshape(*shape, -1) if input_ids.dim() == 2 else logits
 
-    def decode_step(self, tokens: torch.Tensor, caches: list, *, budget: Budget = None) -> torch.Tensor:
-        """One token per request (``tokens [B]``) against filled caches: logits ``[B, V]``."""
+    def decode_step(self, tokens: torch.Tensor, caches: list, *, budget: Budget = None,
+                    choices: Optional[list] = None) -> torch.Tensor:
+        """One token per request (``tokens [B]``) against filled caches: logits ``[B, V]``.
+
+        ``budget``: a float or ``[B]`` tensor, as in :meth:`forward`. ``choices``: per layer
+        ``(mlp_width, heads)``, ints or ``[B]`` tensors, overriding the budget and routers
+        (a serving loop computes them once per request; see :meth:`choices_for`). With
+        ``choices`` (or a ``[B]`` budget and no static router), a step has no host sync
+        and can be captured in a CUDA graph."""
         h = self.embed(tokens)
         if self.pos_embed is not None:
             h = h + self.pos_embed(caches[0].seqlens.to(torch.int64))
-        code = self._budget_code(budget, tokens.shape[0], lambda b: b)
-        for i, (layer, cache, plan) in enumerate(zip(self.layers, caches, self._plan(budget, tokens.shape[0], tokens.device))):
+        if choices is not None:
+            plans, code = [dict(width=w, heads=hd) for w, hd in choices], None
+        else:
+            plans = self._plan(budget, tokens.shape[0], tokens.device)
+            code = self._budget_code(budget, tokens.shape[0], lambda b: b)
+        for i, (layer, cache, plan) in enumerate(zip(self.layers, caches, plans)):
             h = layer.decode(h, cache, heads=plan["heads"], width=plan["width"],
                              token_router=None if code is None else self._token_router(i, code))
         return self.lm_head(self.final_norm(h))
+
+    @torch.no_grad()
+    def choices_for(self, budget: float) -> list[tuple[int, int]]:
+        """Per layer ``(mlp_width, heads)`` that inference runs at a float ``budget``: the
+        static router's choice when one is attached, else the uniform policy."""
+        budget = _check_budget(budget)
+        if self.static_router is None:
+            return self._layer_choices(budget)
+        training = self.training
+        self.eval()
+        try:
+            plan = self._plan(budget, 1, self.embed.weight.device)
+        finally:
+            self.train(training)
+        return [(p["width"], p["heads"]) for p in plan]
 
     def new_caches(self, batch: int, max_len: int) -> list:
         """Empty per-layer KV caches ``[batch, Hkv, max_len, Dh]`` in the model's dtype."""
@@ -362,6 +389,17 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
         return torch.cat(out, dim=1)
 
 
+@functools.lru_cache(maxsize=None)
+def _constant_cached(values: tuple, device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, device=device)
+
+
+def _constant(values, device) -> torch.Tensor:
+    """A device tensor of ``values`` (a choice list), made once: a decode step captured in a
+    CUDA graph cannot copy from the host."""
+    return _constant_cached(tuple(values), torch.device(device))
+
+
 def _check_budget(budget) -> float:
     if isinstance(budget, torch.Tensor):
         # A host sync: skipped where width values are not checked either (graph capture,
@@ -378,7 +416,7 @@ def _pick(choices: list, full: int, budget) -> Union[int, torch.Tensor]:
     """The largest choice whose fraction of ``full`` is at most ``budget`` (else the smallest);
     ``budget`` already checked."""
     if isinstance(budget, torch.Tensor):
-        values = torch.tensor(choices, device=budget.device)
+        values = _constant(choices, budget.device)
         fractions = values.double() / full
         index = torch.searchsorted(fractions, budget.double() + 1e-9, right=True) - 1
         return values[index.clamp(min=0)]

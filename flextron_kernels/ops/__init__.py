@@ -10,6 +10,7 @@ from flextron_kernels.ops.elastic_attention import elastic_attention
 from flextron_kernels.ops.elastic_attention_decode import elastic_attention_decode
 from flextron_kernels.ops.elastic_linear import elastic_linear
 from flextron_kernels.ops.elastic_mlp import elastic_mlp
+from flextron_kernels.ops.elastic_mlp_decode import elastic_mlp_decode
 from flextron_kernels.ops.routing import default_boundaries, routing_metadata
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "elastic_attention_decode",
     "elastic_linear",
     "elastic_mlp",
+    "elastic_mlp_decode",
     "full_size_weight_grads",
     "routing_metadata",
     "skip_width_value_checks",

@@ -51,7 +51,11 @@ ACTIVATIONS = reference.ACTIVATIONS
 GATED_ACTIVATIONS = reference.GATED_ACTIVATIONS
 
 
-def _select(t: torch.Tensor, per_token: bool) -> str:
+def _select(t: torch.Tensor, per_token: bool, decode_kernel: bool = False) -> str:
+    """``decode_kernel``: the fused CUDA decode kernel can run this forward (see
+    :mod:`flextron_kernels.ops.elastic_mlp_decode`)."""
+    if decode_kernel:  # a memory-bound weight stream: the fused kernel reads each prefix once
+        return select_backend("elastic_mlp", t.device, ("cuda", "triton", "torch"), ("cuda", "triton", "torch"))
     # cuBLAS on strided views runs a static width at dense speed; the routed kernels pay
     # off once tokens differ in width.
     preferred = ("triton", "torch") if (t.is_cuda and per_token) else ("torch", "triton")
@@ -239,7 +243,14 @@ def _fwd_op(
     """``x [T, D]`` -> ``out [T, D]``; with ``save_for_backward``, also the
     pre-activations ``up_pre``/``gate_pre [T, width]`` (zeros past each token's width;
     ``[0]`` when not saved). ``widths [T]`` per token, or None for ``width`` everywhere."""
-    impl = _forward_triton if _select(x, widths is not None) == "triton" else _forward_torch
+    from flextron_kernels.ops.elastic_mlp_decode import cuda_kernel_applies, forward_cuda
+
+    decode_kernel = not save_for_backward and cuda_kernel_applies(x, w_up, w_down, w_gate, b_up, b_down, scale)
+    backend = _select(x, widths is not None, decode_kernel)
+    if backend == "cuda":
+        out = forward_cuda(x, w_up, w_down, w_gate, b_up, b_down, widths, width, activation, scale)
+        return out, x.new_empty(0), x.new_empty(0)
+    impl = _forward_triton if backend == "triton" else _forward_torch
     out, up_pre, gate_pre = impl(x, w_up, w_down, w_gate, b_up, b_down, widths, width, activation, scale, save_for_backward)
     return out, up_pre if up_pre is not None else x.new_empty(0), gate_pre if gate_pre is not None else x.new_empty(0)
 
@@ -332,34 +343,9 @@ class _ElasticMLPFunction(torch.autograd.Function):
 # --------------------------------------------------------------------------- #
 # Public function
 # --------------------------------------------------------------------------- #
-def elastic_mlp(
-    x: torch.Tensor,
-    w_up: torch.Tensor,
-    w_down: torch.Tensor,
-    *,
-    width: Union[int, torch.Tensor],
-    w_gate: Optional[torch.Tensor] = None,
-    b_up: Optional[torch.Tensor] = None,
-    b_down: Optional[torch.Tensor] = None,
-    activation: str = "silu",
-    scale: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """MLP at a hidden width chosen per token (or once for all tokens).
-
-    Args:
-        x: ``[..., D]``, fp32/fp16/bf16, any strides.
-        w_up: ``[F, D]``; ``w_gate``: ``[F, D]`` or None (ungated); ``w_down``: ``[D, F]``.
-        b_up: ``[F]`` or None; ``b_down``: ``[D]`` or None.
-        width: an int in ``[0, F]`` or an integer tensor of shape ``x.shape[:-1]``.
-        activation: gated (``w_gate`` given): ``silu`` (SwiGLU) or ``gelu`` (GeGLU);
-            ungated: ``silu``, ``gelu``, ``gelu_tanh``, ``relu`` or ``relu2``.
-        scale: optional float tensor of shape ``x.shape[:-1]`` multiplying each token's
-            down projection (before ``b_down``); it receives a gradient (the router's
-            straight-through estimator).
-
-    Returns:
-        ``[..., D]``, the dtype of ``x``.
-    """
+def check_mlp_arguments(x, w_up, w_down, width, w_gate, b_up, b_down, activation, scale):
+    """The argument checks of :func:`elastic_mlp` (and of the decode op). Returns
+    ``(widths [T] or None, static width, scale [T] or None)``."""
     check_tensor("x", x, dtypes=FLOAT_DTYPES, min_ndim=1)
     d_model = x.shape[-1]
     check_tensor("w_up", w_up, ndim=2, device=x.device)
@@ -389,7 +375,39 @@ def elastic_mlp(
     if scale is not None:
         check_tensor("scale", scale, dtypes=FLOAT_DTYPES, device=x.device, shape=token_shape)
         scale = scale.reshape(-1)
+    return widths, fw, scale
 
+
+def elastic_mlp(
+    x: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    *,
+    width: Union[int, torch.Tensor],
+    w_gate: Optional[torch.Tensor] = None,
+    b_up: Optional[torch.Tensor] = None,
+    b_down: Optional[torch.Tensor] = None,
+    activation: str = "silu",
+    scale: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """MLP at a hidden width chosen per token (or once for all tokens).
+
+    Args:
+        x: ``[..., D]``, fp32/fp16/bf16, any strides.
+        w_up: ``[F, D]``; ``w_gate``: ``[F, D]`` or None (ungated); ``w_down``: ``[D, F]``.
+        b_up: ``[F]`` or None; ``b_down``: ``[D]`` or None.
+        width: an int in ``[0, F]`` or an integer tensor of shape ``x.shape[:-1]``.
+        activation: gated (``w_gate`` given): ``silu`` (SwiGLU) or ``gelu`` (GeGLU);
+            ungated: ``silu``, ``gelu``, ``gelu_tanh``, ``relu`` or ``relu2``.
+        scale: optional float tensor of shape ``x.shape[:-1]`` multiplying each token's
+            down projection (before ``b_down``); it receives a gradient (the router's
+            straight-through estimator).
+
+    Returns:
+        ``[..., D]``, the dtype of ``x``.
+    """
+    widths, fw, scale = check_mlp_arguments(x, w_up, w_down, width, w_gate, b_up, b_down, activation, scale)
+    token_shape, d_model = x.shape[:-1], x.shape[-1]
     x2d = x.reshape(math.prod(token_shape), d_model)
     in_place = accumulates_in_place(w_up, w_down, w_gate, b_up, b_down)
     out = _ElasticMLPFunction.apply(x2d, w_up, w_down, w_gate, b_up, b_down, scale, widths, fw, activation, in_place)

@@ -1,0 +1,158 @@
+"""The serving loop: mixed budgets in one batch give each request's own tokens, requests
+join and leave between steps, streaming, bad requests fail alone; CUDA graphs on a GPU."""
+
+import pytest
+import torch
+
+from flextron_kernels.models import FlextronConfig, FlextronForCausalLM
+from flextron_kernels.serving import Completion, Request, Server
+
+VOCAB = 97
+
+
+def tiny_model(arch="llama", seed=0, device="cpu", dtype=torch.float32, routers=None):
+    torch.manual_seed(seed)
+    config = FlextronConfig(arch=arch, vocab_size=VOCAB, d_model=64, n_layers=2, q_heads=4,
+                            kv_heads=2 if arch == "llama" else 4, ffn=128, max_positions=64,
+                            tie_embeddings=arch == "gpt2")
+    model = FlextronForCausalLM(config)
+    with torch.no_grad():  # larger random weights than the default init: logits far from ties
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    if routers == "static":
+        model.attach_routers(static=True)
+    elif routers == "token":
+        model.attach_routers(static=False, token=True, hidden=16)
+    return model.to(device, dtype).eval()
+
+
+def alone(model, request, **kw):
+    """The request served by itself (a batch of one)."""
+    return Server(model, max_batch=1, max_len=48, **kw).run([request])[0].tokens
+
+
+def requests(n, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    budgets = [0.25, 0.5, 0.75, 1.0]
+    return [
+        Request(torch.randint(0, VOCAB, (int(torch.randint(1, 9, (1,), generator=gen)),), generator=gen).tolist(),
+                budget=budgets[i % 4], max_new_tokens=int(torch.randint(1, 8, (1,), generator=gen)))
+        for i in range(n)
+    ]
+
+
+@pytest.mark.parametrize("arch,routers", [("llama", None), ("gpt2", None), ("llama", "static"), ("llama", "token")])
+def test_mixed_budget_batch_gives_each_requests_own_greedy_tokens(arch, routers):
+    model = tiny_model(arch, routers=routers)
+    batch = requests(7)
+    # Three slots for seven requests: requests join as others leave.
+    served = Server(model, max_batch=3, max_len=48).run(batch)
+    for r, done in zip(batch, served):
+        assert done.finish_reason == "length" and done.error is None
+        assert len(done.tokens) == r.max_new_tokens
+        assert done.tokens == alone(model, r), r
+
+
+def test_matches_model_generate():
+    model = tiny_model()
+    prompts = torch.randint(0, VOCAB, (3, 5), generator=torch.Generator().manual_seed(2))
+    budgets = torch.tensor([0.25, 1.0, 0.5])
+    expected = model.generate(prompts, budget=budgets, max_new_tokens=6)[:, 5:]
+    served = Server(model, max_batch=4).run(
+        [Request(p.tolist(), budget=float(b), max_new_tokens=6) for p, b in zip(prompts, budgets)])
+    assert [c.tokens for c in served] == expected.tolist()
+
+
+def test_stream_joins_between_steps_and_eos():
+    model = tiny_model()
+    server = Server(model, max_batch=2, max_len=32)
+    first = Request([1, 2, 3], budget=0.5, max_new_tokens=5)
+    eos = alone(model, first)[2]
+    stopping = Request([1, 2, 3], budget=0.5, max_new_tokens=5, eos_token_id=eos)
+    late = Request([7, 8], budget=1.0, max_new_tokens=3)
+    a = server.submit(stopping)
+    events = server.step()
+    assert [(e.request_id, e.finished) for e in events] == [(a, False)]
+    b = server.submit(late)  # joins while the first one runs
+    got = {a: [], b: []}
+    reasons = {}
+    for event in list(events) + list(server.stream()):
+        got[event.request_id].append(event.token)
+        if event.finished:
+            reasons[event.request_id] = event.finish_reason
+    assert got[a] == alone(model, first)[: got[a].index(eos) + 1] and got[a][-1] == eos
+    assert reasons == {a: "eos", b: "length"}
+    assert got[b] == alone(model, late)
+    assert server.idle and not server.active
+
+
+def test_sampling_is_reproducible_per_request():
+    model = tiny_model()
+    r = Request([5, 6, 7], budget=0.75, max_new_tokens=6, temperature=0.9, top_k=20, top_p=0.95, seed=123)
+    other = Request([9], budget=0.25, max_new_tokens=4, temperature=1.0, seed=7)
+    together = Server(model, max_batch=2).run([r, other])
+    assert together[0].tokens == alone(model, r)
+    assert together[1].tokens == alone(model, other)
+
+
+def test_bad_requests_fail_alone():
+    model = tiny_model()
+    good = Request([1, 2], budget=0.5, max_new_tokens=3)
+    bad = [
+        Request([1, 2], budget=1.5),
+        Request([1, 2], budget=0.0),
+        Request(list(range(40)), budget=1.0, max_new_tokens=10),  # 50 > max_len 48
+        Request([], budget=1.0),
+        Request([1, VOCAB], budget=1.0),
+        Request([1, 2], max_new_tokens=0),
+        Request("hello"),
+    ]
+    served = Server(model, max_batch=2, max_len=48).run([good, *bad, good])
+    assert served[0].tokens == served[-1].tokens == alone(model, good)
+    messages = [c.error for c in served[1:-1]]
+    assert all(c.finish_reason == "error" and c.tokens == [] for c in served[1:-1])
+    assert "budget: expected a float in (0, 1], got 1.5" in messages[0]
+    assert "budget: expected a float in (0, 1], got 0.0" in messages[1]
+    assert "prompt: 40 tokens + max_new_tokens=10 exceed the cache (max_len=48)" in messages[2]
+    assert "prompt: expected a non-empty sequence" in messages[3]
+    assert f"prompt: expected token ids in [0, {VOCAB})" in messages[4]
+    assert "max_new_tokens: expected an int >= 1, got 0" in messages[5]
+    assert "prompt: expected a sequence of int token ids" in messages[6]
+
+
+def test_full_queue_rejects_the_extra_request_and_serves_the_rest():
+    model = tiny_model()
+    batch = requests(4, seed=3)
+    served = Server(model, max_batch=2, max_queue=1).run(batch)
+    # Submitted before any step: two would wait for the two slots; the queue holds one.
+    assert [c.finish_reason for c in served[:1]] == ["length"]
+    assert served[1].finish_reason == "error" and "server is full" in served[1].error
+    assert "max_queue=1" in served[1].error
+    for r, done in zip(batch, served):
+        if done.error is None:
+            assert done.tokens == alone(model, r)
+    assert isinstance(served[0], Completion)
+
+
+def test_bad_server_arguments():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="max_batch: expected an int >= 1, got 0"):
+        Server(model, max_batch=0)
+    with pytest.raises(ValueError, match="max_len: expected at most max_positions=64, got 100"):
+        Server(tiny_model("gpt2"), max_len=100)
+    with pytest.raises(ValueError, match="cuda_graphs: CUDA graphs need the model on a CUDA device"):
+        Server(model, cuda_graphs=True)
+    with pytest.raises(ValueError, match=r"buckets: expected sizes in \[1, 4\]"):
+        Server(model, max_batch=4, buckets=[2, 8])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("routers", [None, "token"])
+def test_cuda_graph_serving_equals_eager(routers):
+    model = tiny_model(device="cuda", dtype=torch.bfloat16, routers=routers)
+    batch = requests(9, seed=4)
+    eager = Server(model, max_batch=4, max_len=48, cuda_graphs=False).run(batch)
+    graphed_server = Server(model, max_batch=4, max_len=48, cuda_graphs=True)
+    graphed = graphed_server.run(batch)
+    assert [c.tokens for c in graphed] == [c.tokens for c in eager]
+    assert any(g is not False for g in graphed_server._graphs.values()), "no decode step was captured"
