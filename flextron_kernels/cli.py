@@ -7,6 +7,7 @@ import csv
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 DTYPES = ("bfloat16", "float16", "float32")
@@ -75,9 +76,9 @@ def _writable_folder(path: str) -> Path:
     out = Path(path)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
+        # A file of this process's own: under torchrun every rank checks the same folder.
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
     except OSError as err:
         raise SystemExit(f"--out: cannot write to {str(out)!r} ({err.strerror or err})") from None
     return out

@@ -127,6 +127,8 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
         self.router_tau = 1.0  # Gumbel-softmax temperature in training (annealed by the trainer)
         self.router_settings: Optional[dict] = None
         self.token_router_probs: list = []  # per layer [T, C], filled by a training forward
+        self.record_token_choices = False  # when set, an inference forward keeps each layer's choice indices:
+        self.token_router_choices: list = []  # per layer [T] (for measuring the routes' latency)
 
     def attach_routers(self, budgets=(0.25, 0.5, 0.75, 1.0), *, static: bool = True, token: bool = False,
                        hidden: int = 256) -> None:
@@ -207,10 +209,14 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
         choices = _constant(self.config.mlp_choices[layer], budget_code.device)
 
         def route(x):
-            logits = self.token_routers[layer](x, budget_code)
+            # The router reads the hidden state without sending its own losses (latency, the
+            # pull to full width) back into the model; the LM loss reaches it through the scale.
+            logits = self.token_routers[layer](x.detach(), budget_code)
             index, scale = select(logits, training=self.training, tau=self.router_tau)
             if self.training:  # for the trainer's latency loss: each token's choice probabilities
                 self.token_router_probs.append(torch.softmax(logits.float(), -1))
+            elif self.record_token_choices:
+                self.token_router_choices.append(index)
             return choices[index], (scale if self.training else None)
 
         return route
@@ -296,7 +302,7 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
             return self._per_token(value, cu, num_tokens)
 
         code = self._budget_code(budget, num_seqs, per_token)
-        self.token_router_probs = []
+        self.token_router_probs, self.token_router_choices = [], []
         if choices is not None:
             plans = [dict(width=w, heads=h, mlp_scale=None, attn_scale=None) for w, h in choices]
             code = None

@@ -80,13 +80,17 @@ class StaticRouter(nn.Module):
 class TokenRouter(nn.Module):
     """(hidden state, budget) -> a token's MLP-width choice logits, for one layer.
 
-    ``Linear(d_model + n_budgets, hidden) -> LeakyReLU(0.1) -> Linear(hidden, n_choices)``;
+    ``Linear(d_model + n_budgets, hidden) -> LeakyReLU(0.1) -> Linear(hidden, n_choices)``,
+    plus ``budget_code @ latency_offset``: a per-budget logit offset (zero until joint
+    training calibrates it so that each budget's routes meet their latency on average);
     ``forward(x [T, d_model], budget_code [T, n_budgets]) -> [T, n_choices]``.
     """
 
     def __init__(self, d_model: int, n_budgets: int, n_choices: int, hidden: int = 256):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(d_model + n_budgets, hidden), nn.LeakyReLU(0.1), nn.Linear(hidden, n_choices))
+        self.register_buffer("latency_offset", torch.zeros(n_budgets, n_choices))
 
     def forward(self, x: torch.Tensor, budget_code: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.cat([x, budget_code.to(x.dtype)], dim=-1))
+        code = budget_code.to(x.dtype)
+        return self.net(torch.cat([x, code], dim=-1)) + code @ self.latency_offset.to(x.dtype)

@@ -2,7 +2,10 @@
 
 Each step trains the full network and sampled sub-networks on the same batch; their
 gradients accumulate into the shared weights through the ops' prefix-accumulating
-backward. Loss per sub-network: LM loss, plus optionally ``distill_weight`` times the
+backward. A sampled sub-network is either a budget (every layer at that budget's
+choices) or, with probability ``random_layers``, an independent random MLP width and
+head count per layer: routers later pick such heterogeneous sub-networks, so they must
+be trained too. Loss per sub-network: LM loss, plus optionally ``distill_weight`` times the
 KL divergence from the full network's logits (``distill="full"``) or from a frozen
 teacher's (``distill="teacher"``).
 """
@@ -43,6 +46,7 @@ class ElasticConfig:
     budgets: list = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
     subnets: int = 3
     sampling: str = "sandwich"
+    random_layers: float = 0.5  # chance that a sampled sub-network (not the full or smallest) is per-layer random
     distill: str = "none"  # none | full | teacher
     distill_weight: float = 1.0
     grad_clip: float = 1.0
@@ -53,6 +57,8 @@ class ElasticConfig:
         self.budgets = check_budgets(self.budgets)
         if self.distill not in ("none", "full", "teacher"):
             raise ValueError(f"distill: expected none, full or teacher, got {self.distill!r}")
+        if not 0 <= self.random_layers <= 1:
+            raise ValueError(f"random_layers: expected a probability in [0, 1], got {self.random_layers}")
 
 
 def cosine_schedule(optimizer, warmup: int, total: int):
@@ -100,6 +106,7 @@ def elastic_train(model, train, val=None, config: Optional[ElasticConfig] = None
         rows = train.batch(config.batch_size, data_generator).to(device)
         inputs, targets = rows[:, :-1], rows[:, 1:]
         budgets = sample_budgets(config.budgets, config.subnets, config.sampling, generator)
+        budgets = _with_random_layers(core.config, budgets, config, generator)
         optimizer.zero_grad(set_to_none=True)
         with grads_mode():
             losses = _train_subnetworks(model, inputs, targets, budgets, config, teacher)
@@ -129,14 +136,33 @@ def distributed_rank() -> tuple:
     return False, 0
 
 
+def _with_random_layers(model_config, budgets: list, config, generator) -> list:
+    """``budgets`` with each entry after the full and smallest sub-networks replaced, with
+    probability ``config.random_layers``, by random per-layer ``(mlp_width, heads)`` choices
+    (drawn from ``generator``: the same on every rank)."""
+    keep = 2 if config.sampling == "sandwich" else 1
+    out = list(budgets[:keep])
+    for budget in budgets[keep:]:
+        if float(torch.rand((), generator=generator)) < config.random_layers:
+            budget = [
+                (mc[int(torch.randint(0, len(mc), (), generator=generator))],
+                 hc[int(torch.randint(0, len(hc), (), generator=generator))])
+                for mc, hc in zip(model_config.mlp_choices, model_config.head_choices)
+            ]
+        out.append(budget)
+    return out
+
+
 def _train_subnetworks(model, inputs, targets, budgets, config, teacher) -> dict:
-    """Forward and backward of each sampled sub-network (the full one first); returns
-    the LM loss per budget."""
+    """Forward and backward of each sampled sub-network (the full one first): a budget,
+    or per-layer choices; returns the LM loss per budget (``random`` for the latter, the
+    last of them)."""
     losses, full_logits = {}, None
     for budget in budgets:
-        logits = model(inputs, budget=budget)
+        per_layer = isinstance(budget, list)
+        logits = model(inputs, choices=budget) if per_layer else model(inputs, budget=budget)
         loss = lm_loss(logits, targets)
-        losses[str(budget)] = loss.item()
+        losses["random" if per_layer else str(budget)] = loss.item()
         if config.distill == "full":
             if budget == config.budgets[-1]:
                 full_logits = logits.detach()

@@ -3,7 +3,16 @@
 Each batch mixes budgets (one per sequence). Routers sample hard choices with
 Gumbel-softmax; the LM loss reaches them through the straight-through scales the ops
 apply; both also get the latency loss of the choices they make (straight-through: the
-argmax choice's latency, the softmax's gradient), token routers per token.
+argmax choice's latency, the softmax's gradient), per sequence: its heads' latency plus
+the mean over its tokens of their MLP choices'. At budget 1 both are also pulled to the
+largest choices (the latency target allows everything).
+
+With token routers, training ends with a calibration: per trained budget, a logit offset
+``-lambda * (each choice's share of its layer's largest MLP latency)`` (a Lagrange
+multiplier on the latency constraint), with ``lambda`` found by bisection so that the
+routes taken on ``calibration_tokens`` training tokens meet the budget's latency on
+average, within ``tolerance``. The gradient steps leave the average a few per cent off,
+since the LM loss keeps pulling toward wider routes.
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ class JointConfig:
     latency_weight: float = 20.0
     tolerance: float = 0.02
     tau: float = 0.5
+    calibration_tokens: int = 16384  # 0: no calibration
     phase: str = "prefill"
     tokens: int = 512
     seed: int = 0
@@ -101,8 +111,15 @@ def joint_train(model, data, config: Optional[JointConfig] = None, *, latency_ta
             seq_len = rows.shape[1] - 1
             token_probs = torch.stack(model.token_router_probs, dim=1).double()  # [T, L, C]
             token_cost = (straight_through(token_probs) * mlp_cost).sum((-1, -2)).reshape(len(per_seq), seq_len)
-            cost = token_cost + head_part[:, None]
-            target = (per_seq.double() * full_cost)[:, None]
+            # At budget 1 the target allows everything: pull those tokens to the largest width.
+            full_tokens = (per_seq >= 1.0).repeat_interleave(seq_len).to(token_probs.device)
+            if bool(full_tokens.any()):
+                loss = loss - token_probs[full_tokens, :, -1].clamp_min(1e-12).log().mean().float()
+            # A sequence meets its budget on average over its tokens: the routers may give
+            # some tokens more width than others (per-token targets would ask each token to hit
+            # a latency that the discrete choices rarely allow).
+            cost = token_cost.mean(1) + head_part
+            target = per_seq.double() * full_cost
         else:
             cost = (mlp_probs * mlp_cost).sum((-1, -2)) + head_part
             target = per_seq.double() * full_cost
@@ -116,4 +133,46 @@ def joint_train(model, data, config: Optional[JointConfig] = None, *, latency_ta
         if checkpoint and checkpoint_due(step + 1, config.steps, checkpoint_every):
             save_checkpoint(checkpoint, model=model, optimizer=optimizer, step=step + 1, rng=rng_state(generator))
     model.eval()
+    if model.token_routers is not None and config.calibration_tokens:
+        batch_size = 16
+        batches = -(-config.calibration_tokens // (batch_size * data.seq_len))
+        lambdas = calibrate_token_routers(model, data, costs, config.budgets, config.tolerance,
+                                          batches=batches, batch_size=batch_size)
+        metrics.log(stage="joint", calibration=lambdas)
     return metrics.records
+
+
+def calibrate_token_routers(model, data, costs, budgets, tolerance: float, *, batches: int = 2, batch_size: int = 8,
+                            iterations: int = 30, bound: float = 30.0) -> dict:
+    """Set each token router's ``latency_offset`` so that, per budget, the routes taken on
+    ``batches`` batches of ``data`` cost ``budget`` times the full model within
+    ``tolerance`` (see the module docstring); returns ``{budget: lambda}``. Where no
+    ``lambda`` in ``[-bound, bound]`` gets there, the nearest end is kept."""
+    from flextron_kernels.training.routers import token_routed_cost_ratio
+
+    mlp_cost = costs[0]
+    share = (mlp_cost / mlp_cost[:, -1:]).float()  # [L, C]
+    trained = model.router_budgets.tolist()
+    lambdas = {}
+    for budget in budgets:
+        index = min(range(len(trained)), key=lambda i: abs(trained[i] - budget))
+
+        def ratio(lam):
+            for layer, router in enumerate(model.token_routers):
+                router.latency_offset[index] = -lam * share[layer].to(router.latency_offset.device)
+            return token_routed_cost_ratio(model, data, budget, costs, batches=batches, batch_size=batch_size,
+                                           seed=4321)
+
+        low, high = -bound, bound  # the ratio falls as lambda grows
+        lam, value = 0.0, ratio(0.0)
+        for _ in range(iterations):
+            if abs(value / budget - 1) <= tolerance:
+                break
+            if value > budget:
+                low = lam
+            else:
+                high = lam
+            lam = (low + high) / 2
+            value = ratio(lam)
+        lambdas[budget] = lam
+    return lambdas

@@ -10,6 +10,16 @@ table's MLP and attention entries (fallback without a table: a parameter count, 
 is proportional to FLOPs); the target is ``budget x`` the full model's latency, and the
 loss ``| expected / target - 1 |`` is zero within ``tolerance``; at budget 1 the router is also pulled to
 the largest choices.
+
+The latency target is the constraint and the surrogate picks among the routes that meet
+it. Gradient updates move a discrete route (the argmax) only by crossing probabilities,
+and the surrogate's pull toward larger routes can leave it one layer's step over its
+target when training stops; so training ends by projecting each budget's route onto its
+latency band: one layer choice at a time, the step down (while over the target) or up
+(while under it, or while the surrogate predicts a lower loss and the band allows)
+with the best predicted loss change per unit of latency, then fitting the router to the
+projected routes. Budgets are projected in ascending order and a route never goes below
+the previous budget's in any layer: routes are nested, like the sub-networks.
 """
 
 from __future__ import annotations
@@ -48,6 +58,7 @@ class RouterConfig:
     latency_weight: float = 20.0
     surrogate_weight: float = 0.2  # the latency target is the constraint; the surrogate picks among configs meeting it
     tolerance: float = 0.02  # no latency loss within 2% of the target (routes are judged at 5%)
+    fit_steps: int = 500  # router updates that fit it to the projected routes
     tau_start: float = 1.0
     tau_end: float = 0.1
     phase: str = "prefill"
@@ -214,6 +225,18 @@ def train_routers(model, data, config: Optional[RouterConfig] = None, *, latency
         fresh = _collect(model, data, config.budgets, config.samples // 2, config.batch_size, generator, config.tau_start)
         error = _relative_error(surrogate, *fresh)
     budgets = torch.tensor(config.budgets, dtype=torch.float32)
+
+    def latency_term():
+        mlp_logits, head_logits = router(budgets)
+        # Temperature 1 here: an annealed temperature saturates the softmax and starves the
+        # straight-through gradient (tau anneals the sampling of routes for the surrogate).
+        mlp_probs, head_probs = F.softmax(mlp_logits, -1), F.softmax(head_logits, -1)
+        # The latency of the choice the router makes (its argmax), with the soft gradient.
+        cost = expected_cost(straight_through(mlp_probs.double()), straight_through(head_probs.double()), costs)
+        lat = latency_loss(cost, budgets.double() * full_cost, config.tolerance)
+        loss = config.latency_weight * lat.mean() + full_budget_pull(mlp_logits, head_logits, budgets)
+        return loss, lat, mlp_probs, head_probs
+
     for step in range(start, config.steps):
         tau = config.tau_start * (config.tau_end / config.tau_start) ** (step / max(config.steps - 1, 1))
         if step and step % config.check_every == 0:
@@ -223,14 +246,7 @@ def train_routers(model, data, config: Optional[RouterConfig] = None, *, latency
                 features, losses = torch.cat([features, fresh_f]), torch.cat([losses, fresh_l])
                 _fit(surrogate, features, losses, config.surrogate_steps)
                 error = _relative_error(surrogate, fresh_f, fresh_l)
-        mlp_logits, head_logits = router(budgets)
-        # Temperature 1 here: an annealed temperature saturates the softmax and starves the
-        # straight-through gradient (tau anneals the sampling of routes for the surrogate).
-        mlp_probs, head_probs = F.softmax(mlp_logits, -1), F.softmax(head_logits, -1)
-        # The latency of the choice the router makes (its argmax), with the soft gradient.
-        cost = expected_cost(straight_through(mlp_probs.double()), straight_through(head_probs.double()), costs)
-        lat = latency_loss(cost, budgets.double() * full_cost, config.tolerance)
-        loss = config.latency_weight * lat.mean() + full_budget_pull(mlp_logits, head_logits, budgets)
+        loss, lat, mlp_probs, head_probs = latency_term()
         if error < config.surrogate_threshold:
             probs = torch.cat([mlp_probs.flatten(1), head_probs.flatten(1)], dim=1)
             loss = loss + config.surrogate_weight * surrogate(probs).mean()
@@ -243,10 +259,86 @@ def train_routers(model, data, config: Optional[RouterConfig] = None, *, latency
         if checkpoint and checkpoint_due(step + 1, config.steps, checkpoint_every):
             save_checkpoint(checkpoint, router=router, surrogate=surrogate, optimizer=opt, step=step + 1, error=error,
                             features=features, losses=losses, rng=rng_state(generator))
+    with torch.no_grad():
+        mlp_logits, head_logits = router(budgets)
+        routes, floor = [], None
+        for m, h, b in zip(mlp_logits.argmax(-1), head_logits.argmax(-1), budgets):  # ascending budgets
+            floor = project_route(m, h, costs, float(b) * full_cost, config.tolerance, surrogate, floor=floor)
+            routes.append(floor)
+    fitted = _fit_router(router, budgets, routes, config.fit_steps, config.lr)
+    metrics.log(stage="routers", projected=True, fitted=fitted)
     for p in model.parameters():
         p.requires_grad_(True)
     model.eval()
     return {"surrogate": surrogate, "records": metrics.records, "costs": costs, "full_cost": full_cost.item()}
+
+
+def project_route(mlp_index, head_index, costs, target: float, tolerance: float, surrogate, floor=None):
+    """The route ``(mlp_index [L], head_index [L])`` moved, one layer choice at a time,
+    into ``target * (1 +- tolerance)`` (or as near as the choices allow): steps down while
+    over, up while under or while the surrogate predicts a lower loss within the band;
+    each time the step with the best predicted loss change per unit of latency. ``floor``:
+    a route that no choice goes below (the previous budget's)."""
+    mlp_cost, head_cost = costs
+    route = [mlp_index.clone().cpu(), head_index.clone().cpu()]
+    if floor is not None:
+        route = [torch.maximum(r, f) for r, f in zip(route, floor)]
+    low = [torch.zeros_like(r) for r in route] if floor is None else floor
+    axes = ((0, mlp_cost), (1, head_cost))
+
+    def cost(r):
+        return float(mlp_cost.gather(1, r[0][:, None]).sum() + head_cost.gather(1, r[1][:, None]).sum())
+
+    def predicted(r):
+        features = torch.cat([F.one_hot(r[0], mlp_cost.shape[1]).flatten(), F.one_hot(r[1], head_cost.shape[1]).flatten()])
+        return float(surrogate(features.float()[None])[0])
+
+    def steps(direction):
+        for axis, table in axes:
+            for layer in range(table.shape[0]):
+                index = int(route[axis][layer]) + direction
+                if int(low[axis][layer]) <= index < table.shape[1]:
+                    moved = [route[0].clone(), route[1].clone()]
+                    moved[axis][layer] = index
+                    yield moved
+
+    upper, lower = target * (1 + tolerance), target * (1 - tolerance)
+    with torch.no_grad():
+        while cost(route) > upper:  # over: the cheapest loss increase per unit of latency saved
+            here = predicted(route)
+            options = [(max(predicted(m) - here, 1e-9) / (cost(route) - cost(m)), m) for m in steps(-1)]
+            if not options:
+                break
+            route = min(options, key=lambda o: o[0])[1]
+        while True:  # under, or a better route within the band: the best loss change per unit added
+            here, now = predicted(route), cost(route)
+            options = [((predicted(m) - here) / (cost(m) - now), m) for m in steps(+1) if cost(m) <= upper]
+            if now >= lower:
+                options = [o for o in options if o[0] < 0]
+            if not options:
+                break
+            route = min(options, key=lambda o: o[0])[1]
+    return route
+
+
+def _fit_router(router, budgets, routes, steps: int, lr: float) -> bool:
+    """Fit ``router`` so that its argmax at each budget is that budget's route; returns
+    whether it does."""
+    mlp_target = torch.stack([r[0] for r in routes])
+    head_target = torch.stack([r[1] for r in routes])
+    opt = torch.optim.Adam(router.parameters(), lr=lr)
+    for _ in range(steps):
+        mlp_logits, head_logits = router(budgets)
+        if torch.equal(mlp_logits.argmax(-1), mlp_target) and torch.equal(head_logits.argmax(-1), head_target):
+            return True
+        loss = (F.cross_entropy(mlp_logits.flatten(0, 1), mlp_target.flatten())
+                + F.cross_entropy(head_logits.flatten(0, 1), head_target.flatten()))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        mlp_logits, head_logits = router(budgets)
+    return torch.equal(mlp_logits.argmax(-1), mlp_target) and torch.equal(head_logits.argmax(-1), head_target)
 
 
 def routed_cost_ratio(model, budget: float, costs) -> float:
@@ -257,3 +349,33 @@ def routed_cost_ratio(model, budget: float, costs) -> float:
         heads = F.one_hot(head_logits.argmax(-1), head_logits.shape[-1]).double()
         full = costs[0][:, -1].sum() + costs[1][:, -1].sum()
         return (expected_cost(mlp, heads, costs) / full).item()
+
+
+def token_routed_cost_ratio(model, data, budget: float, costs, *, batches: int = 4, batch_size: int = 8,
+                            seed: int = 1234) -> float:
+    """With token routers: the mean latency (by ``costs``) per held-out token of the routes
+    taken at ``budget``, over the full model's: each token's MLP choices from the token
+    routers, the heads from the static router (all heads without one)."""
+    mlp_cost, head_cost = costs
+    if model.static_router is not None:
+        with torch.no_grad():
+            _, head_logits = model.static_router(torch.tensor([budget]))
+        head_part = head_cost.gather(1, head_logits[0].argmax(-1).cpu()[:, None]).sum()
+    else:
+        head_part = head_cost[:, -1].sum()
+    full = mlp_cost[:, -1].sum() + head_cost[:, -1].sum()
+    gen = torch.Generator().manual_seed(seed)
+    was_training, model.record_token_choices = model.training, True
+    model.eval()
+    per_token = []
+    try:
+        with torch.no_grad():
+            for _ in range(batches):
+                rows = data.batch(batch_size, gen).to(model.embed.weight.device)
+                model(rows[:, :-1], budget=budget)
+                index = torch.stack(model.token_router_choices, dim=1).cpu()  # [T, L]
+                per_token.append(mlp_cost.gather(1, index.T).sum(0))  # [T]
+    finally:
+        model.record_token_choices = False
+        model.train(was_training)
+    return ((torch.cat(per_token).mean() + head_part) / full).item()
