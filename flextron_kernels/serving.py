@@ -93,7 +93,7 @@ class Server:
     """Serves a :class:`~flextron_kernels.models.FlextronForCausalLM` (any budget per request).
 
     Args:
-        model: the model (its device and dtype are used; put it in eval mode).
+        model: the model (its device and dtype are used; the server puts it in eval mode).
         max_batch: most requests decoded together (the KV cache's batch size).
         max_len: cache positions per request (prompt + new tokens).
         max_queue: most requests waiting for a slot; beyond, a request fails at once.
@@ -109,7 +109,7 @@ class Server:
                 raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
             raise ValueError(f"max_queue: expected an int >= 0, got {max_queue!r}")
-        self.model = model
+        self.model = model.eval()
         self.config = model.config
         self.max_batch, self.max_len, self.max_queue = max_batch, max_len, max_queue
         if self.config.arch == "gpt2" and max_len > self.config.max_positions:

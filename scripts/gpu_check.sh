@@ -43,7 +43,7 @@ run 60 "$results/bench_serving.log" python benchmarks/bench_serving.py --quick -
 run 35 "$results/flextron_bench.log" python -m flextron_kernels.bench --quick --out "$results/flextron_bench_gpu" \
   --lut "$results/flextron_bench_gpu/latency_table.json"
 
-python -m flextron_kernels.bench.report "$results" --out BENCHMARKS.md
+python -m flextron_kernels.bench.report "$results" --out BENCHMARKS.md || { echo "!! the report failed"; status=1; }
 
 step "done (status $status)"
 exit $status

@@ -97,3 +97,14 @@ def test_benchmarks_report_is_generated_from_result_files(bench_run, tmp_path):
     report = build_report(bench_run.parent)
     assert "# Benchmarks" in report and "flextron bench (tiny)" in report and "mlp_mixed" in report
     assert "No results yet" in build_report(tmp_path)
+
+
+def test_report_shows_per_op_summaries_and_their_plots(tmp_path):
+    from flextron_kernels.bench.report import build_report
+
+    payload = dict(benchmark="serving", summary=dict(backend="cuda", ratio=1.25), rows=[dict(budget=0.5, step_ms=1.5)])
+    (tmp_path / "serving.json").write_text(json.dumps(payload))
+    (tmp_path / "serving.png").write_bytes(b"\x89PNG")
+    report = build_report(tmp_path)
+    assert "## serving" in report and "backend = cuda, ratio = 1.25" in report
+    assert "serving.png)" in report and "step_ms" in report

@@ -134,6 +134,14 @@ def test_full_queue_rejects_the_extra_request_and_serves_the_rest():
     assert isinstance(served[0], Completion)
 
 
+def test_decode_step_rejects_a_batch_larger_than_its_caches():
+    model = tiny_model()
+    caches = model.new_caches(2, 16)
+    with pytest.raises(ValueError, match=r"decode_step: expected tokens \[B\] and one cache per layer \(2\) holding B "
+                                         r"requests; got tokens of shape \(3,\) and 2 caches of batch 2"):
+        model.decode_step(torch.tensor([1, 2, 3]), caches)
+
+
 def test_bad_server_arguments():
     model = tiny_model()
     with pytest.raises(ValueError, match="max_batch: expected an int >= 1, got 0"):

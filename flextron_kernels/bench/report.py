@@ -16,6 +16,10 @@ from flextron_kernels.bench.measure import format_table
 HARNESS_COLUMNS = ["op", "budget", "ms", "baseline", "baseline_ms", "vs_baseline", "ideal_ms", "vs_ideal"]
 
 
+def _cell(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
 def _section(path: Path, data: dict, root: Path) -> str:
     env = data.get("environment", {})
     title = data.get("benchmark") or f"flextron bench ({data.get('settings', {}).get('model', '?')})"
@@ -27,7 +31,7 @@ def _section(path: Path, data: dict, root: Path) -> str:
         lines += [f"Ceilings measured in the same run: copy {c.get('copy_tbps', 0):.2f} TB/s, "
                   f"dense matmul {c.get('matmul_tflops', 0):.0f} TFLOP/s.", ""]
     if "summary" in data:
-        lines += ["Summary: " + ", ".join(f"{k} = {v:.3g}" for k, v in data["summary"].items()), ""]
+        lines += ["Summary: " + ", ".join(f"{k} = {_cell(v)}" for k, v in data["summary"].items()), ""]
     rows = data.get("rows", [])
     if rows:
         columns = HARNESS_COLUMNS if "op" in rows[0] else list(rows[0])

@@ -327,6 +327,12 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
         (a serving loop computes them once per request; see :meth:`choices_for`). With
         ``choices`` (or a ``[B]`` budget and no static router), a step has no host sync
         and can be captured in a CUDA graph."""
+        if tokens.dim() != 1 or len(caches) != len(self.layers) or tokens.shape[0] != caches[0].k.shape[0]:
+            raise ValueError(
+                f"decode_step: expected tokens [B] and one cache per layer ({len(self.layers)}) holding B requests; got "
+                f"tokens of shape {tuple(tokens.shape)} and {len(caches)} caches of batch "
+                f"{caches[0].k.shape[0] if caches else '-'} (new_caches(batch, max_len) makes them)"
+            )
         h = self.embed(tokens)
         if self.pos_embed is not None:
             h = h + self.pos_embed(caches[0].seqlens.to(torch.int64))
