@@ -100,6 +100,7 @@ class Server:
         cuda_graphs: capture decode steps in CUDA graphs (default: on a GPU).
         buckets: batch sizes that get a graph of their own (default powers of two up
             to ``max_batch``); a step runs the smallest bucket that holds its requests.
+            Without graphs a step runs just its requests, unless ``buckets`` is given.
     """
 
     def __init__(self, model, *, max_batch: int = 16, max_len: int = 2048, max_queue: int = 1024,
@@ -123,6 +124,7 @@ class Server:
         if any(b < 1 or b > max_batch for b in sizes):
             raise ValueError(f"buckets: expected sizes in [1, {max_batch}], got {list(buckets)}")
         self.buckets = sorted(set(sizes) | {max_batch})
+        self.pad_to_buckets = self.cuda_graphs or buckets is not None
         self.caches = model.new_caches(max_batch, max_len)
         n_layers = len(self.caches)
         self.tokens = torch.zeros(max_batch, dtype=torch.long, device=self.device)
@@ -328,7 +330,7 @@ class Server:
 
     def _decode(self, n: int) -> torch.Tensor:
         """Logits ``[n, V]`` of one decode step over slots ``0..n-1``."""
-        bucket = next(b for b in self.buckets if b >= n) if self.cuda_graphs else n
+        bucket = next(b for b in self.buckets if b >= n) if self.pad_to_buckets else n
         self._prepare_padding(n, bucket)
         key, kwargs = self._decode_args(n, bucket)
         graph = self._graphs.get((bucket, key)) if self.cuda_graphs else False

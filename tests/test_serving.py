@@ -53,6 +53,14 @@ def test_mixed_budget_batch_gives_each_requests_own_greedy_tokens(arch, routers)
         assert done.tokens == alone(model, r), r
 
 
+def test_padding_to_buckets_changes_nothing():
+    model = tiny_model()
+    batch = requests(6, seed=5)
+    plain = Server(model, max_batch=4).run(batch)
+    padded = Server(model, max_batch=4, buckets=[4]).run(batch)
+    assert [c.tokens for c in padded] == [c.tokens for c in plain]
+
+
 def test_matches_model_generate():
     model = tiny_model()
     prompts = torch.randint(0, VOCAB, (3, 5), generator=torch.Generator().manual_seed(2))
@@ -159,8 +167,9 @@ def test_bad_server_arguments():
 def test_cuda_graph_serving_equals_eager(routers):
     model = tiny_model(device="cuda", dtype=torch.bfloat16, routers=routers)
     batch = requests(9, seed=4)
-    eager = Server(model, max_batch=4, max_len=48, cuda_graphs=False).run(batch)
-    graphed_server = Server(model, max_batch=4, max_len=48, cuda_graphs=True)
+    # The same padded batch sizes, so that both run the same kernels on the same shapes.
+    eager = Server(model, max_batch=4, max_len=48, cuda_graphs=False, buckets=[1, 2, 4]).run(batch)
+    graphed_server = Server(model, max_batch=4, max_len=48, cuda_graphs=True, buckets=[1, 2, 4])
     graphed = graphed_server.run(batch)
     assert [c.tokens for c in graphed] == [c.tokens for c in eager]
     kinds = {key for _, key in graphed_server._graphs}
