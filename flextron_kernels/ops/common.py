@@ -96,6 +96,17 @@ def boundaries_for(widths: Optional[torch.Tensor], size: int) -> Optional[torch.
     return None if widths is None else default_boundaries(max(size, 1), widths.device)
 
 
+def matmul_routing(widths: Optional[torch.Tensor], size: int, num_rows: int, block_m: int) -> Optional[RoutingMetadata]:
+    """Routing metadata for a routed matmul over ``num_rows`` rows with per-row ``widths``
+    in ``[0, size]``; None (unrouted rows, masked at their widths) when every row fits in
+    one tile of ``block_m``: there, grouping would only make each group's tile read the
+    weight prefix it shares with the others again (a decode batch of four budgets would
+    read 2.5x the widest prefix instead of 1x)."""
+    if widths is None or num_rows <= block_m:
+        return None
+    return group_tokens(widths, size, block_m)[0]
+
+
 def group_tokens(
     widths: Optional[torch.Tensor], size: int, block_m: int
 ) -> tuple[Optional[RoutingMetadata], Optional[torch.Tensor]]:

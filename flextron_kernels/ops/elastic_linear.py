@@ -47,6 +47,7 @@ from flextron_kernels.ops.common import (
     group_tokens,
     mask_columns,
     matmul_config,
+    matmul_routing,
     weight_grad_config,
 )
 
@@ -57,6 +58,13 @@ def _routing_for(out_widths, in_widths, n, k, block_m):
     if out_widths is not None:
         return (*group_tokens(out_widths, n, block_m), True)
     return (*group_tokens(in_widths, k, block_m), False)
+
+
+def _matmul_routing_for(out_widths, in_widths, n, k, num_rows, block_m):
+    """The routing of :func:`_routing_for` for a routed matmul (None for a single tile)."""
+    if out_widths is not None:
+        return matmul_routing(out_widths, n, num_rows, block_m)
+    return matmul_routing(in_widths, k, num_rows, block_m)
 
 
 def _select(op: str, t: torch.Tensor, per_token: bool) -> str:
@@ -75,7 +83,7 @@ def _forward_impl(x, weight, bias, out_widths, in_widths, n, k):
     from flextron_kernels.triton.routed_matmul import routed_matmul
 
     config = matmul_config(x, x.shape[0])
-    routing, _, _ = _routing_for(out_widths, in_widths, n, k, config["BLOCK_M"])
+    routing = _matmul_routing_for(out_widths, in_widths, n, k, x.shape[0], config["BLOCK_M"])
     y = new_output((x.shape[0], n), dtype=x.dtype, device=x.device)
     return routed_matmul(
         x, x.stride(), weight, weight.stride(), bias, y,
@@ -97,7 +105,7 @@ def _grad_input_impl(dy, weight, out_widths, in_widths, k, kx):
     from flextron_kernels.triton.routed_matmul import routed_matmul
 
     config = matmul_config(dy, num_rows)
-    routing, _, _ = _routing_for(out_widths, in_widths, n, k, config["BLOCK_M"])
+    routing = _matmul_routing_for(out_widths, in_widths, n, k, num_rows, config["BLOCK_M"])
     dx = new_output((num_rows, kx), dtype=dy.dtype, device=dy.device)
     w_strides = weight.stride()
     return routed_matmul(

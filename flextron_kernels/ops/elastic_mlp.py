@@ -44,6 +44,7 @@ from flextron_kernels.ops.common import (
     group_tokens,
     mask_columns,
     matmul_config,
+    matmul_routing,
     weight_grad_config,
 )
 
@@ -152,7 +153,7 @@ def _forward_triton(x, w_up, w_down, w_gate, b_up, b_down, widths, fw, activatio
 
     num_rows, d_model = x.shape
     config = matmul_config(x, num_rows)
-    routing, _ = group_tokens(widths, fw, config["BLOCK_M"])
+    routing = matmul_routing(widths, fw, num_rows, config["BLOCK_M"])
     hidden = new_output((num_rows, fw), dtype=x.dtype, device=x.device)
     up_pre = new_output((num_rows, fw), dtype=x.dtype, device=x.device) if save else None
     gate_pre = new_output((num_rows, fw), dtype=x.dtype, device=x.device) if (save and w_gate is not None) else None
@@ -179,7 +180,8 @@ def _backward_triton(grads, dout, x, w_up, w_down, w_gate, widths, fw, activatio
     grad_w_up, grad_w_down, grad_w_gate, grad_b_up, grad_b_down = grads
     num_rows, d_model = dout.shape
     config = matmul_config(dout, num_rows)
-    routing, boundaries = group_tokens(widths, fw, config["BLOCK_M"])
+    grouped, boundaries = group_tokens(widths, fw, config["BLOCK_M"])
+    routing = grouped if num_rows > config["BLOCK_M"] else None  # as matmul_routing, from the same grouping
     grad_h = new_output((num_rows, fw), dtype=dout.dtype, device=dout.device)
     routed_matmul(
         dout, dout.stride(), w_down, (w_down.stride(1), w_down.stride(0)), None, grad_h,
@@ -197,7 +199,7 @@ def _backward_triton(grads, dout, x, w_up, w_down, w_gate, widths, fw, activatio
     # both pre-activation gradients are exact zeros past each token's width, so only the
     # grouping (to skip tiles) is passed, not the widths.
     wconfig = weight_grad_config(dout)
-    common = dict(routing=routing, boundaries=boundaries, config=wconfig, out_widths=None, in_widths=None)
+    common = dict(routing=grouped, boundaries=boundaries, config=wconfig, out_widths=None, in_widths=None)
     if grad_w_down is not None:
         scaled_dout = dout * scale.unsqueeze(1).to(dout.dtype) if scale is not None else dout
         prefix_weight_grad_(grad_w_down, None, scaled_dout, hidden, in_limit=fw, sort_by_out=False, **common)
