@@ -45,5 +45,9 @@ run 35 "$results/flextron_bench.log" python -m flextron_kernels.bench --quick --
 
 python -m flextron_kernels.bench.report "$results" --out BENCHMARKS.md || { echo "!! the report failed"; status=1; }
 
+step "summary"
+python -m flextron_kernels.bench.report "$results" --summary
+for log in gpu_tests gpu_op_tests; do echo "$log: $(tail -n 1 "$results/$log.log")"; done
+
 step "done (status $status)"
 exit $status

@@ -108,3 +108,6 @@ def test_report_shows_per_op_summaries_and_their_plots(tmp_path):
     report = build_report(tmp_path)
     assert "## serving" in report and "backend = cuda, ratio = 1.25" in report
     assert "serving.png)" in report and "step_ms" in report
+    from flextron_kernels.bench.report import summary_lines
+
+    assert summary_lines(tmp_path) == ["serving.json: backend = cuda, ratio = 1.25"]
