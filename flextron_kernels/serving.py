@@ -1,7 +1,7 @@
 """A small serving loop: requests with their own budgets, batched together.
 
-Continuous batching: requests join (one prefill each, into a free slot of the KV cache)
-and leave (when done; the last slot moves into the hole, so the active requests always
+Continuous batching: requests join (prefilled together, packed, into free slots of the
+KV cache) and leave (when done; the last slot moves into the hole, so the active requests always
 hold slots ``0..n-1``) between decode steps. Each decode step runs every active request
 at its own budget in one batch: when all share one budget, the layers run at that
 budget's static widths; otherwise each request's MLP width and head count go to the ops
@@ -101,11 +101,14 @@ class Server:
         buckets: batch sizes that get a graph of their own (default powers of two up
             to ``max_batch``); a step runs the smallest bucket that holds its requests.
             Without graphs a step runs just its requests, unless ``buckets`` is given.
+        max_prefill_tokens: most prompt tokens prefilled together in one step (a longer
+            prompt is prefilled alone).
     """
 
     def __init__(self, model, *, max_batch: int = 16, max_len: int = 2048, max_queue: int = 1024,
-                 cuda_graphs: Optional[bool] = None, buckets: Optional[Sequence[int]] = None):
-        for name, value in (("max_batch", max_batch), ("max_len", max_len)):
+                 cuda_graphs: Optional[bool] = None, buckets: Optional[Sequence[int]] = None,
+                 max_prefill_tokens: int = 8192):
+        for name, value in (("max_batch", max_batch), ("max_len", max_len), ("max_prefill_tokens", max_prefill_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
@@ -113,6 +116,7 @@ class Server:
         self.model = model.eval()
         self.config = model.config
         self.max_batch, self.max_len, self.max_queue = max_batch, max_len, max_queue
+        self.max_prefill_tokens = max_prefill_tokens
         if self.config.arch == "gpt2" and max_len > self.config.max_positions:
             raise ValueError(f"max_len: expected at most max_positions={self.config.max_positions}, got {max_len}")
         weight = model.embed.weight
@@ -190,8 +194,8 @@ class Server:
 
     @torch.no_grad()
     def step(self) -> list[TokenEvent]:
-        """Admit waiting requests into free slots (one prefill each, which yields their
-        first token), then one decode step for the requests already running. Returns the
+        """One decode step for the running requests, then waiting requests admitted into
+        free slots (one packed prefill, which yields their first tokens). Returns the
         tokens produced, in slot order."""
         events, self._failed = self._failed, []
         running = list(self.active)
@@ -201,8 +205,15 @@ class Server:
             for state, token in zip(running, tokens):
                 state.length += 1  # the decode step appended the previous token to the cache
                 events.append(self._emit(state, token))
-        while self.waiting and len(self.active) < self.max_batch:
-            events.append(self._admit(*self.waiting.popleft()))
+        joining, tokens = [], 0
+        while self.waiting and len(self.active) + len(joining) < self.max_batch:
+            length = len(self.waiting[0][2])
+            if joining and tokens + length > self.max_prefill_tokens:
+                break
+            joining.append(self.waiting.popleft())
+            tokens += length
+        if joining:
+            events += self._admit(joining)
         self._retire()
         return events
 
@@ -238,24 +249,33 @@ class Server:
     def _slot_views(self, begin: int, end: int) -> list:
         return [KVCache(c.k[begin:end], c.v[begin:end], c.seqlens[begin:end]) for c in self.caches]
 
-    def _admit(self, request_id: int, request: Request, prompt: list) -> TokenEvent:
-        slot = len(self.active)
-        length = len(prompt)
-        prompt = torch.tensor(prompt, dtype=torch.long, device=self.device)
-        choices = self._layer_choices(float(request.budget))
-        for layer, (width, heads) in enumerate(choices):
-            self.widths[layer, slot], self.heads[layer, slot] = width, heads
-        self.budgets[slot] = float(request.budget)
-        logits = self.model(prompt, budget=float(request.budget), caches=self._slot_views(slot, slot + 1))[-1]
-        generator = None
-        if request.temperature > 0:
-            generator = torch.Generator(device=self.device)
-            generator.manual_seed(request.seed if request.seed is not None else torch.seed())
-        state = _Active(request_id, request, length, [], generator)
-        self.active.append(state)
-        token = self._sample([state], logits[None])[0]
-        self.tokens[slot] = token
-        return self._emit(state, token)
+    def _admit(self, joining: list) -> list:
+        """Prefill ``joining`` (``(request_id, request, prompt)`` each) packed into the next
+        free slots; returns their first tokens."""
+        first = len(self.active)
+        budgets = [float(request.budget) for _, request, _ in joining]
+        for slot, budget in enumerate(budgets, start=first):
+            for layer, (width, heads) in enumerate(self._layer_choices(budget)):
+                self.widths[layer, slot], self.heads[layer, slot] = width, heads
+            self.budgets[slot] = budget
+        lengths = [len(prompt) for _, _, prompt in joining]
+        ends = list(itertools.accumulate(lengths))
+        ids = torch.tensor([t for _, _, prompt in joining for t in prompt], dtype=torch.long, device=self.device)
+        cu_seqlens = torch.tensor([0, *ends], dtype=torch.int32, device=self.device)
+        budget = budgets[0] if len(set(budgets)) == 1 else torch.tensor(budgets, device=self.device)
+        logits = self.model(ids, budget=budget, cu_seqlens=cu_seqlens,
+                            caches=self._slot_views(first, first + len(joining)))
+        states = []
+        for (request_id, request, _), length in zip(joining, lengths):
+            generator = None
+            if request.temperature > 0:
+                generator = torch.Generator(device=self.device)
+                generator.manual_seed(request.seed if request.seed is not None else torch.seed())
+            states.append(_Active(request_id, request, length, [], generator))
+        self.active += states
+        tokens = self._sample(states, logits[torch.tensor(ends, device=self.device) - 1])
+        self.tokens[first : first + len(tokens)].copy_(torch.tensor(tokens), non_blocking=True)
+        return [self._emit(state, token) for state, token in zip(states, tokens)]
 
     @staticmethod
     def _sample(states: list, logits: torch.Tensor) -> list:

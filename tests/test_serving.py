@@ -53,6 +53,18 @@ def test_mixed_budget_batch_gives_each_requests_own_greedy_tokens(arch, routers)
         assert done.tokens == alone(model, r), r
 
 
+def test_prefill_token_limit_admits_fewer_per_step_and_changes_nothing():
+    model = tiny_model()
+    batch = requests(5, seed=6)
+    server = Server(model, max_batch=4, max_prefill_tokens=1)  # one prompt per step
+    for r in batch:
+        server.submit(r)
+    assert len(server.step()) == 1 and len(server.active) == 1
+    rest = Server(model, max_batch=4).run(batch)
+    limited = Server(model, max_batch=4, max_prefill_tokens=1).run(batch)
+    assert [c.tokens for c in limited] == [c.tokens for c in rest]
+
+
 def test_padding_to_buckets_changes_nothing():
     model = tiny_model()
     batch = requests(6, seed=5)
@@ -154,6 +166,8 @@ def test_bad_server_arguments():
     model = tiny_model()
     with pytest.raises(ValueError, match="max_batch: expected an int >= 1, got 0"):
         Server(model, max_batch=0)
+    with pytest.raises(ValueError, match="max_prefill_tokens: expected an int >= 1, got 0"):
+        Server(model, max_prefill_tokens=0)
     with pytest.raises(ValueError, match="max_len: expected at most max_positions=64, got 100"):
         Server(tiny_model("gpt2"), max_len=100)
     with pytest.raises(ValueError, match="cuda_graphs: CUDA graphs need the model on a CUDA device"):
