@@ -88,6 +88,7 @@ def _load_extension():
     return _C, None
 
 
+@functools.lru_cache(maxsize=None)
 def extension_has_cuda() -> bool:
     ext = extension()
     return ext is not None and bool(ext.build_info()["cuda"])
