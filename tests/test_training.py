@@ -120,6 +120,10 @@ def test_router_training_with_a_latency_table(data):
         mlp_logits, head_logits = model.static_router(torch.tensor(BUDGETS))
     for logits in (mlp_logits, head_logits):
         assert (logits.argmax(-1).diff(dim=0) >= 0).all(), logits.argmax(-1)
+    with pytest.warns(UserWarning, match=r"budgets \[0.1\] cannot be met: the smallest sub-network costs 0.299"):
+        train_routers(tiny_model(3, layers=8), train, RouterConfig(steps=1, samples=2, surrogate_steps=1, batch_size=2,
+                                                                  tokens=128, budgets=[0.1, 1.0]),
+                      latency_table=table, progress=False)
     bad = LatencyTable([e for e in entries if e["choice"] != 48])
     with pytest.raises(ValueError, match="latency table: no prefill entries for mlp choices \\[48\\]"):
         train_routers(tiny_model(), train, RouterConfig(steps=1), latency_table=bad, progress=False)

@@ -24,6 +24,7 @@ the previous budget's in any layer: routes are nested, like the sub-networks.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -205,6 +206,12 @@ def train_routers(model, data, config: Optional[RouterConfig] = None, *, latency
     router = model.static_router
     costs = choice_costs(model, table, config.phase, config.tokens)
     full_cost = costs[0][:, -1].sum() + costs[1][:, -1].sum()
+    floor = ((costs[0].min(1).values.sum() + costs[1].min(1).values.sum()) / full_cost).item()
+    below = [b for b in config.budgets if b < floor * (1 - config.tolerance)]
+    if below:
+        warnings.warn(f"budgets {below} cannot be met: the smallest sub-network costs {floor:.3f} of the full "
+                      f"model ({'by the latency table' if table is not None else 'by parameter count'}); "
+                      "their routes will be the smallest sub-network")
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
     metrics = Metrics(metrics_path)
