@@ -201,6 +201,26 @@ def test_cuda_kernel_is_elastic_mlps_inference_path_and_falls_back():
     torch.testing.assert_close(fallback, fused, rtol=2e-2, atol=2e-2)
 
 
+def test_elastic_mlp_saves_nothing_for_backward_under_no_grad(monkeypatch):
+    """Inference through a module whose weights require grad: the forward is asked for
+    no saved pre-activations (on a GPU, the condition for the fused decode kernel)."""
+    saves = []
+    original = torch.ops.flextron.elastic_mlp_fwd
+
+    def spy(*args):
+        saves.append(args[-1])
+        return original(*args)
+
+    monkeypatch.setattr(torch.ops.flextron, "elastic_mlp_fwd", spy)
+    mlp = fk.ElasticMLP(16, 24)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        mlp(x, width=torch.tensor([0, 8, 24]))
+    mlp(x.requires_grad_(), width=8).sum().backward()
+    assert saves == [False, True]
+    assert mlp.w_up.grad is not None
+
+
 @pytest.mark.gpu
 def test_cuda_graph_replay_equals_eager():
     device = torch.device("cuda")

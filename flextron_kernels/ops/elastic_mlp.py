@@ -411,6 +411,14 @@ def elastic_mlp(
     widths, fw, scale = check_mlp_arguments(x, w_up, w_down, width, w_gate, b_up, b_down, activation, scale)
     token_shape, d_model = x.shape[:-1], x.shape[-1]
     x2d = x.reshape(math.prod(token_shape), d_model)
+    inputs = (x2d, w_up, w_down, w_gate, b_up, b_down, scale)
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)):
+        # Inference: nothing to save for a backward (inside the autograd function,
+        # needs_input_grad would still report parameters that require grad under no_grad),
+        # so at most 64 tokens on a GPU take the fused decode kernel.
+        out = torch.ops.flextron.elastic_mlp_fwd(x2d, w_up, w_down, w_gate, b_up, b_down, widths, fw, activation, scale,
+                                                 False)[0]
+        return out.reshape(x.shape)
     in_place = accumulates_in_place(w_up, w_down, w_gate, b_up, b_down)
     out = _ElasticMLPFunction.apply(x2d, w_up, w_down, w_gate, b_up, b_down, scale, widths, fw, activation, in_place)
     return out.reshape(x.shape)

@@ -21,6 +21,7 @@ explicitly (it refuses inputs that require a gradient).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Union
 
@@ -35,9 +36,16 @@ MAX_TOKENS = 64
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}
 
 
+@functools.lru_cache(maxsize=None)
+def _has_mma(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (8, 0)  # mma.m16n8k16 with bf16
+
+
 def cuda_kernel_applies(x, w_up, w_down, w_gate, b_up, b_down, scale) -> bool:
     """Whether the fused CUDA kernel can run on these (already checked) 2-D inputs."""
     if not x.is_cuda or x.dtype not in _DTYPE_CODES or x.shape[0] > MAX_TOKENS or not extension_has_cuda():
+        return False
+    if not _has_mma(x.device.index if x.device.index is not None else torch.cuda.current_device()):
         return False
     d_model, ffn = x.shape[1], w_up.shape[0]
     if d_model % 8 or ffn % 8:
@@ -45,7 +53,7 @@ def cuda_kernel_applies(x, w_up, w_down, w_gate, b_up, b_down, scale) -> bool:
     for t in (x, w_up, w_down, w_gate):
         if t is None:
             continue
-        if t.stride(1) != 1 or t.stride(0) % 8 or t.data_ptr() % 16:
+        if t.stride(1) != 1 or t.stride(0) % 8 or t.stride(0) < t.shape[1] or t.data_ptr() % 16:
             return False
     return True
 
