@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import warnings
 from collections import deque
 from typing import Iterable, Iterator, Optional, Sequence, Union
@@ -36,7 +37,7 @@ from flextron_kernels.ops.checks import skip_width_value_checks
 class Request:
     """One generation request.
 
-    ``prompt``: token ids (a sequence of ints or a 1-D integer tensor), at least one;
+    ``prompt``: token ids (an iterable of ints or a 1-D integer tensor), at least one;
     ``budget``: in (0, 1]; ``max_new_tokens`` >= 1; ``temperature`` 0 is greedy, else
     sampling with optional ``top_k`` / ``top_p`` from a generator seeded with ``seed``;
     generation stops after ``eos_token_id``."""
@@ -74,6 +75,8 @@ class Completion:
 class _Active:
     request_id: int
     request: Request
+    budget: float  # as admitted (the request object may change later)
+    choices: tuple  # per layer (mlp_width, heads) at that budget
     length: int  # tokens in the cache
     generated: list
     generator: Optional[torch.Generator]
@@ -96,7 +99,8 @@ class Server:
         model: the model (its device and dtype are used; the server puts it in eval mode).
         max_batch: most requests decoded together (the KV cache's batch size).
         max_len: cache positions per request (prompt + new tokens).
-        max_queue: most requests waiting for a slot; beyond, a request fails at once.
+        max_queue: most requests waiting for a slot (beyond those the free slots will take
+            at the next step); beyond, a request fails at once.
         cuda_graphs: capture decode steps in CUDA graphs (default: on a GPU).
         buckets: batch sizes that get a graph of their own (default powers of two up
             to ``max_batch``); a step runs the smallest bucket that holds its requests.
@@ -149,7 +153,8 @@ class Server:
         the next :meth:`step` with ``finish_reason="error"``."""
         request_id = next(self._ids)
         error, prompt = self._check(request)
-        if error is None and len(self.waiting) >= self.max_queue:
+        free_slots = self.max_batch - len(self.active)
+        if error is None and len(self.waiting) >= self.max_queue + max(free_slots, 0):
             error = (f"server is full: {len(self.active)} running (max_batch={self.max_batch}) and "
                      f"{len(self.waiting)} waiting (max_queue={self.max_queue})")
         if error is not None:
@@ -162,14 +167,14 @@ class Server:
         """``(error message or None, the prompt as a list of ints)``."""
         if not isinstance(r, Request):
             return f"request: expected a Request, got {type(r).__name__}", None
-        error = self._request_error(r)
-        return error, None if error else _prompt_list(r.prompt)
-
-    def _request_error(self, r: Request) -> Optional[str]:
         try:
-            prompt = _prompt_list(r.prompt)
+            prompt = _prompt_list(r.prompt)  # read once: the prompt may be an iterator
         except TypeError:
-            return f"prompt: expected a sequence of int token ids or a 1-D tensor, got {type(r.prompt).__name__}"
+            return f"prompt: expected a sequence of int token ids or a 1-D tensor, got {type(r.prompt).__name__}", None
+        error = self._request_error(r, prompt)
+        return error, None if error else prompt
+
+    def _request_error(self, r: Request, prompt: list) -> Optional[str]:
         if not prompt or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             return "prompt: expected a non-empty sequence of int token ids"
         vocab = self.config.vocab_size
@@ -183,8 +188,18 @@ class Server:
         if len(prompt) + r.max_new_tokens > self.max_len:
             return (f"prompt: {len(prompt)} tokens + max_new_tokens={r.max_new_tokens} exceed the cache "
                     f"(max_len={self.max_len})")
-        if r.temperature < 0:
-            return f"temperature: expected >= 0, got {r.temperature}"
+        if isinstance(r.temperature, bool) or not isinstance(r.temperature, (int, float)) or not (
+                math.isfinite(r.temperature) and r.temperature >= 0):
+            return f"temperature: expected a finite number >= 0, got {r.temperature!r}"
+        if r.top_k is not None and (isinstance(r.top_k, bool) or not isinstance(r.top_k, int) or r.top_k < 1):
+            return f"top_k: expected None or an int >= 1, got {r.top_k!r}"
+        if r.top_p is not None and (isinstance(r.top_p, bool) or not isinstance(r.top_p, (int, float))
+                                    or not 0 < r.top_p <= 1):
+            return f"top_p: expected None or a number in (0, 1], got {r.top_p!r}"
+        if r.seed is not None and (isinstance(r.seed, bool) or not isinstance(r.seed, int)):
+            return f"seed: expected None or an int, got {r.seed!r}"
+        if r.eos_token_id is not None and (isinstance(r.eos_token_id, bool) or not isinstance(r.eos_token_id, int)):
+            return f"eos_token_id: expected None or an int, got {r.eos_token_id!r}"
         return None
 
     # ------------------------------------------------------------------ the loop
@@ -205,6 +220,7 @@ class Server:
             for state, token in zip(running, tokens):
                 state.length += 1  # the decode step appended the previous token to the cache
                 events.append(self._emit(state, token))
+            self._retire()  # free their slots for this step's arrivals
         joining, tokens = [], 0
         while self.waiting and len(self.active) + len(joining) < self.max_batch:
             length = len(self.waiting[0][2])
@@ -252,26 +268,35 @@ class Server:
     def _admit(self, joining: list) -> list:
         """Prefill ``joining`` (``(request_id, request, prompt)`` each) packed into the next
         free slots; returns their first tokens."""
-        first = len(self.active)
+        first, count = len(self.active), len(joining)
         budgets = [float(request.budget) for _, request, _ in joining]
-        for slot, budget in enumerate(budgets, start=first):
-            for layer, (width, heads) in enumerate(self._layer_choices(budget)):
+        choices = [tuple(self._layer_choices(budget)) for budget in budgets]
+        for slot, (budget, chosen) in enumerate(zip(budgets, choices), start=first):
+            for layer, (width, heads) in enumerate(chosen):
                 self.widths[layer, slot], self.heads[layer, slot] = width, heads
             self.budgets[slot] = budget
         lengths = [len(prompt) for _, _, prompt in joining]
         ends = list(itertools.accumulate(lengths))
         ids = torch.tensor([t for _, _, prompt in joining for t in prompt], dtype=torch.long, device=self.device)
         cu_seqlens = torch.tensor([0, *ends], dtype=torch.int32, device=self.device)
-        budget = budgets[0] if len(set(budgets)) == 1 else torch.tensor(budgets, device=self.device)
-        logits = self.model(ids, budget=budget, cu_seqlens=cu_seqlens,
-                            caches=self._slot_views(first, first + len(joining)))
+        caches = self._slot_views(first, first + count)
+        if self.model.token_routers is not None:  # the routers choose per token, from the budget
+            budget = budgets[0] if len(set(budgets)) == 1 else torch.tensor(budgets, device=self.device)
+            logits = self.model(ids, budget=budget, cu_seqlens=cu_seqlens, caches=caches)
+        else:  # the choices the decode steps will use, so that a request's KV cap never changes
+            per_layer = choices[0] if len(set(choices)) == 1 else [
+                (self.widths[i, first:first + count], self.heads[i, first:first + count]) for i in range(len(self.caches))]
+            logits = self.model(ids, cu_seqlens=cu_seqlens, caches=caches, choices=list(per_layer))
         states = []
-        for (request_id, request, _), length in zip(joining, lengths):
+        for (request_id, request, _), length, budget, chosen in zip(joining, lengths, budgets, choices):
             generator = None
             if request.temperature > 0:
                 generator = torch.Generator(device=self.device)
-                generator.manual_seed(request.seed if request.seed is not None else torch.seed())
-            states.append(_Active(request_id, request, length, [], generator))
+                if request.seed is not None:
+                    generator.manual_seed(request.seed)
+                else:
+                    generator.seed()
+            states.append(_Active(request_id, request, budget, chosen, length, [], generator))
         self.active += states
         tokens = self._sample(states, logits[torch.tensor(ends, device=self.device) - 1])
         self.tokens[first : first + len(tokens)].copy_(torch.tensor(tokens), non_blocking=True)
@@ -331,10 +356,10 @@ class Server:
         and a key naming what a graph of them bakes in."""
         if self.model.token_routers is not None:  # routers choose per token inside the step
             return "routed", dict(budget=self.budgets[:bucket])
-        budgets = {float(s.request.budget) for s in self.active[:n]}
-        if len(budgets) == 1:
-            budget = budgets.pop()
-            return budget, dict(choices=self._layer_choices(budget))
+        choices = {s.choices for s in self.active[:n]}
+        if len(choices) == 1:  # one set of static widths: the key is that set, not the budget
+            chosen = choices.pop()
+            return chosen, dict(choices=list(chosen))
         return "mixed", dict(choices=[(self.widths[i, :bucket], self.heads[i, :bucket]) for i in range(len(self.caches))])
 
     def _prepare_padding(self, n: int, bucket: int) -> None:

@@ -126,6 +126,10 @@ def test_bad_requests_fail_alone():
         Request([1, VOCAB], budget=1.0),
         Request([1, 2], max_new_tokens=0),
         Request("hello"),
+        Request([1, 2], temperature=None),
+        Request([1, 2], temperature=1.0, top_k=0),
+        Request([1, 2], temperature=1.0, top_p=-0.5),
+        Request([1, 2], temperature=1.0, seed="x"),
     ]
     served = Server(model, max_batch=2, max_len=48).run([good, *bad, good])
     assert served[0].tokens == served[-1].tokens == alone(model, good)
@@ -138,28 +142,45 @@ def test_bad_requests_fail_alone():
     assert f"prompt: expected token ids in [0, {VOCAB})" in messages[4]
     assert "max_new_tokens: expected an int >= 1, got 0" in messages[5]
     assert "prompt: expected a sequence of int token ids" in messages[6]
+    assert "temperature: expected a finite number >= 0, got None" in messages[7]
+    assert "top_k: expected None or an int >= 1, got 0" in messages[8]
+    assert "top_p: expected None or a number in (0, 1], got -0.5" in messages[9]
+    assert "seed: expected None or an int, got 'x'" in messages[10]
 
 
 def test_full_queue_rejects_the_extra_request_and_serves_the_rest():
     model = tiny_model()
     batch = requests(4, seed=3)
     served = Server(model, max_batch=2, max_queue=1).run(batch)
-    # Submitted before any step: two would wait for the two slots; the queue holds one.
-    assert [c.finish_reason for c in served[:1]] == ["length"]
-    assert served[1].finish_reason == "error" and "server is full" in served[1].error
-    assert "max_queue=1" in served[1].error
-    for r, done in zip(batch, served):
-        if done.error is None:
-            assert done.tokens == alone(model, r)
+    # Submitted before any step: two take the free slots, one waits, the fourth finds no room.
+    assert [c.finish_reason for c in served[:3]] == ["length"] * 3
+    assert served[3].finish_reason == "error" and "server is full" in served[3].error
+    assert "max_queue=1" in served[3].error
+    for r, done in zip(batch[:3], served[:3]):
+        assert done.tokens == alone(model, r)
     assert isinstance(served[0], Completion)
+    # An idle server with no queue still takes as many requests as it has slots.
+    assert [c.error for c in Server(model, max_batch=2, max_queue=0).run(batch[:2])] == [None, None]
 
 
-def test_decode_step_rejects_a_batch_larger_than_its_caches():
+def test_a_slot_freed_by_a_step_is_refilled_in_that_step():
     model = tiny_model()
-    caches = model.new_caches(2, 16)
-    with pytest.raises(ValueError, match=r"decode_step: expected tokens \[B\] and one cache per layer \(2\) holding B "
-                                         r"requests; got tokens of shape \(3,\) and 2 caches of batch 2"):
-        model.decode_step(torch.tensor([1, 2, 3]), caches)
+    batch = [Request([1 + i, 2], budget=1.0, max_new_tokens=4) for i in range(8)]
+    server = Server(model, max_batch=2)
+    for r in batch:
+        server.submit(r)
+    steps = 0
+    while not server.idle:
+        server.step()
+        steps += 1
+        assert len(server.active) == 2 or not server.waiting
+    assert steps == 13  # 4 rounds of 2 requests, each 4 tokens, the next pair joining as one leaves
+
+
+def test_an_iterator_prompt_is_read_once():
+    model = tiny_model()
+    served = Server(model).run([Request(iter([7, 8, 9]), budget=0.5, max_new_tokens=3)])
+    assert served[0].tokens == alone(model, Request([7, 8, 9], budget=0.5, max_new_tokens=3))
 
 
 def test_bad_server_arguments():
@@ -187,6 +208,6 @@ def test_cuda_graph_serving_equals_eager(routers):
     graphed = graphed_server.run(batch)
     assert [c.tokens for c in graphed] == [c.tokens for c in eager]
     kinds = {key for _, key in graphed_server._graphs}
-    assert kinds & {"mixed", "routed"} and (routers or any(isinstance(k, float) for k in kinds)), kinds
+    assert kinds & {"mixed", "routed"} and (routers or any(isinstance(k, tuple) for k in kinds)), kinds
     failed = [key for key, graph in graphed_server._graphs.items() if graph is False]
     assert not failed, f"decode steps that could not be captured: {failed}"
