@@ -26,21 +26,21 @@ import json, flextron_kernels as fk
 print(json.dumps(fk.build_info(), indent=1))
 PY
 
-step "GPU tests (bf16 against fp64, CUDA routing kernel, CUDA graphs)"
-run 110 "$results/gpu_tests.log" python -m pytest -q -p no:cacheprovider -m gpu tests/
+step "GPU tests (bf16 against fp64, the CUDA kernels, CUDA graphs; Triton compiles here, cached for later steps)"
+run 140 "$results/gpu_tests.log" python -m pytest -q -p no:cacheprovider -m gpu tests/
 step "the CPU test suite's op tests, compiled on the GPU (fp32/fp16)"
-run 40 "$results/gpu_op_tests.log" python -m pytest -q -x -p no:cacheprovider -m "not gpu" \
+run 35 "$results/gpu_op_tests.log" python -m pytest -q -x -p no:cacheprovider -m "not gpu" \
   tests/test_routing_metadata.py tests/test_elastic_linear.py tests/test_elastic_mlp.py tests/test_elastic_attention.py
 
 step "benchmarks (quick)"
 run 10 "$results/bench_routing_metadata.log" python benchmarks/bench_routing_metadata.py --out "$results/routing_metadata_gpu.json"
-run 35 "$results/bench_elastic_linear.log" python benchmarks/bench_elastic_linear.py --quick --out "$results/elastic_linear_gpu.json"
-run 35 "$results/bench_elastic_mlp.log" python benchmarks/bench_elastic_mlp.py --quick --out "$results/elastic_mlp_gpu.json"
-run 30 "$results/bench_elastic_attention.log" python benchmarks/bench_elastic_attention.py --quick --out "$results/elastic_attention_gpu.json"
+run 30 "$results/bench_elastic_linear.log" python benchmarks/bench_elastic_linear.py --quick --out "$results/elastic_linear_gpu.json"
+run 30 "$results/bench_elastic_mlp.log" python benchmarks/bench_elastic_mlp.py --quick --out "$results/elastic_mlp_gpu.json"
+run 25 "$results/bench_elastic_attention.log" python benchmarks/bench_elastic_attention.py --quick --out "$results/elastic_attention_gpu.json"
 run 15 "$results/bench_elastic_attention_decode.log" python benchmarks/bench_elastic_attention_decode.py --quick --out "$results/elastic_attention_decode_gpu.json"
 run 20 "$results/bench_elastic_mlp_decode.log" python benchmarks/bench_elastic_mlp_decode.py --quick --out "$results/elastic_mlp_decode_gpu.json"
-run 60 "$results/bench_serving.log" python benchmarks/bench_serving.py --quick --out "$results/serving_gpu.json"
-run 35 "$results/flextron_bench.log" python -m flextron_kernels.bench --quick --out "$results/flextron_bench_gpu" \
+run 55 "$results/bench_serving.log" python benchmarks/bench_serving.py --quick --out "$results/serving_gpu.json"
+run 30 "$results/flextron_bench.log" python -m flextron_kernels.bench --quick --out "$results/flextron_bench_gpu" \
   --lut "$results/flextron_bench_gpu/latency_table.json"
 
 python -m flextron_kernels.bench.report "$results" --out BENCHMARKS.md || { echo "!! the report failed"; status=1; }
