@@ -12,7 +12,11 @@ with CUDA graphs, ``B`` requests at a time:
   batches of ``B/4`` one after another (what a server of one sub-model size per
   deployment would do);
 - tokens/s per budget: ``B`` over the time of a whole loop step (decode step, sampling,
-  bookkeeping).
+  bookkeeping);
+- the mixed-to-single ratio again with long prompts (``--long-prompt-len``): a short
+  context's step is bound by reading the weights, where a mix reads its widest request's
+  prefix; with long contexts the KV cache, which each request reads at its own head
+  count, takes over.
 
 ``step_ms`` is the CUDA-graph replay of the decode step alone; ``loop_ms`` a whole
 ``Server.step()``. Writes JSON and a PNG plot (tokens/s against budget).
@@ -70,6 +74,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="8 layers instead of 32")
     parser.add_argument("--batch", type=int, default=16, help="requests per batch (a multiple of 4)")
     parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--long-prompt-len", type=int, default=2048, help="0: skip the long-context comparison")
     parser.add_argument("--out", default="benchmarks/results/serving.json")
     args = parser.parse_args(argv)
     if args.batch < 4 or args.batch % 4:
@@ -82,6 +87,7 @@ def main(argv=None) -> int:
         print("no GPU: running a tiny smoke configuration (timings are not meaningful)", file=sys.stderr)
         dtype, shape, layers = torch.float32, dict(vocab_size=256, d_model=64, q_heads=4, ffn=128, head_dim=16), 2
         args.prompt_len = min(args.prompt_len, 16)
+        args.long_prompt_len = min(args.long_prompt_len, 48)
     base = dict(arch="llama", n_layers=layers, kv_heads=shape["q_heads"], max_positions=4096, **shape)
     gen = torch.Generator().manual_seed(0)
     batch = args.batch
@@ -106,6 +112,16 @@ def main(argv=None) -> int:
     print("  mixed", file=sys.stderr, flush=True)
     mixed = timings(serve(model, [FRACTIONS[i % len(FRACTIONS)] for i in range(batch)], args.prompt_len, batch, gen))
     mean_single = sum(r["elastic_step_ms"] for r in rows) / len(rows)
+    long_context = {}
+    if args.long_prompt_len:
+        print(f"  long prompts ({args.long_prompt_len} tokens)", file=sys.stderr, flush=True)
+        for fraction in FRACTIONS:
+            server = serve(model, [fraction] * batch, args.long_prompt_len, batch, gen)
+            long_context[fraction] = timings(server)["step_ms"]
+            del server
+        mixed_long = serve(model, [FRACTIONS[i % len(FRACTIONS)] for i in range(batch)], args.long_prompt_len, batch, gen)
+        long_context["mixed"] = timings(mixed_long)["step_ms"]
+        del mixed_long
     sequential = sum(r["quarter_batch_step_ms"] for r in rows)
     summary = dict(
         elastic_vs_dense_max=max(r["elastic_vs_dense"] for r in rows),
@@ -115,12 +131,17 @@ def main(argv=None) -> int:
         mixed_vs_mean_single_budget=mixed["step_ms"] / mean_single,
         mixed_vs_four_sequential_batches=mixed["step_ms"] / sequential,
     )
+    if long_context:
+        single_long = [long_context[f] for f in FRACTIONS]
+        summary["long_prompt_mixed_step_ms"] = long_context["mixed"]
+        summary["long_prompt_mixed_vs_mean_single_budget"] = long_context["mixed"] / (sum(single_long) / len(single_long))
     print(format_table(rows, ["budget", "mlp_width", "heads", "elastic_step_ms", "dense_step_ms", "elastic_vs_dense",
                               "elastic_loop_ms", "elastic_tokens_per_s", "quarter_batch_step_ms"]))
     print("summary:", summary)
     payload = dict(
         benchmark="serving", dtype=str(dtype), batch=batch, prompt_len=args.prompt_len, layers=layers,
-        shape=shape, summary=summary, rows=rows,
+        shape=shape, summary=summary, rows=rows, long_prompt_len=args.long_prompt_len,
+        long_prompt_step_ms={str(k): v for k, v in long_context.items()},
     )
     path = write_results(args.out, payload)
     print(f"wrote {path}")

@@ -1,0 +1,25 @@
+"""Every benchmark script runs end to end in its CPU smoke configuration (nothing timed is
+asserted) and writes a result file that the report can read."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = sorted((Path(__file__).resolve().parent.parent / "benchmarks").glob("bench_*.py"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.stem)
+def test_benchmark_script_smoke(script, tmp_path):
+    spec = importlib.util.spec_from_file_location(f"_smoke_{script.stem}", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / f"{script.stem}.json"
+    assert module.main(["--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["rows"] and data["environment"]["device"]
+
+    from flextron_kernels.bench.report import summary_lines
+
+    assert summary_lines(tmp_path) and len(summary_lines(tmp_path)) == 1
