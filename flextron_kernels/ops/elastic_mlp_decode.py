@@ -1,9 +1,9 @@
 """elastic_mlp_decode: the MLP of a decode step, for up to 64 tokens at per-token widths
 (forward only).
 
-Meaning: :func:`flextron_kernels.reference.elastic_mlp`. One forward-only custom op with
-a fake implementation, ``flextron::elastic_mlp_decode(x, w_up, w_down, w_gate, b_up,
-b_down, widths, width, activation, scale) -> out``.
+Meaning: :func:`flextron_kernels.reference.elastic_mlp`. It runs elastic_mlp's forward
+op (``flextron::elastic_mlp_fwd``) with nothing saved for a backward; this module holds
+the fused CUDA kernel's launcher, which that op dispatches to.
 
 Backends:
 - ``cuda``: the extension's fused kernel (``csrc/decode_mlp.cu``): gate, up, activation
@@ -11,8 +11,7 @@ Backends:
   widest token, with no host sync and launch shapes from the sizes only (CUDA-graph
   capturable). It takes fp16/bf16, ``D`` and ``F`` multiples of 8, rows that start on
   16 bytes and contiguous last dimensions; other inputs go to the next backend.
-- ``triton``: the routed-matmul forward of :mod:`flextron_kernels.ops.elastic_mlp`.
-- ``torch``: the same as :func:`elastic_mlp`'s torch backend.
+- ``triton``, ``torch``: the forward of :mod:`flextron_kernels.ops.elastic_mlp`.
 
 :func:`flextron_kernels.elastic_mlp` itself runs this kernel when it needs no backward
 and has at most 64 tokens on a GPU; this op is for callers that want the decode path
@@ -28,9 +27,9 @@ from typing import Optional, Union
 import torch
 
 from flextron_kernels import reference
-from flextron_kernels.backends import extension_has_cuda, extension, select_backend
+from flextron_kernels.backends import extension, extension_has_cuda
 from flextron_kernels.ops.checks import new_output
-from flextron_kernels.ops.elastic_mlp import _forward_torch, _forward_triton, check_mlp_arguments
+from flextron_kernels.ops.elastic_mlp import check_mlp_arguments
 
 MAX_TOKENS = 64
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}
@@ -92,36 +91,6 @@ def forward_cuda(x, w_up, w_down, w_gate, b_up, b_down, widths, width, activatio
     return out
 
 
-@torch.library.custom_op("flextron::elastic_mlp_decode", mutates_args=())
-def _decode_op(
-    x: torch.Tensor,
-    w_up: torch.Tensor,
-    w_down: torch.Tensor,
-    w_gate: Optional[torch.Tensor],
-    b_up: Optional[torch.Tensor],
-    b_down: Optional[torch.Tensor],
-    widths: Optional[torch.Tensor],
-    width: int,
-    activation: str,
-    scale: Optional[torch.Tensor],
-) -> torch.Tensor:
-    """``x [T, D]`` (T <= 64) -> ``out [T, D]``; ``widths [T]`` per token, or None for
-    ``width`` everywhere."""
-    fused = cuda_kernel_applies(x, w_up, w_down, w_gate, b_up, b_down, scale)
-    implemented = ("cuda", "triton", "torch") if fused else ("triton", "torch")
-    preferred = implemented if x.is_cuda else ("torch", "triton")
-    backend = select_backend("elastic_mlp_decode", x.device, implemented, preferred)
-    if backend == "cuda":
-        return forward_cuda(x, w_up, w_down, w_gate, b_up, b_down, widths, width, activation, scale)
-    impl = _forward_triton if backend == "triton" else _forward_torch
-    return impl(x, w_up, w_down, w_gate, b_up, b_down, widths, width, activation, scale, False)[0]
-
-
-@_decode_op.register_fake
-def _(x, w_up, w_down, w_gate, b_up, b_down, widths, width, activation, scale):
-    return x.new_empty(x.shape)
-
-
 def elastic_mlp_decode(
     x: torch.Tensor,
     w_up: torch.Tensor,
@@ -164,7 +133,7 @@ def elastic_mlp_decode(
             "elastic_mlp_decode: has no backward, but an input requires grad; run it under "
             "torch.no_grad() or use elastic_mlp"
         )
-    out = torch.ops.flextron.elastic_mlp_decode(
-        x.reshape(num_tokens, d_model), w_up, w_down, w_gate, b_up, b_down, widths, fw, activation, scale
-    )
+    out = torch.ops.flextron.elastic_mlp_fwd(
+        x.reshape(num_tokens, d_model), w_up, w_down, w_gate, b_up, b_down, widths, fw, activation, scale, False
+    )[0]
     return out.reshape(x.shape)
