@@ -189,9 +189,21 @@ __device__ __forceinline__ void sum_over_warps(float (&acc)[NMAT][NT][4], float*
   }
 }
 
-// C fragment element e of token tile j held by this lane: row 16-block offset and token.
-__device__ __forceinline__ int fragment_row(int lane, int e) { return (lane >> 2) + (e >= 2 ? 8 : 0); }
-__device__ __forceinline__ int fragment_token(int lane, int j, int e) { return j * 8 + 2 * (lane & 3) + (e & 1); }
+// Calls store(j, e, row, token) for each C fragment element (token tile j, element e) that
+// warp 0's lane holds inside [row0, num_rows) x [0, num_tokens).
+template <int NT, typename Store>
+__device__ __forceinline__ void for_each_result(int64_t row0, int64_t num_rows, int64_t num_tokens, Store store) {
+  const int lane = threadIdx.x;
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int64_t row = row0 + (lane >> 2) + (e >= 2 ? 8 : 0);
+      const int64_t token = j * 8 + 2 * (lane & 3) + (e & 1);
+      if (row < num_rows && token < num_tokens) store(j, e, row, token);
+    }
+  }
+}
 
 template <typename T, int NT, bool GATED>
 __global__ void __launch_bounds__(kThreads) hidden_kernel(DecodeMlpArgs p) {
@@ -214,22 +226,14 @@ __global__ void __launch_bounds__(kThreads) hidden_kernel(DecodeMlpArgs p) {
   sum_over_warps<NMAT, NT>(acc, partial);
   if (threadIdx.x >= 32) return;
 
-  const int lane = threadIdx.x;
   const T* b_up = static_cast<const T*>(p.b_up);
   T* hidden = static_cast<T*>(p.hidden);
-#pragma unroll
-  for (int j = 0; j < NT; ++j) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int64_t row = row0 + fragment_row(lane, e);
-      const int64_t token = fragment_token(lane, j, e);
-      if (row >= p.ffn || token >= p.num_tokens) continue;
-      const int64_t width = p.widths != nullptr ? p.widths[token] : p.static_width;
-      const float up = acc[0][j][e] + (b_up != nullptr ? to_float(b_up[row]) : 0.0f);
-      const float h = GATED ? activate(p.activation, acc[NMAT - 1][j][e]) * up : activate(p.activation, up);
-      hidden[token * p.ffn + row] = from_float<T>(row < width ? h : 0.0f);
-    }
-  }
+  for_each_result<NT>(row0, p.ffn, p.num_tokens, [&](int j, int e, int64_t row, int64_t token) {
+    const int64_t width = p.widths != nullptr ? p.widths[token] : p.static_width;
+    const float up = acc[0][j][e] + (b_up != nullptr ? to_float(b_up[row]) : 0.0f);
+    const float h = GATED ? activate(p.activation, acc[NMAT - 1][j][e]) * up : activate(p.activation, up);
+    hidden[token * p.ffn + row] = from_float<T>(row < width ? h : 0.0f);
+  });
 }
 
 template <typename T, int NT>
@@ -248,23 +252,15 @@ __global__ void __launch_bounds__(kThreads) down_kernel(DecodeMlpArgs p) {
   sum_over_warps<1, NT>(acc, partial);
   if (threadIdx.x >= 32) return;
 
-  const int lane = threadIdx.x;
   const T* scale = static_cast<const T*>(p.scale);
   const T* b_down = static_cast<const T*>(p.b_down);
   T* out = static_cast<T*>(p.out);
-#pragma unroll
-  for (int j = 0; j < NT; ++j) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int64_t row = row0 + fragment_row(lane, e);
-      const int64_t token = fragment_token(lane, j, e);
-      if (row >= p.d_model || token >= p.num_tokens) continue;
-      float v = acc[0][j][e];
-      if (scale != nullptr) v *= to_float(scale[token]);
-      if (b_down != nullptr) v += to_float(b_down[row]);
-      out[token * p.out_stride + row] = from_float<T>(v);
-    }
-  }
+  for_each_result<NT>(row0, p.d_model, p.num_tokens, [&](int j, int e, int64_t row, int64_t token) {
+    float v = acc[0][j][e];
+    if (scale != nullptr) v *= to_float(scale[token]);
+    if (b_down != nullptr) v += to_float(b_down[row]);
+    out[token * p.out_stride + row] = from_float<T>(v);
+  });
 }
 
 void fail(const std::string& what) { throw std::invalid_argument("elastic_mlp_decode_cuda: " + what); }
