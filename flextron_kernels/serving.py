@@ -137,7 +137,8 @@ class Server:
         n_layers = len(self.caches)
         self.tokens = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         self.budgets = torch.ones(max_batch, dtype=torch.float32, device=self.device)
-        self.widths = torch.zeros(n_layers, max_batch, dtype=torch.long, device=self.device)
+        # int32: the MLP kernels take widths in int32 (no cast per layer and step)
+        self.widths = torch.zeros(n_layers, max_batch, dtype=torch.int32, device=self.device)
         self.heads = torch.zeros(n_layers, max_batch, dtype=torch.long, device=self.device)
         self.active: list[_Active] = []
         self.waiting: deque = deque()
