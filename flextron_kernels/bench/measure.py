@@ -4,12 +4,18 @@ On a GPU, times are medians of ``triton.testing.do_bench`` (CUDA events, after
 warm-up, L2 flushed between repeats). On a CPU (smoke runs only), a median of
 wall-clock repeats. Every figure is meant to be reported beside a baseline measured
 in the same run.
+
+``FLEXTRON_BENCH_COMPILE_ONLY=1`` makes every timing call run its function a few times
+untimed and return NaN: a pass that compiles every kernel a benchmark launches, so that
+several benchmarks can fill the Triton cache in parallel before a timed run.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import math
+import os
 import platform
 import statistics
 import time
@@ -19,8 +25,22 @@ from typing import Callable
 import torch
 
 
+def _compile_only() -> bool:
+    return os.environ.get("FLEXTRON_BENCH_COMPILE_ONLY", "") not in ("", "0")
+
+
+def _untimed(fn: Callable[[], object], calls: int) -> float:
+    for _ in range(calls):
+        fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return math.nan
+
+
 def time_ms(fn: Callable[[], object], *, warmup: int = 25, rep: int = 100) -> float:
     """Median milliseconds per call of ``fn``."""
+    if _compile_only():
+        return _untimed(fn, 2)
     if torch.cuda.is_available():
         import triton.testing
 
@@ -39,6 +59,8 @@ def time_ms(fn: Callable[[], object], *, warmup: int = 25, rep: int = 100) -> fl
 def time_fixed_ms(fn: Callable[[], object], *, calls: int, warmup: int = 3) -> float:
     """Median milliseconds of exactly ``warmup + calls`` calls of ``fn`` (for calls that
     change state, such as a decode step appending to its cache: the count is known)."""
+    if _compile_only():
+        return _untimed(fn, warmup + calls)
     for _ in range(warmup):
         fn()
     samples = []
