@@ -5,6 +5,7 @@ import torch
 
 import flextron_kernels as fk
 from flextron_kernels.models import FlextronConfig, FlextronForCausalLM
+from flextron_kernels.models.io import dense_hf_model
 
 transformers = pytest.importorskip("transformers", reason="the model-layer tests build Hugging Face models")
 
@@ -217,6 +218,26 @@ def test_export_hf_round_trip(tmp_path, kind, budget):
     ids = torch.randint(0, VOCAB, (2, 9))
     with torch.no_grad():
         assert max_rel(dense(input_ids=ids).logits, model(ids, budget=budget)) < 1e-4
+
+
+def test_head_count_that_does_not_divide_the_hidden_size(tmp_path):
+    model = FlextronForCausalLM.from_hf(hf_model("llama_tied_bias"), calibration=torch.randint(0, VOCAB, (2, 9)),
+                                        mlp_choices=[[128, 256]] * 2, head_choices=[[3, 4]] * 2)
+    dense = dense_hf_model(model, 0.5)  # in memory, whatever transformers' checks
+    assert dense.config.num_attention_heads == 3 and dense.config.hidden_size == 64
+    ids = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        assert max_rel(dense(input_ids=ids).logits, model(ids, budget=0.5)) < 1e-4
+    try:
+        transformers.LlamaConfig(hidden_size=64, num_attention_heads=3, num_key_value_heads=3, head_dim=16)
+    except Exception:  # this transformers refuses the config: export says so
+        with pytest.raises(ValueError, match="export_hf: this sub-network has 3 heads, which do not divide the hidden size 64"):
+            model.export_hf(0.5, tmp_path / "dense")
+        return
+    model.export_hf(0.5, tmp_path / "dense")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense", local_files_only=True).eval()
+    with torch.no_grad():
+        assert max_rel(loaded(input_ids=ids).logits, model(ids, budget=0.5)) < 1e-4
 
 
 def test_export_errors(tmp_path):

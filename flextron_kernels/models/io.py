@@ -76,17 +76,44 @@ def _copy_attention_prefix(dst, src, q_rows: int, kv_rows: int) -> None:
 def export_hf(model: FlextronForCausalLM, budget: float, path, *, model_type=None) -> Path:
     """Write a dense Hugging Face checkpoint of the sub-network at ``budget`` (see :func:`dense_hf_model`)."""
     path = Path(path)
-    dense_hf_model(model, budget, model_type=model_type).save_pretrained(path, safe_serialization=True)
+    dense_hf_model(model, budget, model_type=model_type, loadable=True).save_pretrained(path, safe_serialization=True)
     return path
 
 
+def _hf_attention_config(config_class, n_heads: int, n_kv: int, *, loadable: bool, **kwargs):
+    """``config_class(num_attention_heads=n_heads, num_key_value_heads=n_kv, **kwargs)``.
+
+    Recent transformers reject a hidden size that is not a multiple of the head count,
+    though ``head_dim`` is given, and a sub-network's head count (24 of 32, say) need not
+    divide it. In memory (``loadable=False``) such a config is built with one head and
+    the counts are set after; a checkpoint (``loadable=True``) that transformers would
+    refuse to load is a ValueError instead.
+    """
+    try:
+        return config_class(num_attention_heads=n_heads, num_key_value_heads=n_kv, **kwargs)
+    except Exception as error:  # a ValueError, or huggingface_hub's StrictDataclassError
+        if kwargs["hidden_size"] % n_heads == 0:
+            raise
+        if loadable:
+            raise ValueError(
+                f"export_hf: this sub-network has {n_heads} heads, which do not divide the hidden size "
+                f"{kwargs['hidden_size']}, and this version of transformers refuses such a config ({error}); "
+                "export_sliced writes the sub-network in this project's format"
+            ) from error
+    config = config_class(num_attention_heads=1, num_key_value_heads=1, **kwargs)
+    config.num_attention_heads, config.num_key_value_heads = n_heads, n_kv
+    return config
+
+
 @torch.no_grad()
-def dense_hf_model(model: FlextronForCausalLM, budget: float, *, model_type=None):
+def dense_hf_model(model: FlextronForCausalLM, budget: float, *, model_type=None, loadable: bool = False):
     """The sub-network at ``budget`` as a dense Hugging Face model (in memory).
 
     ``model_type``: for a Llama-family model, ``llama``, ``mistral`` or ``qwen2`` (the
     checkpoint class; default: the converted checkpoint's, else ``llama``). Raises ValueError for heterogeneous per-layer choices or
-    per-token routers, which plain ``transformers`` cannot express.
+    per-token routers, which plain ``transformers`` cannot express. ``loadable``: also a
+    ValueError for a config that this version of transformers would refuse to load (a
+    head count that does not divide the hidden size).
     """
     import transformers
 
@@ -145,11 +172,11 @@ def dense_hf_model(model: FlextronForCausalLM, budget: float, *, model_type=None
                 raise ValueError("export_hf: a Llama checkpoint has Q/K/V and O biases together; use model_type='qwen2'")
         elif cfg.out_bias or (model_type == "qwen2") != cfg.qkv_bias:
             raise ValueError(f"export_hf: model_type {model_type!r} does not match this model's attention biases")
-        hf_config = config_class(
+        hf_config = _hf_attention_config(
+            config_class, n_heads, n_kv, loadable=loadable,
             vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=width, num_hidden_layers=cfg.n_layers,
-            num_attention_heads=n_heads, num_key_value_heads=n_kv, head_dim=dh, rms_norm_eps=cfg.norm_eps,
-            max_position_embeddings=cfg.max_positions, tie_word_embeddings=cfg.tie_embeddings,
-            rope_theta=cfg.rope_theta, **extra,
+            head_dim=dh, rms_norm_eps=cfg.norm_eps, max_position_embeddings=cfg.max_positions,
+            tie_word_embeddings=cfg.tie_embeddings, rope_theta=cfg.rope_theta, **extra,
         )
         hf = transformers.AutoModelForCausalLM.from_config(hf_config)
         base = hf.model
