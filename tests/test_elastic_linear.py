@@ -177,7 +177,7 @@ def test_single_width_everywhere_and_skewed_widths(backend, device):
     for widths in (torch.full((40,), 17), torch.where(torch.rand(40, generator=gen) < 0.8, 3, 70)):
         with fk.use_backend(backend):
             y = fk.elastic_linear(x, w, out_features=widths.to(device), in_features=widths.clamp(max=33).to(device))
-        ref = reference.elastic_linear(x.double(), w.double(), out_features=widths, in_features=widths.clamp(max=33))
+        ref = reference.elastic_linear(x.double().cpu(), w.double().cpu(), out_features=widths, in_features=widths.clamp(max=33))
         assert rel_err(y, ref) < 1e-5
 
 
@@ -192,7 +192,7 @@ def test_noncontiguous_and_narrow_inputs(backend, device):
         for xx in (x, x_t):
             y = fk.elastic_linear(xx, w, out_features=torch.arange(9).to(device) * 2, in_features=torch.arange(9).to(device) + 10)
             ref = reference.elastic_linear(
-                xx.double(), w.double(), out_features=torch.arange(9) * 2, in_features=torch.arange(9) + 10
+                xx.double().cpu(), w.double().cpu(), out_features=torch.arange(9) * 2, in_features=torch.arange(9) + 10
             )
             assert rel_err(y, ref) < 1e-5
         # x holding only the used columns (in_features the int k), zero of them included.

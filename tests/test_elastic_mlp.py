@@ -52,7 +52,7 @@ def run(backend, tensors, width, activation, use_scale, as_params=False, grad=No
         return torch.nn.Parameter(t.clone()) if param else t.clone().requires_grad_()
 
     ours = {n: leaf(tensors[n], as_params and n not in ("x", "scale")) for n in names}
-    ref = {n: tensors[n].double().requires_grad_() for n in names}
+    ref = {n: tensors[n].detach().cpu().double().requires_grad_() for n in names}
     kw = lambda d: dict(  # noqa: E731
         width=width.to(tensors["x"].device) if isinstance(width, torch.Tensor) else width,
         w_gate=d.get("w_gate"), b_up=d.get("b_up"), b_down=d.get("b_down"), activation=activation, scale=d.get("scale"),
@@ -65,11 +65,7 @@ def run(backend, tensors, width, activation, use_scale, as_params=False, grad=No
     ref_kw = kw(ref)
     if isinstance(width, torch.Tensor):
         ref_kw["width"] = width.cpu()
-    ref = {n: t.cpu() if n != "x" else t.cpu() for n, t in ref.items()}
-    ref_out = reference.elastic_mlp(
-        ref["x"], ref["w_up"], ref["w_down"],
-        **{k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in ref_kw.items()},
-    )
+    ref_out = reference.elastic_mlp(ref["x"], ref["w_up"], ref["w_down"], **ref_kw)
     ref_out.backward(grad.double().cpu())
     got = {"out": out, **{f"d{n}" if n != "x" else "dx": ours[n].grad for n in names}}
     want = {"out": ref_out, **{f"d{n}" if n != "x" else "dx": ref[n].grad for n in names}}
