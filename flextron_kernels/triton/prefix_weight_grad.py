@@ -18,6 +18,43 @@ import triton.language as tl
 
 
 @triton.jit
+def _accumulate(acc, bias_acc, dy_ptr, x_ptr, out_widths_ptr, in_widths_ptr, sorted_token_idx_ptr,
+                row_start, row_end, num_rows, cols_n, cols_k, mask_n, mask_k, stride_dyt, stride_dyj, stride_xt, stride_xc,
+                ROUTED: tl.constexpr, MASK_OUT: tl.constexpr, MASK_IN: tl.constexpr, HAS_BIAS: tl.constexpr,
+                INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
+    """``acc += dy[rows, cols_n].T @ x[rows, cols_k]`` (``bias_acc += dy`` summed over
+    rows) over the rows ``row_start <= s < row_end`` of the (sorted) order; ``MASK_OUT`` /
+    ``MASK_IN`` apply each row's own output / input width."""
+    for s in range(row_start, row_end, BLOCK_M):
+        offs = s + tl.arange(0, BLOCK_M)
+        row_mask = (offs < row_end) & (offs < num_rows)
+        if ROUTED:
+            rows = tl.load(sorted_token_idx_ptr + offs, mask=row_mask, other=0).to(tl.int64)
+        else:
+            rows = offs.to(tl.int64)
+        # Loads are masked by the launch-time limits only, which keeps them vectorised
+        # and pipelined; each row's own widths are applied in registers.
+        dy = tl.load(
+            dy_ptr + rows[:, None] * stride_dyt + cols_n[None, :] * stride_dyj,
+            mask=row_mask[:, None] & mask_n[None, :], other=0.0,
+        )
+        x = tl.load(
+            x_ptr + rows[:, None] * stride_xt + cols_k[None, :] * stride_xc,
+            mask=row_mask[:, None] & mask_k[None, :], other=0.0,
+        )
+        if MASK_OUT:
+            out_w = tl.load(out_widths_ptr + rows, mask=row_mask, other=0).to(tl.int32)
+            dy = tl.where(cols_n[None, :] < out_w[:, None], dy, 0.0)
+        if MASK_IN:
+            in_w = tl.load(in_widths_ptr + rows, mask=row_mask, other=0).to(tl.int32)
+            x = tl.where(cols_k[None, :] < in_w[:, None], x, 0.0)
+        if HAS_BIAS:
+            bias_acc += tl.sum(dy.to(tl.float32), axis=0)
+        acc = tl.dot(tl.trans(dy), x, acc, input_precision=INPUT_PRECISION)
+    return acc, bias_acc
+
+
+@triton.jit
 def prefix_weight_grad_kernel(
     dy_ptr, x_ptr, grad_weight_ptr, grad_bias_ptr,
     out_widths_ptr, in_widths_ptr,
@@ -52,48 +89,40 @@ def prefix_weight_grad_kernel(
     mask_k = cols_k < in_limit
 
     first = 0
+    # Rows from `unmasked` on have widths along the sorted axis past this block's end.
+    unmasked = num_rows if (HAS_OUT_WIDTHS or HAS_IN_WIDTHS) else 0
     if ROUTED:
         # Groups whose upper bound is <= the block's first column hold no token that
         # reaches this block: skip them. The bias needs every token, width 0 included.
         if SORT_BY_OUT:
             block_first_col = pid_n * BLOCK_N
-        elif HAS_BIAS:
-            block_first_col = -1
+            block_end = block_first_col + BLOCK_N
         else:
-            block_first_col = pid_k * BLOCK_K
+            block_first_col = -1 if HAS_BIAS else pid_k * BLOCK_K
+            block_end = (pid_k + 1) * BLOCK_K
         g = tl.arange(0, GROUPS_POW2)
         bounds = tl.load(boundaries_ptr + g, mask=g < num_groups, other=2147483647)
         first_group = tl.sum((bounds <= block_first_col).to(tl.int32), axis=0)
         first = tl.load(group_offsets_ptr + first_group)
+        # Group g holds widths above bounds[g - 1]: from the first group whose lower bound
+        # is at least the block's end, every row covers the whole block, unmasked.
+        full_group = tl.minimum(tl.sum((bounds < block_end).to(tl.int32), axis=0) + 1, num_groups)
+        unmasked = tl.maximum(tl.load(group_offsets_ptr + full_group), first)
 
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     bias_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for s in range(first, num_rows, BLOCK_M):
-        offs = s + tl.arange(0, BLOCK_M)
-        row_mask = offs < num_rows
-        if ROUTED:
-            rows = tl.load(sorted_token_idx_ptr + offs, mask=row_mask, other=0).to(tl.int64)
-        else:
-            rows = offs.to(tl.int64)
-        # Loads are masked by the launch-time limits only, which keeps them vectorised
-        # and pipelined; each row's own widths are applied in registers.
-        dy = tl.load(
-            dy_ptr + rows[:, None] * stride_dyt + cols_n[None, :] * stride_dyj,
-            mask=row_mask[:, None] & mask_n[None, :], other=0.0,
-        )
-        x = tl.load(
-            x_ptr + rows[:, None] * stride_xt + cols_k[None, :] * stride_xc,
-            mask=row_mask[:, None] & mask_k[None, :], other=0.0,
-        )
-        if HAS_OUT_WIDTHS:
-            out_w = tl.load(out_widths_ptr + rows, mask=row_mask, other=0).to(tl.int32)
-            dy = tl.where(cols_n[None, :] < out_w[:, None], dy, 0.0)
-        if HAS_IN_WIDTHS:
-            in_w = tl.load(in_widths_ptr + rows, mask=row_mask, other=0).to(tl.int32)
-            x = tl.where(cols_k[None, :] < in_w[:, None], x, 0.0)
-        if HAS_BIAS:
-            bias_acc += tl.sum(dy.to(tl.float32), axis=0)
-        acc = tl.dot(tl.trans(dy), x, acc, input_precision=INPUT_PRECISION)
+    # Widths applied in registers keep the operands off the tensor cores' shared-memory
+    # path: only the rows that need it are masked.
+    acc, bias_acc = _accumulate(
+        acc, bias_acc, dy_ptr, x_ptr, out_widths_ptr, in_widths_ptr, sorted_token_idx_ptr, first, unmasked, num_rows,
+        cols_n, cols_k, mask_n, mask_k, stride_dyt, stride_dyj, stride_xt, stride_xc,
+        ROUTED, HAS_OUT_WIDTHS, HAS_IN_WIDTHS, HAS_BIAS, INPUT_PRECISION, BLOCK_M,
+    )
+    acc, bias_acc = _accumulate(
+        acc, bias_acc, dy_ptr, x_ptr, out_widths_ptr, in_widths_ptr, sorted_token_idx_ptr, unmasked, num_rows,
+        num_rows, cols_n, cols_k, mask_n, mask_k, stride_dyt, stride_dyj, stride_xt, stride_xc,
+        ROUTED, HAS_OUT_WIDTHS and not SORT_BY_OUT, HAS_IN_WIDTHS and SORT_BY_OUT, HAS_BIAS, INPUT_PRECISION, BLOCK_M,
+    )
 
     gw_ptrs = grad_weight_ptr + cols_n.to(tl.int64)[:, None] * stride_gwj + cols_k[None, :] * stride_gwc
     gw_mask = mask_n[:, None] & mask_k[None, :]

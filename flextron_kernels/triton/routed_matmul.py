@@ -29,6 +29,33 @@ from flextron_kernels.triton.activations import apply_activation
 
 
 @triton.jit
+def _reduce(acc, acc2, a_ptr, b_ptr, b2_ptr, rows, row_mask, cols64, col_in_b, red_w, red_start, red_end, red_limit,
+            stride_at, stride_ar, stride_bj, stride_br, stride_b2j, stride_b2r,
+            MASK_ROW_WIDTHS: tl.constexpr, GATED: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``acc += A[rows, r] @ B[cols, r].T`` (and ``acc2`` with ``B2`` when gated) over
+    ``red_start <= r < red_end``; with ``MASK_ROW_WIDTHS``, ``A[t, r]`` counts only for
+    ``r < red_w[t]``."""
+    for r0 in range(red_start, red_end, BLOCK_K):
+        r = r0 + tl.arange(0, BLOCK_K)
+        # Loads are masked by the launch-time limits only, which keeps them vectorised
+        # and pipelined; each row's own reduction width is applied in registers.
+        a = tl.load(
+            a_ptr + rows[:, None] * stride_at + r[None, :] * stride_ar,
+            mask=row_mask[:, None] & (r[None, :] < red_limit),
+            other=0.0,
+        )
+        if MASK_ROW_WIDTHS:
+            a = tl.where(r[None, :] < red_w[:, None], a, 0.0)
+        b_mask = col_in_b[:, None] & (r[None, :] < red_limit)
+        b = tl.load(b_ptr + cols64[:, None] * stride_bj + r[None, :] * stride_br, mask=b_mask, other=0.0)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=INPUT_PRECISION)
+        if GATED:
+            b2 = tl.load(b2_ptr + cols64[:, None] * stride_b2j + r[None, :] * stride_b2r, mask=b_mask, other=0.0)
+            acc2 = tl.dot(a, tl.trans(b2), acc2, input_precision=INPUT_PRECISION)
+    return acc, acc2
+
+
+@triton.jit
 def routed_matmul_kernel(
     a_ptr, b_ptr, b2_ptr, bias_ptr, row_scale_ptr, c_ptr, pre_ptr, pre2_ptr,
     out_widths_ptr, red_widths_ptr,
@@ -97,23 +124,20 @@ def routed_matmul_kernel(
     # Column blocks past every row's output width only store zeros.
     if pid_n * BLOCK_N < tile_out:
         col_in_b = cols < out_limit
-        for r0 in range(0, tile_red, BLOCK_K):
-            r = r0 + tl.arange(0, BLOCK_K)
-            # Loads are masked by the launch-time limits only, which keeps them vectorised
-            # and pipelined; each row's own reduction width is applied in registers.
-            a = tl.load(
-                a_ptr + rows[:, None] * stride_at + r[None, :] * stride_ar,
-                mask=row_mask[:, None] & (r[None, :] < red_limit),
-                other=0.0,
-            )
-            if HAS_RED_WIDTHS:
-                a = tl.where(r[None, :] < red_w[:, None], a, 0.0)
-            b_mask = col_in_b[:, None] & (r[None, :] < red_limit)
-            b = tl.load(b_ptr + cols64[:, None] * stride_bj + r[None, :] * stride_br, mask=b_mask, other=0.0)
-            acc = tl.dot(a, tl.trans(b), acc, input_precision=INPUT_PRECISION)
-            if GATED:
-                b2 = tl.load(b2_ptr + cols64[:, None] * stride_b2j + r[None, :] * stride_b2r, mask=b_mask, other=0.0)
-                acc2 = tl.dot(a, tl.trans(b2), acc2, input_precision=INPUT_PRECISION)
+        # Reduction blocks below every row's own width need no per-row mask, and A
+        # masked in registers could not feed the tensor cores straight from shared
+        # memory: those blocks run first, unmasked, and only the tile's tail is masked.
+        if HAS_RED_WIDTHS:
+            common_red = tl.min(tl.where(row_mask, red_w, tile_red), axis=0) // BLOCK_K * BLOCK_K
+        else:
+            common_red = tile_red
+        acc, acc2 = _reduce(acc, acc2, a_ptr, b_ptr, b2_ptr, rows, row_mask, cols64, col_in_b, red_w,
+                            0, common_red, red_limit, stride_at, stride_ar, stride_bj, stride_br, stride_b2j,
+                            stride_b2r, False, GATED, INPUT_PRECISION, BLOCK_K)
+        if HAS_RED_WIDTHS:
+            acc, acc2 = _reduce(acc, acc2, a_ptr, b_ptr, b2_ptr, rows, row_mask, cols64, col_in_b, red_w,
+                                common_red, tile_red, red_limit, stride_at, stride_ar, stride_bj, stride_br,
+                                stride_b2j, stride_b2r, True, GATED, INPUT_PRECISION, BLOCK_K)
         if HAS_ROW_SCALE:
             row_scale = tl.load(row_scale_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
             acc = acc * row_scale[:, None]
