@@ -3,11 +3,13 @@
 # dependencies (torch, triton, cmake, ninja, pybind11, pytest) and no network.
 # Usage: bash scripts/gpu_check.sh [RESULTS_DIR]   (default benchmarks/results)
 #   ONLY="tests bench_mlp ..."  run only the named steps (build always runs); the steps:
-#   tests, then the benchmarks bench_routing bench_linear bench_mlp bench_attention
-#   bench_attention_decode bench_mlp_decode bench_serving flextron_bench, then report.
-# Each step has a time limit; together they add up to 8 minutes at most (about 6 expected). The GPU tests and a
-# compile-only pass over every benchmark (which fills the Triton cache) run side by side;
-# the timed benchmarks then run one at a time.
+#   tests, tune (the tile sweep, which rewrites the package's tuned table for this GPU:
+#   only when named), then the benchmarks bench_routing bench_linear bench_mlp
+#   bench_attention bench_attention_decode bench_mlp_decode bench_serving flextron_bench,
+#   then report. Default: everything but tune.
+# Each step has a time limit; without tune they add up to 8 minutes at most (about 5
+# expected). The GPU tests and a compile-only pass over every benchmark (which fills the
+# Triton cache) run side by side; the timed benchmarks then run one at a time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 results=${1:-benchmarks/results}
@@ -17,7 +19,7 @@ export FLEXTRON_CUDA_ARCHS=${FLEXTRON_CUDA_ARCHS:-90}
 PY=$(command -v python3 || command -v python)
 status=0
 step() { echo; echo "== $* ($(date +%T))"; }
-want() { [[ -z "${ONLY:-}" || " $ONLY " == *" $1 "* ]]; }
+want() { if [[ -z "${ONLY:-}" ]]; then [[ $1 != tune ]]; else [[ " $ONLY " == *" $1 "* ]]; fi; }
 # run LIMIT LOG CMD...: run CMD with a time limit, its output in LOG; show the tail.
 run() {
   local limit=$1 log=$2; shift 2
@@ -54,33 +56,70 @@ benchmarks=(
 )
 xdist() { "$PY" -c "import xdist" 2>/dev/null && echo "-n $1"; }
 
-if want tests; then
-  step "GPU tests (bf16 against fp64, the CUDA kernels, CUDA graphs), the op tests compiled (fp32/fp16), and a compile-only pass over the benchmarks, side by side"
+# compile_benchmarks: every benchmark once in compile-only mode, all side by side, to fill
+# the Triton cache before the timed runs (its results go to a scratch folder).
+warm_pids=()
+compile_benchmarks() {
+  local warm_dir entry name script args
   warm_dir=$(mktemp -d)
-  warm_pids=()
   for entry in "${benchmarks[@]}"; do
     read -r name _ script args <<<"$entry"
     want "$name" || continue
-    # The compile-only pass writes to a scratch folder, never over the results.
     args=${args//$results/$warm_dir}
     # shellcheck disable=SC2086
     FLEXTRON_BENCH_COMPILE_ONLY=1 timeout 140 "$PY" $script $args >"$warm_dir/$name.log" 2>&1 &
     warm_pids+=($!)
   done
-  # shellcheck disable=SC2046
-  timeout 140 "$PY" -m pytest -q -p no:cacheprovider $(xdist 6) -m gpu tests/ >"$results/gpu_tests.log" 2>&1 &
-  tests_pid=$!
-  # shellcheck disable=SC2046
-  timeout 140 "$PY" -m pytest -q -p no:cacheprovider $(xdist 4) -m "not gpu" tests/test_routing_metadata.py \
-    tests/test_elastic_linear.py tests/test_elastic_mlp.py tests/test_elastic_attention.py \
-    >"$results/gpu_op_tests.log" 2>&1 &
-  op_tests_pid=$!
-  wait $tests_pid || { echo "!! GPU tests failed or timed out"; status=1; }
-  tail -n 25 "$results/gpu_tests.log"
-  wait $op_tests_pid || { echo "!! op tests failed or timed out"; status=1; }
-  tail -n 8 "$results/gpu_op_tests.log"
+  WARM_DIR=$warm_dir
+}
+wait_benchmarks() {
+  local pid log
   for pid in "${warm_pids[@]}"; do wait "$pid" || echo "!! a compile-only benchmark pass failed (see below)"; done
-  for log in "$warm_dir"/*.log; do grep -l -E "Error|Traceback" "$log" >/dev/null && { echo "-- $log"; tail -n 6 "$log"; }; done
+  warm_pids=()
+  for log in "$WARM_DIR"/*.log; do
+    [[ -f $log ]] && grep -q -E "Error|Traceback" "$log" && { echo "-- $log"; tail -n 6 "$log"; }
+  done
+  return 0
+}
+families="matmul matmul_gated matmul_decode weight_grad attention_fwd attention_bwd"
+
+if want tests || want tune; then
+  step "side by side: the GPU tests (bf16 against fp64, the CUDA kernels, CUDA graphs), the op tests compiled (fp32/fp16), and a compile-only pass over the tile sweep (with tune) or the benchmarks"
+  pids=()
+  if want tests; then
+    # shellcheck disable=SC2046
+    timeout 140 "$PY" -m pytest -q -p no:cacheprovider $(xdist 6) -m gpu tests/ >"$results/gpu_tests.log" 2>&1 &
+    pids+=($!)
+    # shellcheck disable=SC2046
+    timeout 140 "$PY" -m pytest -q -p no:cacheprovider $(xdist 4) -m "not gpu" tests/test_routing_metadata.py \
+      tests/test_elastic_linear.py tests/test_elastic_mlp.py tests/test_elastic_attention.py \
+      >"$results/gpu_op_tests.log" 2>&1 &
+    pids+=($!)
+  fi
+  if want tune; then
+    for family in $families; do
+      FLEXTRON_BENCH_COMPILE_ONLY=1 timeout 140 "$PY" benchmarks/tune_tiles.py --families "$family" \
+        --out "$(mktemp -d)/tune.json" >"$results/tune_compile_$family.log" 2>&1 &
+      pids+=($!)
+    done
+  else
+    compile_benchmarks
+  fi
+  for pid in "${pids[@]}"; do wait "$pid" || { echo "!! a step failed or timed out (see its log)"; status=1; }; done
+  if want tests; then
+    tail -n 25 "$results/gpu_tests.log"
+    tail -n 8 "$results/gpu_op_tests.log"
+  fi
+  want tune || wait_benchmarks
+fi
+
+if want tune; then
+  step "tile sweep (timed), the winners written to the tuned table"
+  run 90 "$results/tune_tiles.log" "$PY" benchmarks/tune_tiles.py --out "$results/tune_tiles_gpu.json" --write-table
+  rm -f "$results"/tune_compile_*.log
+  step "compile-only pass over the benchmarks, side by side, with the tuned tiles"
+  compile_benchmarks
+  wait_benchmarks
 fi
 
 step "benchmarks (quick), one at a time"

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-SCRIPTS = sorted((Path(__file__).resolve().parent.parent / "benchmarks").glob("bench_*.py"))
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+SCRIPTS = sorted(BENCHMARKS.glob("bench_*.py")) + [BENCHMARKS / "tune_tiles.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.stem)
@@ -23,3 +24,16 @@ def test_benchmark_script_smoke(script, tmp_path):
     from flextron_kernels.bench.report import summary_lines
 
     assert summary_lines(tmp_path) and len(summary_lines(tmp_path)) == 1
+
+
+def test_tile_sweep_never_writes_the_table_on_a_cpu(tmp_path, monkeypatch):
+    from flextron_kernels.ops import tiles
+
+    monkeypatch.setattr(tiles, "TUNED_TABLE", tmp_path / "tuned_tiles.json")
+    spec = importlib.util.spec_from_file_location("_smoke_tune_tiles", BENCHMARKS / "tune_tiles.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--families", "matmul", "--write-table", "--out", str(tmp_path / "t.json")]) == 0
+    assert not (tmp_path / "tuned_tiles.json").exists()
+    with pytest.raises(SystemExit):
+        module.main(["--families", "matmull"])

@@ -57,40 +57,6 @@ def mask_columns(t: torch.Tensor, widths: Optional[torch.Tensor]) -> torch.Tenso
     return torch.where(keep, t, torch.zeros((), dtype=t.dtype, device=t.device))
 
 
-def _precision(t: torch.Tensor) -> str:
-    return "ieee" if t.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
-
-
-def matmul_config(t: torch.Tensor, num_rows: int) -> dict:
-    """Tiles for :func:`~flextron_kernels.triton.routed_matmul.routed_matmul`."""
-    precision = _precision(t)
-    if t.device.type == "cpu":  # the Triton interpreter: small tiles keep it quick
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=4, INPUT_PRECISION=precision)
-    # Tiles sized for Hopper bf16 tensor cores; short row tiles for decode-sized batches.
-    block_m = 16 if num_rows <= 16 else 32 if num_rows <= 32 else 64 if num_rows <= 64 else 128
-    if t.dtype == torch.float32:
-        # fp32 tiles are twice the bytes: the gated kernel's two B tiles would not fit in
-        # shared memory at BLOCK_K=64, and exact (ieee) fp32 runs on FMA units that spill
-        # registers on wide tiles.
-        if precision == "ieee":
-            return dict(BLOCK_M=min(block_m, 64), BLOCK_N=64, BLOCK_K=32, GROUP_M=8, INPUT_PRECISION=precision,
-                        num_warps=4, num_stages=2)
-        return dict(BLOCK_M=min(block_m, 64), BLOCK_N=128, BLOCK_K=32, GROUP_M=8, INPUT_PRECISION=precision,
-                    num_warps=8, num_stages=3)
-    return dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, INPUT_PRECISION=precision, num_warps=8,
-                num_stages=3)
-
-
-def weight_grad_config(t: torch.Tensor) -> dict:
-    """Tiles for :func:`~flextron_kernels.triton.prefix_weight_grad.prefix_weight_grad_`."""
-    precision = _precision(t)
-    if t.device.type == "cpu":
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, INPUT_PRECISION=precision)
-    if t.dtype == torch.float32:  # see matmul_config
-        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, INPUT_PRECISION=precision, num_warps=4, num_stages=2)
-    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, INPUT_PRECISION=precision, num_warps=8, num_stages=3)
-
-
 def boundaries_for(widths: Optional[torch.Tensor], size: int) -> Optional[torch.Tensor]:
     """The default group boundaries for per-token ``widths`` in ``[0, size]`` (None for static widths)."""
     return None if widths is None else default_boundaries(max(size, 1), widths.device)

@@ -28,16 +28,8 @@ from flextron_kernels.ops.checks import (
     new_output,
     value_checks_enabled,
 )
-from flextron_kernels.ops.routing import routing_metadata
-
-# BLOCK_N must divide BLOCK_M: the kernels rely on key blocks ending at query-tile starts.
-_GPU_CONFIG = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
-_CPU_CONFIG = dict(BLOCK_M=16, BLOCK_N=16)
-
-
-def _config(t: torch.Tensor) -> dict:
-    precision = "ieee" if t.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
-    return dict(_CPU_CONFIG if t.device.type == "cpu" else _GPU_CONFIG, INPUT_PRECISION=precision)
+from flextron_kernels.ops.routing import RoutingMetadata
+from flextron_kernels.ops.tiles import attention_config
 
 
 def _select(t: torch.Tensor) -> str:
@@ -52,7 +44,8 @@ def sequence_tiles(cu_seqlens: torch.Tensor, num_tokens: int, block: int):
     positions = torch.arange(num_tokens, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
     seq_ids = torch.bucketize(positions, cu_seqlens[1:], right=True)
     boundaries = torch.arange(max(num_seqs, 1), device=cu_seqlens.device, dtype=torch.int32)
-    return routing_metadata(seq_ids, boundaries, block)
+    # Valid boundaries by construction: the op itself, without the public function's check (a host sync).
+    return RoutingMetadata(*torch.ops.flextron.routing_metadata(seq_ids, boundaries, block))
 
 
 def _used_heads(heads, static_heads, num_tokens, q_heads, device):
@@ -144,7 +137,7 @@ def _forward_triton(q, k, v, cu_seqlens, heads, static_heads, causal, scale):
     from flextron_kernels.triton.attention import attention_fwd
 
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    config = _config(q)
+    config = attention_config(q, "fwd")
     out = new_output(q.shape, dtype=q.dtype, device=q.device)
     lse = new_output((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
     tiles = sequence_tiles(cu_seqlens, q.shape[0], config["BLOCK_M"])
@@ -156,7 +149,7 @@ def _backward_triton(dout, q, k, v, out, lse, cu_seqlens, heads, static_heads, c
     from flextron_kernels.triton.attention import attention_bwd
 
     dout, q, k, v = (_last_dim_contiguous(t) for t in (dout, q, k, v))
-    config = _config(q)
+    config = attention_config(q, "bwd")
     delta = (dout.float() * out.float()).sum(-1).T.contiguous()  # [Hq, T]; zero at unused heads
     dq = new_output(q.shape, dtype=q.dtype, device=q.device)
     dk = new_output(k.shape, dtype=k.dtype, device=k.device)

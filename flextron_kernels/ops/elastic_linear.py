@@ -46,10 +46,9 @@ from flextron_kernels.ops.common import (
     grad_buffer,
     group_tokens,
     mask_columns,
-    matmul_config,
     matmul_routing,
-    weight_grad_config,
 )
+from flextron_kernels.ops.tiles import matmul_config, weight_grad_config
 
 Width = Union[None, int, torch.Tensor]
 

@@ -43,10 +43,9 @@ from flextron_kernels.ops.common import (
     grad_buffer,
     group_tokens,
     mask_columns,
-    matmul_config,
     matmul_routing,
-    weight_grad_config,
 )
+from flextron_kernels.ops.tiles import matmul_config, weight_grad_config
 
 ACTIVATIONS = reference.ACTIVATIONS
 GATED_ACTIVATIONS = reference.GATED_ACTIVATIONS
@@ -154,12 +153,13 @@ def _forward_triton(x, w_up, w_down, w_gate, b_up, b_down, widths, fw, activatio
     num_rows, d_model = x.shape
     config = matmul_config(x, num_rows)
     routing = matmul_routing(widths, fw, num_rows, config["BLOCK_M"])
+    first_config = matmul_config(x, num_rows, gated=w_gate is not None)
     hidden = new_output((num_rows, fw), dtype=x.dtype, device=x.device)
     up_pre = new_output((num_rows, fw), dtype=x.dtype, device=x.device) if save else None
     gate_pre = new_output((num_rows, fw), dtype=x.dtype, device=x.device) if (save and w_gate is not None) else None
     routed_matmul(
         x, x.stride(), w_up, w_up.stride(), b_up, hidden,
-        out_widths=widths, red_widths=None, out_limit=fw, red_limit=d_model, routing=routing, config=config,
+        out_widths=widths, red_widths=None, out_limit=fw, red_limit=d_model, routing=routing, config=first_config,
         gate=w_gate, gate_strides=None if w_gate is None else w_gate.stride(), activation=activation,
         pre_out=up_pre, gate_pre_out=gate_pre,
     )

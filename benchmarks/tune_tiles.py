@@ -1,0 +1,200 @@
+"""Tile sweep for the Triton kernels: times each candidate configuration on the ops
+themselves (per-token widths, bf16, Llama-2-7B shapes) and keeps the fastest per kernel
+family in the tuned table that :mod:`flextron_kernels.ops.tiles` reads for this GPU.
+
+Families are swept in order, each with the winners of the ones before it:
+``matmul`` (per-token linear forward, output widths and input widths), ``matmul_gated``
+(the MLP forward), ``matmul_decode`` (the same linear forward over 16 tokens, replayed
+from a CUDA graph), ``weight_grad`` (per-token linear forward and backward),
+``attention_fwd`` and ``attention_bwd`` (B=8, S=2048, Hq=32, Hkv=8, Dh=128, causal, a
+per-token head mix).
+
+Usage: ``python benchmarks/tune_tiles.py [--families matmul,...] [--out FILE.json]
+[--write-table]`` (``--write-table`` merges the winners into the package's
+``tuned_tiles.json`` under this GPU's name). On a CPU it runs a tiny smoke sweep and
+never writes the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+import torch
+
+import flextron_kernels as fk
+from flextron_kernels.bench.measure import format_table, graph_replay, time_ms, write_results
+from flextron_kernels.bench.workloads import mixed_widths
+from flextron_kernels.ops import tiles
+
+CANDIDATES = {
+    # The first candidate of each family is its current default.
+    "matmul": [
+        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4),
+        dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3),
+        dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4),
+        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4),
+        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3),
+        dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, num_warps=4, num_stages=4),
+    ],
+    "matmul_gated": [
+        dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+        dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4),
+        dict(BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4),
+        dict(BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=4),
+        dict(BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=2),
+    ],
+    "matmul_decode": [
+        dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+        dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4),
+        dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=4),
+        dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=3),
+        dict(BLOCK_N=16, BLOCK_K=256, num_warps=4, num_stages=4),
+        dict(BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=6),
+    ],
+    "weight_grad": [
+        dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3),
+        dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=4),
+        dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=256, num_warps=8, num_stages=3),
+        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3),
+        dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4),
+    ],
+    "attention_fwd": [
+        dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+        dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+        dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
+        dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+        dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
+        dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+    ],
+    "attention_bwd": [
+        dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+        dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+        dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
+        dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2),
+        dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3),
+    ],
+}
+
+
+def linear_workloads(device, dtype, tokens, d_model, ffn, backward):
+    """Per-token linear, Llama-2-7B up (output widths) and down (input widths)."""
+    x_up = torch.randn(tokens, d_model, device=device, dtype=dtype)
+    x_down = torch.randn(tokens, ffn, device=device, dtype=dtype)
+    up = fk.ElasticLinear(d_model, ffn, bias=False, device=device, dtype=dtype)
+    down = fk.ElasticLinear(ffn, d_model, bias=False, device=device, dtype=dtype)
+    widths = mixed_widths(ffn, tokens, "uniform", device)
+    dy_up = torch.randn(tokens, ffn, device=device, dtype=dtype)
+    dy_down = torch.randn(tokens, d_model, device=device, dtype=dtype)
+
+    def run():
+        y_up = up(x_up, out_features=widths)
+        y_down = down(x_down, in_features=widths)
+        if backward:
+            y_up.backward(dy_up)
+            y_down.backward(dy_down)
+
+    return run
+
+
+def mlp_workload(device, dtype, tokens, d_model, ffn):
+    mlp = fk.ElasticMLP(d_model, ffn, gated=True, device=device, dtype=dtype)
+    x = torch.randn(tokens, d_model, device=device, dtype=dtype)
+    widths = mixed_widths(ffn, tokens, "uniform", device)
+    return lambda: mlp(x, width=widths)
+
+
+def attention_workload(device, dtype, batch, seq_len, q_heads, kv_heads, head_dim, backward):
+    tokens = batch * seq_len
+    group = q_heads // kv_heads
+    cu = torch.arange(0, tokens + 1, seq_len, device=device, dtype=torch.int32)
+    q = torch.randn(tokens, q_heads, head_dim, device=device, dtype=dtype, requires_grad=backward)
+    k = torch.randn(tokens, kv_heads, head_dim, device=device, dtype=dtype, requires_grad=backward)
+    v = torch.randn(tokens, kv_heads, head_dim, device=device, dtype=dtype, requires_grad=backward)
+    choices = torch.tensor([max(group, q_heads * i // 4 // group * group) for i in range(1, 5)])
+    heads = choices[torch.randint(0, 4, (tokens,), generator=torch.Generator().manual_seed(0))].to(device)
+    dout = torch.randn_like(q)
+
+    def run():
+        out = fk.elastic_attention(q, k, v, heads=heads, cu_seqlens=cu)
+        if backward:
+            out.backward(dout)
+
+    return run
+
+
+def workload(family, device, dtype, smoke):
+    if smoke:
+        tokens, d_model, ffn, attn = 64, 32, 96, (2, 32, 4, 2, 16)
+    else:
+        tokens, d_model, ffn, attn = 4096, 4096, 11008, (8, 2048, 32, 8, 128)
+    if family == "matmul":
+        return linear_workloads(device, dtype, tokens, d_model, ffn, backward=False)
+    if family == "matmul_gated":
+        return mlp_workload(device, dtype, tokens, d_model, ffn)
+    if family == "matmul_decode":
+        return linear_workloads(device, dtype, 16, d_model, ffn, backward=False)
+    if family == "weight_grad":
+        return linear_workloads(device, dtype, tokens, d_model, ffn, backward=True)
+    return attention_workload(device, dtype, *attn, backward=family == "attention_bwd")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--families", default=",".join(tiles.FAMILIES))
+    parser.add_argument("--out", default="benchmarks/results/tune_tiles.json")
+    parser.add_argument("--write-table", action="store_true", help="merge the winners into the package's tuned table")
+    args = parser.parse_args(argv)
+    families = [f for f in args.families.split(",") if f]
+    unknown = set(families) - set(tiles.FAMILIES)
+    if unknown:
+        parser.error(f"--families: expected names among {', '.join(tiles.FAMILIES)}, got {sorted(unknown)}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    smoke = device.type == "cpu"
+    dtype = torch.float32 if smoke else torch.bfloat16
+    if smoke:
+        print("no GPU: running a tiny smoke sweep (tiles do not apply on the CPU)", file=sys.stderr)
+
+    rows, winners = [], {}
+    for family in families:
+        run = workload(family, device, dtype, smoke)
+        candidates = CANDIDATES[family][:2] if smoke else CANDIDATES[family]
+        timed = []
+        for config in candidates:
+            print(f"  {family} {config}", file=sys.stderr, flush=True)
+            with tiles.override_tiles(**winners, **{family: config}), fk.skip_width_value_checks():
+                try:
+                    # Decode-sized calls take microseconds: timed as CUDA graph replays.
+                    ms = time_ms(graph_replay(run) if family == "matmul_decode" else run)
+                except Exception as error:  # a configuration the compiler rejects (resources)
+                    print(f"    failed: {type(error).__name__}: {str(error)[:200]}", file=sys.stderr)
+                    ms = math.inf
+            timed.append((ms, config))
+            rows.append(dict(family=family, config=json.dumps(config), ms=ms))
+        finite = [(ms, config) for ms, config in timed if math.isfinite(ms)]
+        best_ms, best = min(finite, key=lambda item: item[0]) if finite else (math.nan, candidates[0])
+        winners[family] = best
+        for row in rows:
+            if row["family"] == family:
+                row["vs_default"] = row["ms"] / timed[0][0] if timed[0][0] else math.nan
+                row["best"] = row["config"] == json.dumps(best)
+    print(format_table(rows, ["family", "config", "ms", "vs_default", "best"]))
+    path = write_results(args.out, dict(benchmark="tune_tiles", device_type=device.type, winners=winners, rows=rows))
+    print(f"wrote {path}")
+    if args.write_table and device.type == "cuda":
+        if any(not math.isfinite(r["ms"]) for r in rows if r["best"]):
+            print("not writing the table: a family has no timed winner (compile-only pass?)", file=sys.stderr)
+            return 0
+        table = json.loads(tiles.TUNED_TABLE.read_text()) if tiles.TUNED_TABLE.exists() else {"devices": {}}
+        name = torch.cuda.get_device_name(device)
+        table["devices"][name] = {**table["devices"].get(name, {}), **winners}
+        tiles.TUNED_TABLE.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+        print(f"wrote the winners for {name} to {tiles.TUNED_TABLE}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

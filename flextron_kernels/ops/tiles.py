@@ -1,0 +1,125 @@
+"""Tile configurations of the Triton kernels on a GPU, in one place.
+
+Each kernel family has a default per data type. For 16-bit data the defaults give way
+to a table measured on the device (``tuned_tiles.json`` beside this
+file, keyed by ``torch.cuda.get_device_name``, written by ``benchmarks/tune_tiles.py``),
+and :func:`override_tiles` replaces either inside a block (that script's sweep).
+
+Families: ``matmul`` (the routed matmul: linear forward and input gradient, the MLP's
+down projection and input gradient), ``matmul_gated`` (the MLP's fused gate and up
+projections; it shares ``matmul``'s ``BLOCK_M``, so both use one routing),
+``matmul_decode`` (the routed matmul over at most 64 rows, one row tile), ``weight_grad``
+(the prefix weight gradient), ``attention_fwd`` and ``attention_bwd``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import json
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+FAMILIES = ("matmul", "matmul_gated", "matmul_decode", "weight_grad", "attention_fwd", "attention_bwd")
+TUNED_TABLE = Path(__file__).with_name("tuned_tiles.json")
+# Row counts up to this use the decode tiles (``matmul_decode``).
+DECODE_ROWS = 64
+
+# Defaults for 16-bit data on Hopper: 128x128 output tiles with 64-wide reduction steps
+# keep three pipeline stages of both operands within shared memory.
+_DEFAULTS_16BIT = {
+    "matmul": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+    "matmul_gated": dict(BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+    # BLOCK_M follows the row count (16, 32 or 64).
+    "matmul_decode": dict(BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+    "weight_grad": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3),
+    # BLOCK_N must divide BLOCK_M: the kernels rely on key blocks ending at query-tile starts.
+    "attention_fwd": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+    "attention_bwd": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+}
+
+_overrides: contextvars.ContextVar[dict] = contextvars.ContextVar("flextron_tile_overrides", default={})
+
+
+@contextlib.contextmanager
+def override_tiles(**families: dict) -> Iterator[None]:
+    """Inside the block, ``family=config`` updates that family's GPU tiles for 16-bit
+    data (whatever the tuned table holds), e.g.
+    ``override_tiles(matmul=dict(BLOCK_N=256, num_stages=4))``."""
+    unknown = set(families) - set(FAMILIES)
+    if unknown:
+        raise ValueError(f"override_tiles: expected families among {', '.join(FAMILIES)}, got {sorted(unknown)}")
+    token = _overrides.set({**_overrides.get(), **families})
+    try:
+        yield
+    finally:
+        _overrides.reset(token)
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned(device_name: str) -> dict:
+    try:
+        table = json.loads(TUNED_TABLE.read_text())
+    except (OSError, ValueError):
+        return {}
+    return table.get("devices", {}).get(device_name, {})
+
+
+def _sixteen_bit(family: str, device: torch.device) -> dict:
+    config = dict(_DEFAULTS_16BIT[family])
+    config.update(_tuned(torch.cuda.get_device_name(device)).get(family, {}))
+    config.update(_overrides.get().get(family, {}))
+    return config
+
+
+def _precision(t: torch.Tensor) -> str:
+    return "ieee" if t.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
+
+
+def matmul_config(t: torch.Tensor, num_rows: int, *, gated: bool = False) -> dict:
+    """Tiles for :func:`~flextron_kernels.triton.routed_matmul.routed_matmul` over
+    ``num_rows`` rows of ``t``'s dtype; ``gated``: the MLP's fused gate and up projections."""
+    precision = _precision(t)
+    if t.device.type == "cpu":  # the Triton interpreter: small tiles keep it quick
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=4, INPUT_PRECISION=precision)
+    if t.dtype == torch.float32:
+        block_m = 16 if num_rows <= 16 else 32 if num_rows <= 32 else 64
+        # fp32 tiles are twice the bytes: the gated kernel's two B tiles would not fit in
+        # shared memory at BLOCK_K=64, and exact (ieee) fp32 runs on FMA units that spill
+        # registers on wide tiles.
+        if precision == "ieee":
+            return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, INPUT_PRECISION=precision,
+                        num_warps=4, num_stages=2)
+        return dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, INPUT_PRECISION=precision,
+                    num_warps=8, num_stages=3)
+    if num_rows <= DECODE_ROWS:  # short row tiles for decode-sized batches
+        block_m = 16 if num_rows <= 16 else 32 if num_rows <= 32 else 64
+        return dict(_sixteen_bit("matmul_decode", t.device), BLOCK_M=block_m, INPUT_PRECISION=precision)
+    config = _sixteen_bit("matmul", t.device)
+    if gated:
+        config = {**_sixteen_bit("matmul_gated", t.device), "BLOCK_M": config["BLOCK_M"]}
+    return dict(config, INPUT_PRECISION=precision)
+
+
+def weight_grad_config(t: torch.Tensor) -> dict:
+    """Tiles for :func:`~flextron_kernels.triton.prefix_weight_grad.prefix_weight_grad_`."""
+    precision = _precision(t)
+    if t.device.type == "cpu":
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, INPUT_PRECISION=precision)
+    if t.dtype == torch.float32:  # see matmul_config
+        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, INPUT_PRECISION=precision, num_warps=4, num_stages=2)
+    return dict(_sixteen_bit("weight_grad", t.device), INPUT_PRECISION=precision)
+
+
+def attention_config(t: torch.Tensor, phase: str) -> dict:
+    """Tiles for the attention kernels; ``phase``: ``"fwd"`` or ``"bwd"``."""
+    precision = _precision(t)
+    if t.device.type == "cpu":
+        return dict(BLOCK_M=16, BLOCK_N=16, INPUT_PRECISION=precision)
+    family = f"attention_{phase}"
+    if t.dtype == torch.float32:
+        return dict(_DEFAULTS_16BIT[family], INPUT_PRECISION=precision)
+    return dict(_sixteen_bit(family, t.device), INPUT_PRECISION=precision)

@@ -1,0 +1,60 @@
+"""Tile configurations: defaults, the tuned table, overrides."""
+
+import json
+
+import pytest
+import torch
+
+from flextron_kernels.ops import tiles
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch, tmp_path):
+    """A tuned table in a temporary file and a device named 'Fake GPU'."""
+    table = tmp_path / "tuned_tiles.json"
+    monkeypatch.setattr(tiles, "TUNED_TABLE", table)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    tiles._tuned.cache_clear()
+    yield table
+    tiles._tuned.cache_clear()
+
+
+def test_defaults_tuned_table_and_overrides(fake_gpu):
+    device = torch.device("cuda")
+    assert tiles._sixteen_bit("matmul", device) == tiles._DEFAULTS_16BIT["matmul"]
+    fake_gpu.write_text(json.dumps({"devices": {"Fake GPU": {"matmul": {"BLOCK_N": 256, "num_stages": 4}},
+                                                "Other GPU": {"matmul": {"BLOCK_N": 64}}}}))
+    tiles._tuned.cache_clear()
+    tuned = tiles._sixteen_bit("matmul", device)
+    assert tuned["BLOCK_N"] == 256 and tuned["num_stages"] == 4 and tuned["BLOCK_K"] == 64
+    with tiles.override_tiles(matmul=dict(BLOCK_N=64), attention_fwd=dict(num_warps=4)):
+        assert tiles._sixteen_bit("matmul", device)["BLOCK_N"] == 64
+        assert tiles._sixteen_bit("attention_fwd", device)["num_warps"] == 4
+    assert tiles._sixteen_bit("matmul", device)["BLOCK_N"] == 256
+
+
+def test_unreadable_table_gives_the_defaults(fake_gpu):
+    fake_gpu.write_text("{not json")
+    assert tiles._sixteen_bit("weight_grad", torch.device("cuda")) == tiles._DEFAULTS_16BIT["weight_grad"]
+
+
+def test_cpu_tiles_ignore_overrides():
+    x = torch.empty(4, 8)
+    with tiles.override_tiles(matmul=dict(BLOCK_M=128)):
+        assert tiles.matmul_config(x, 4)["BLOCK_M"] == 16
+
+
+def test_unknown_family_is_an_error():
+    with pytest.raises(ValueError, match="override_tiles: expected families among matmul, .*got \\['matmull'\\]"):
+        with tiles.override_tiles(matmull={}):
+            pass
+
+
+def test_shipped_table_names_known_families_and_keys():
+    if not tiles.TUNED_TABLE.exists():
+        pytest.skip("no tuned table shipped")
+    table = json.loads(tiles.TUNED_TABLE.read_text())
+    for device, families in table["devices"].items():
+        for family, config in families.items():
+            assert family in tiles.FAMILIES, (device, family)
+            assert set(config) <= set(tiles._DEFAULTS_16BIT[family]) | {"BLOCK_M"}, (device, family)
