@@ -3,9 +3,10 @@
 # dependencies (torch, triton, cmake, ninja, pybind11, pytest) and no network.
 # Usage: bash scripts/gpu_check.sh [RESULTS_DIR]   (default benchmarks/results)
 #   ONLY="tests bench_mlp ..."  run only the named steps (build always runs); the steps:
-#   tests, tune (the tile sweep, which rewrites the package's tuned table for this GPU:
-#   only when named), then the benchmarks bench_routing bench_linear bench_mlp
-#   bench_attention bench_attention_decode bench_mlp_decode bench_serving flextron_bench,
+#   tests (the GPU tests), op_tests (the CPU suite's op tests, compiled), tune (the tile
+#   sweep, which rewrites the package's tuned table for this GPU: only when named), then
+#   the benchmarks bench_routing bench_linear bench_mlp
+#   bench_attention bench_attention_decode bench_mlp_decode bench_host bench_serving flextron_bench,
 #   then report. Default: everything but tune.
 # Each step has a time limit; without tune they add up to 8 minutes at most (about 5
 # expected). The GPU tests and a compile-only pass over every benchmark (which fills the
@@ -51,8 +52,9 @@ benchmarks=(
   "bench_attention 25 benchmarks/bench_elastic_attention.py --quick --out $results/elastic_attention_gpu.json"
   "bench_attention_decode 15 benchmarks/bench_elastic_attention_decode.py --quick --out $results/elastic_attention_decode_gpu.json"
   "bench_mlp_decode 20 benchmarks/bench_elastic_mlp_decode.py --quick --out $results/elastic_mlp_decode_gpu.json"
+  "bench_host 20 benchmarks/bench_host_overhead.py --out $results/host_overhead_gpu.json"
   "bench_serving 50 benchmarks/bench_serving.py --quick --out $results/serving_gpu.json"
-  "flextron_bench 35 -m flextron_kernels.bench --quick --out $results/flextron_bench_gpu --lut $results/flextron_bench_gpu/latency_table.json"
+  "flextron_bench 75 -m flextron_kernels.bench --quick --out $results/flextron_bench_gpu --lut $results/flextron_bench_gpu/latency_table.json"
 )
 xdist() { "$PY" -c "import xdist" 2>/dev/null && echo "-n $1"; }
 
@@ -83,13 +85,15 @@ wait_benchmarks() {
 }
 families="matmul matmul_gated matmul_decode weight_grad attention_fwd attention_bwd"
 
-if want tests || want tune; then
-  step "side by side: the GPU tests (bf16 against fp64, the CUDA kernels, CUDA graphs), the op tests compiled (fp32/fp16), and a compile-only pass over the tile sweep (with tune) or the benchmarks"
+if want tests || want op_tests || want tune; then
+  step "side by side, those asked for: the GPU tests (bf16 against fp64, the CUDA kernels, CUDA graphs), the op tests compiled (fp32/fp16), a compile-only pass over the tile sweep (with tune) or else over the benchmarks"
   pids=()
   if want tests; then
     # shellcheck disable=SC2046
-    timeout 140 "$PY" -m pytest -q -p no:cacheprovider $(xdist 6) -m gpu tests/ >"$results/gpu_tests.log" 2>&1 &
+    timeout 140 "$PY" -m pytest -q -p no:cacheprovider $(xdist 8) -m gpu tests/ >"$results/gpu_tests.log" 2>&1 &
     pids+=($!)
+  fi
+  if want op_tests; then
     # shellcheck disable=SC2046
     timeout 140 "$PY" -m pytest -q -p no:cacheprovider $(xdist 4) -m "not gpu" tests/test_routing_metadata.py \
       tests/test_elastic_linear.py tests/test_elastic_mlp.py tests/test_elastic_attention.py \
@@ -106,10 +110,8 @@ if want tests || want tune; then
     compile_benchmarks
   fi
   for pid in "${pids[@]}"; do wait "$pid" || { echo "!! a step failed or timed out (see its log)"; status=1; }; done
-  if want tests; then
-    tail -n 25 "$results/gpu_tests.log"
-    tail -n 8 "$results/gpu_op_tests.log"
-  fi
+  want tests && tail -n 25 "$results/gpu_tests.log"
+  want op_tests && tail -n 8 "$results/gpu_op_tests.log"
   want tune || wait_benchmarks
 fi
 
