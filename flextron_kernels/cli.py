@@ -107,9 +107,13 @@ def run_bench(args: argparse.Namespace) -> int:
     settings = BenchSettings(model=shapes, model_name=model_name, device=device, dtype=dtype, budgets=args.budgets,
                              tokens=tokens, batch=batch, phases=phases, layers=layers, lut_tokens=lut_tokens)
     harness = Harness(settings)
-    results = harness.run()
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    _write_csv(out / "results.csv", results["rows"])
+
+    def save(results):
+        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        _write_csv(out / "results.csv", results["rows"])
+
+    results = harness.run(on_row=save)
+    save(results)
     plotted = _plot(out / "plot.png", results)
     print(f"device: {results['environment']['device']}, model: {model_name}, dtype: {settings_dtype(dtype)}, "
           f"copy {results['ceilings']['copy_tbps']:.2f} TB/s, matmul {results['ceilings']['matmul_tflops']:.1f} TFLOP/s")

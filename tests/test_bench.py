@@ -25,7 +25,7 @@ def bench_run(tmp_path_factory):
 
 def test_outputs_and_schema(bench_run):
     results = json.loads((bench_run / "results.json").read_text())
-    assert set(results) == {"environment", "settings", "ceilings", "rows"}
+    assert set(results) == {"environment", "settings", "ceilings", "rows", "complete"} and results["complete"]
     for key in ("device", "torch", "triton", "date"):
         assert key in results["environment"]
     assert results["settings"]["budgets"] == [0.5, 1.0]
@@ -39,6 +39,22 @@ def test_outputs_and_schema(bench_run):
     with open(bench_run / "results.csv") as f:
         assert len(list(csv.DictReader(f))) == len(results["rows"])
     assert (bench_run / "plot.png").stat().st_size > 1000
+
+
+def test_a_run_cut_short_keeps_its_rows(tmp_path, monkeypatch):
+    from flextron_kernels.bench.harness import Harness
+
+    def fail(self, budget, _):
+        raise RuntimeError("cut short")
+
+    monkeypatch.setattr(Harness, "_bench_layer", fail)
+    with pytest.raises(RuntimeError, match="cut short"):
+        main(["bench", "--quick", "--model", "tiny", "--budgets", "0.5", "--tokens", "32", "--batch", "2",
+              "--out", str(tmp_path)])
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert not results["complete"] and [r["op"] for r in results["rows"]] == ["linear", "mlp", "attention"]
+    with open(tmp_path / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == 3
 
 
 def test_latency_table_loads_into_the_model(bench_run):

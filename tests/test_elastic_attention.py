@@ -208,3 +208,30 @@ def test_bf16_error_within_twice_torch(kv_heads, heads_kind):
         torch_err = (t.double() - e).abs().max().item()
         assert torch.isfinite(o).all(), name
         assert ours_err <= 2 * torch_err + 1e-6, (name, ours_err, torch_err)
+
+
+def test_one_sequence_default_is_built_on_the_device(device):
+    from flextron_kernels.ops.elastic_attention import one_sequence
+
+    cu = one_sequence(37, device)
+    assert cu.dtype == torch.int32 and cu.device.type == device.type and cu.tolist() == [0, 37]
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_without_cu_seqlens():
+    """The default single sequence is made on the device: the call can be captured."""
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(300, 8, 64, generator=gen).cuda().bfloat16()
+    kv = torch.randn(300, 2, 64, generator=gen).cuda().bfloat16()
+    heads = torch.tensor([4, 8], device="cuda")[torch.arange(300, device="cuda") % 2]
+    eager = fk.elastic_attention(q, kv, kv, heads=heads)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fk.elastic_attention(q, kv, kv, heads=heads)  # warm up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = fk.elastic_attention(q, kv, kv, heads=heads)
+    graph.replay()
+    torch.testing.assert_close(captured, eager, rtol=0, atol=0)

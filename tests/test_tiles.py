@@ -13,18 +13,21 @@ def fake_gpu(monkeypatch, tmp_path):
     """A tuned table in a temporary file and a device named 'Fake GPU'."""
     table = tmp_path / "tuned_tiles.json"
     monkeypatch.setattr(tiles, "TUNED_TABLE", table)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    monkeypatch.setattr(tiles, "_device_name", lambda index: "Fake GPU")
     tiles._tuned.cache_clear()
     yield table
     tiles._tuned.cache_clear()
 
 
 def test_defaults_tuned_table_and_overrides(fake_gpu):
-    device = torch.device("cuda")
+    device = torch.device("cuda", 0)
     assert tiles._sixteen_bit("matmul", device) == tiles._DEFAULTS_16BIT["matmul"]
+    assert not tiles.has_tuned_tiles("matmul", device)
     fake_gpu.write_text(json.dumps({"devices": {"Fake GPU": {"matmul": {"BLOCK_N": 256, "num_stages": 4}},
                                                 "Other GPU": {"matmul": {"BLOCK_N": 64}}}}))
     tiles._tuned.cache_clear()
+    assert tiles.has_tuned_tiles("matmul", device) and not tiles.has_tuned_tiles("matmul_decode", device)
+    assert not tiles.has_tuned_tiles("matmul", torch.device("cpu"))
     tuned = tiles._sixteen_bit("matmul", device)
     assert tuned["BLOCK_N"] == 256 and tuned["num_stages"] == 4 and tuned["BLOCK_K"] == 64
     with tiles.override_tiles(matmul=dict(BLOCK_N=64), attention_fwd=dict(num_warps=4)):
@@ -35,7 +38,7 @@ def test_defaults_tuned_table_and_overrides(fake_gpu):
 
 def test_unreadable_table_gives_the_defaults(fake_gpu):
     fake_gpu.write_text("{not json")
-    assert tiles._sixteen_bit("weight_grad", torch.device("cuda")) == tiles._DEFAULTS_16BIT["weight_grad"]
+    assert tiles._sixteen_bit("weight_grad", torch.device("cuda", 0)) == tiles._DEFAULTS_16BIT["weight_grad"]
 
 
 def test_cpu_tiles_ignore_overrides():

@@ -128,7 +128,10 @@ class Harness:
         return q, kv, cu, batch, seq
 
     # -------------------------------------------------------------- measurements
-    def run(self) -> dict:
+    def run(self, on_row: Callable[[dict], None] | None = None) -> dict:
+        """Every measurement: ``{environment, settings, ceilings, rows, complete}``.
+        ``on_row`` receives the results so far after each row (``complete`` False), so
+        that a run cut short still leaves its rows."""
         s = self.s
         self.progress(f"ceilings on {s.device} ...")
         ceilings = dict(copy_tbps=copy_bandwidth_tbps(s.device), matmul_tflops=matmul_tflops(s.device, s.dtype))
@@ -140,7 +143,11 @@ class Harness:
             for i, (op, budget) in enumerate(steps):
                 self.progress(f"[{i + 1}/{len(steps)}] {op}" + (f" at budget {budget}" if budget is not None else ""))
                 rows.append(getattr(self, f"_bench_{op}")(budget, t_dense_mlp))
-        return dict(environment=environment(), settings=self.settings_dict(), ceilings=ceilings, rows=rows)
+                if on_row is not None:
+                    on_row(dict(environment=environment(), settings=self.settings_dict(), ceilings=ceilings,
+                                rows=list(rows), complete=False))
+        return dict(environment=environment(), settings=self.settings_dict(), ceilings=ceilings, rows=rows,
+                    complete=True)
 
     def settings_dict(self) -> dict:
         s = self.s

@@ -27,6 +27,8 @@ def _section(path: Path, data: dict, root: Path) -> str:
     lines = [f"## {title}", "",
              f"`{path.relative_to(root)}`: {env.get('device', '?')}, torch {env.get('torch', '?')}, "
              f"CUDA {env.get('cuda', '-')}, triton {env.get('triton', '-')}, {env.get('date', '?')}", ""]
+    if data.get("complete") is False:
+        lines += ["**Incomplete run**: it was cut short; these are the rows measured before it stopped.", ""]
     if "ceilings" in data:
         c = data["ceilings"]
         lines += [f"Ceilings measured in the same run: copy {c.get('copy_tbps', 0):.2f} TB/s, "

@@ -142,7 +142,8 @@ def dense_hf_model(model: FlextronForCausalLM, budget: float, *, model_type=None
             vocab_size=cfg.vocab_size, n_embd=cfg.d_model, n_layer=cfg.n_layers, n_head=cfg.q_heads, n_inner=width,
             n_positions=cfg.max_positions, layer_norm_epsilon=cfg.norm_eps, activation_function="gelu_new",
         )
-        hf = transformers.GPT2LMHeadModel(hf_config)
+        with torch.device(model.embed.weight.device):  # random init where the weights go: fast on a GPU
+            hf = transformers.GPT2LMHeadModel(hf_config)
         base = hf.transformer
         base.wte.weight.copy_(model.embed.weight)
         base.wpe.weight.copy_(model.pos_embed.weight)
@@ -178,7 +179,8 @@ def dense_hf_model(model: FlextronForCausalLM, budget: float, *, model_type=None
             head_dim=dh, rms_norm_eps=cfg.norm_eps, max_position_embeddings=cfg.max_positions,
             tie_word_embeddings=cfg.tie_embeddings, rope_theta=cfg.rope_theta, **extra,
         )
-        hf = transformers.AutoModelForCausalLM.from_config(hf_config)
+        with torch.device(model.embed.weight.device):  # random init where the weights go: fast on a GPU
+            hf = transformers.AutoModelForCausalLM.from_config(hf_config)
         base = hf.model
         base.embed_tokens.weight.copy_(model.embed.weight)
         for layer, block in zip(model.layers, base.layers):

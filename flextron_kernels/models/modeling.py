@@ -23,6 +23,7 @@ from flextron_kernels.models.config import FlextronConfig
 from flextron_kernels.models.routers import StaticRouter, TokenRouter, encode_budget, select
 from flextron_kernels.nn import ElasticAttention, ElasticMLP, KVCache
 from flextron_kernels.ops.checks import value_checks_enabled
+from flextron_kernels.ops.elastic_attention import one_sequence
 
 Budget = Union[None, float, torch.Tensor]
 
@@ -270,7 +271,7 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
             cu = torch.arange(0, batch * seq_len + 1, max(seq_len, 1), device=input_ids.device, dtype=torch.int32)
             return input_ids.reshape(-1), cu[: batch + 1]
         if cu_seqlens is None:
-            cu_seqlens = torch.tensor([0, input_ids.numel()], device=input_ids.device, dtype=torch.int32)
+            cu_seqlens = one_sequence(input_ids.numel(), input_ids.device)
         return input_ids, cu_seqlens.to(torch.int32)
 
     def _per_token(self, value, cu_seqlens, num_tokens):

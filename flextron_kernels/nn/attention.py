@@ -17,7 +17,7 @@ from torch import nn
 
 from flextron_kernels.nn.linear import ElasticLinear
 from flextron_kernels.ops.checks import value_checks_enabled
-from flextron_kernels.ops.elastic_attention import elastic_attention
+from flextron_kernels.ops.elastic_attention import elastic_attention, one_sequence
 
 Heads = Union[int, torch.Tensor]
 
@@ -125,7 +125,7 @@ class ElasticAttention(nn.Module):
         num_tokens = x.shape[0]
         heads = self.q_heads if heads is None else heads
         if cu_seqlens is None:
-            cu_seqlens = torch.tensor([0, num_tokens], dtype=torch.int32, device=x.device)
+            cu_seqlens = one_sequence(num_tokens, x.device)
         seq_ids = torch.bucketize(torch.arange(num_tokens, device=x.device), cu_seqlens[1:].to(torch.int64), right=True)
         if positions is None:
             positions = torch.arange(num_tokens, device=x.device) - cu_seqlens.to(torch.int64)[seq_ids]

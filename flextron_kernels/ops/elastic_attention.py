@@ -37,6 +37,12 @@ def _select(t: torch.Tensor) -> str:
     return select_backend("elastic_attention", t.device, ("triton", "torch"), preferred)
 
 
+def one_sequence(num_tokens: int, device: torch.device) -> torch.Tensor:
+    """``cu_seqlens = [0, num_tokens]`` (int32) for one packed sequence, built on the
+    device: a tensor copied from the host would break CUDA-graph capture."""
+    return torch.arange(2, dtype=torch.int32, device=device) * num_tokens
+
+
 def sequence_tiles(cu_seqlens: torch.Tensor, num_tokens: int, block: int):
     """Tiles of at most ``block`` tokens that never cross a sequence boundary (routing
     metadata over the tokens' sequence ids; computed on the device, no host sync)."""
@@ -285,7 +291,7 @@ def elastic_attention(
     group = q_heads // kv_heads
 
     if cu_seqlens is None:
-        cu_seqlens = torch.tensor([0, num_tokens], dtype=torch.int32, device=q.device)
+        cu_seqlens = one_sequence(num_tokens, q.device)
     else:
         check_tensor("cu_seqlens", cu_seqlens, dtypes=INTEGER_DTYPES, ndim=1, device=q.device)
         if cu_seqlens.numel() < 2:

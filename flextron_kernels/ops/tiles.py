@@ -68,9 +68,23 @@ def _tuned(device_name: str) -> dict:
     return table.get("devices", {}).get(device_name, {})
 
 
+@functools.lru_cache(maxsize=None)
+def _device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def _name(device: torch.device) -> str:
+    return _device_name(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def has_tuned_tiles(family: str, device: torch.device) -> bool:
+    """Whether the tuned table holds tiles of ``family`` for this GPU."""
+    return device.type == "cuda" and family in _tuned(_name(device))
+
+
 def _sixteen_bit(family: str, device: torch.device) -> dict:
     config = dict(_DEFAULTS_16BIT[family])
-    config.update(_tuned(torch.cuda.get_device_name(device)).get(family, {}))
+    config.update(_tuned(_name(device)).get(family, {}))
     config.update(_overrides.get().get(family, {}))
     return config
 
