@@ -10,8 +10,9 @@
 #   then report. Default: everything but tune.
 # Each step has a time limit. On an H200 the build takes about 35 s, the side-by-side step
 # (GPU tests, op tests, a compile-only pass over every benchmark to fill the Triton
-# cache) up to 140 s, the tile sweep 20 s, and the timed benchmarks, one at a time, about
-# 4 minutes: 8 to 9 minutes in all. Within a shorter device budget, run subsets with ONLY.
+# cache) about 2 minutes (140 s at most), the tile sweep 20 s, and the timed benchmarks,
+# one at a time, about 3 minutes: about 6 minutes in all (the limits add up to 10). Within
+# a shorter device budget, run subsets with ONLY.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 results=${1:-benchmarks/results}
