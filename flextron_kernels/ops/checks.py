@@ -47,12 +47,18 @@ def value_checks_enabled(t: torch.Tensor) -> bool:
     return True
 
 
-def new_output(shape, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def poison_outputs() -> bool:
+    """Whether ``FLEXTRON_POISON_OUTPUTS=1`` (read at each call: the tests set it)."""
+    return os.environ.get("FLEXTRON_POISON_OUTPUTS", "0") == "1"
+
+
+def new_output(shape, *, dtype: torch.dtype, device: torch.device, poison: Optional[bool] = None) -> torch.Tensor:
     """An uninitialised output buffer; filled with NaN (integers: -999999) when
     ``FLEXTRON_POISON_OUTPUTS=1`` (the tests set it, so that an element a kernel
-    forgets to write fails)."""
+    forgets to write fails). ``poison``: that setting, read once by a caller that
+    allocates several buffers."""
     out = torch.empty(shape, dtype=dtype, device=device)
-    if os.environ.get("FLEXTRON_POISON_OUTPUTS", "0") == "1":
+    if poison_outputs() if poison is None else poison:
         out.fill_(float("nan") if out.is_floating_point() else -999999)
     return out
 

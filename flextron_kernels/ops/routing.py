@@ -15,7 +15,14 @@ import torch
 
 from flextron_kernels import reference
 from flextron_kernels.backends import extension, select_backend
-from flextron_kernels.ops.checks import INTEGER_DTYPES, check_int, check_tensor, new_output, value_checks_enabled
+from flextron_kernels.ops.checks import (
+    INTEGER_DTYPES,
+    check_int,
+    check_tensor,
+    new_output,
+    poison_outputs,
+    value_checks_enabled,
+)
 from flextron_kernels.reference import RoutingMetadata
 
 # Per-token widths that are not given as a list of allowed values are grouped into at
@@ -41,17 +48,25 @@ def default_boundaries(size: int, device: torch.device) -> torch.Tensor:
     return _default_boundaries_cached(int(size), torch.device(device))
 
 
-@torch.library.custom_op("flextron::routing_metadata", mutates_args=())
-def _routing_metadata_op(
-    widths: torch.Tensor, boundaries: torch.Tensor, block_m: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def compute_routing_metadata(widths: torch.Tensor, boundaries: torch.Tensor, block_m: int) -> RoutingMetadata:
+    """:func:`routing_metadata` without its argument checks or its custom op: for the ops'
+    own implementations, which already run below the dispatcher (a nested custom op would
+    only add its dispatch cost to every call). Arguments as there, already valid."""
     ext = extension()
     # The extension's kernels take up to ROUTING_MAX_GROUPS groups; more go to torch.
     implemented = ("cuda", "torch") if ext is not None and boundaries.numel() <= ext.ROUTING_MAX_GROUPS else ("torch",)
     backend = select_backend("routing_metadata", widths.device, implemented, implemented)
     if backend == "torch":
-        return tuple(t.clone() for t in reference.routing_metadata(widths, boundaries, block_m))
-    return tuple(_extension_routing_metadata(widths, boundaries, block_m))
+        return reference.routing_metadata(widths, boundaries, block_m)
+    return _extension_routing_metadata(widths, boundaries, block_m)
+
+
+@torch.library.custom_op("flextron::routing_metadata", mutates_args=())
+def _routing_metadata_op(
+    widths: torch.Tensor, boundaries: torch.Tensor, block_m: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # A custom op's outputs may not alias its inputs: the torch path's are copied.
+    return tuple(t.clone() for t in compute_routing_metadata(widths, boundaries, block_m))
 
 
 @_routing_metadata_op.register_fake
@@ -72,8 +87,10 @@ def _extension_routing_metadata(widths: torch.Tensor, boundaries: torch.Tensor, 
     num_tokens, num_groups = widths.numel(), boundaries.numel()
     n_slots = reference.max_tiles(num_tokens, num_groups, block_m)
 
+    poison = poison_outputs()
+
     def new(size):
-        return new_output((size,), dtype=torch.int32, device=widths.device)
+        return new_output((size,), dtype=torch.int32, device=widths.device, poison=poison)
 
     out = RoutingMetadata(new(num_tokens), new(num_groups + 1), new(n_slots), new(n_slots), new(n_slots), new(1))
     pointers = (widths.data_ptr(), num_tokens, boundaries.data_ptr(), num_groups, block_m) + tuple(
