@@ -71,9 +71,9 @@ CANDIDATES = {
         dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
     ],
     "attention_bwd": [
-        dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
-        dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
         dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
+        dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+        dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=1),
         dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2),
         dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3),
     ],

@@ -1,5 +1,6 @@
-"""Compile every Triton kernel for sm_90 (Hopper) without a GPU, at the tile configurations
-the ops launch with on a GPU, and report shared memory, registers and spills.
+"""Compile every Triton kernel for sm_90 (Hopper) without a GPU, at every tile configuration
+the ops can launch on a GPU (the defaults and each tuned GPU's, from
+:mod:`flextron_kernels.ops.tiles`), and report shared memory, registers and spills.
 
 Triton's own ptxas builds the cubin, so this runs on any machine with triton installed.
 It catches compile errors, and shared memory beyond what an H100/H200 block may use,
@@ -21,6 +22,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from flextron_kernels.ops import tiles  # noqa: E402
 from flextron_kernels.triton import (  # noqa: E402
     attention,
     attention_decode,
@@ -82,51 +84,84 @@ def compile_one(label, fn, dtype, constexprs, options):
                 error=None if shared <= MAX_SHARED else f"shared memory {shared} > {MAX_SHARED}")
 
 
+def _split(config: dict) -> tuple[dict, dict]:
+    """A tile configuration as (constexprs, compile options)."""
+    options = {k: config[k] for k in ("num_warps", "num_stages") if k in config}
+    return {k: v for k, v in config.items() if k not in options}, options
+
+
 def configurations():
     # Unit strides are what Triton specialises on at launch for contiguous tensors.
     rm = routed_matmul.routed_matmul_kernel
-    flags = dict(stride_ar=1, stride_br=1, stride_b2r=1, stride_cj=1, ROUTED=True, HAS_OUT_WIDTHS=False, HAS_RED_WIDTHS=False, HAS_BIAS=False, HAS_ROW_SCALE=False,
-                 GATED=False, ACTIVATION="none", STORE_PRE=False, ACCUMULATE=False, INPUT_PRECISION="tf32",
-                 BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)
-    big = dict(num_warps=8, num_stages=3)
-    yield "linear fwd, per-token out widths", rm, "bf16", dict(flags, HAS_OUT_WIDTHS=True, HAS_BIAS=True), big
+    flags = dict(stride_ar=1, stride_br=1, stride_b2r=1, stride_cj=1, ROUTED=True, HAS_OUT_WIDTHS=False,
+                 HAS_RED_WIDTHS=False, HAS_BIAS=False, HAS_ROW_SCALE=False, GATED=False, ACTIVATION="none",
+                 STORE_PRE=False, ACCUMULATE=False, INPUT_PRECISION="tf32", GROUP_M=8)
     dgrad = {k: v for k, v in flags.items() if k not in ("stride_br", "stride_b2r")}
-    yield "linear dgrad, per-token in+out widths", rm, "bf16", dict(dgrad, stride_bj=1, HAS_OUT_WIDTHS=True,
-                                                                   HAS_RED_WIDTHS=True), big
-    yield "linear fwd, static, decode tile", rm, "bf16", dict(flags, ROUTED=False, BLOCK_M=16), big
-    yield "mlp gate+up+silu, saving pre-activations", rm, "bf16", dict(flags, HAS_OUT_WIDTHS=True, GATED=True,
-                                                                       ACTIVATION="silu", STORE_PRE=True), big
-    yield "mlp up+gelu_tanh, bias", rm, "fp16", dict(flags, HAS_OUT_WIDTHS=True, HAS_BIAS=True, ACTIVATION="gelu_tanh"), big
-    yield "mlp down, scale + bias", rm, "bf16", dict(flags, HAS_RED_WIDTHS=True, HAS_BIAS=True, HAS_ROW_SCALE=True), big
-    yield "mlp dx, accumulate", rm, "bf16", dict(dgrad, stride_bj=1, HAS_RED_WIDTHS=True, ACCUMULATE=True), big
+    # Every 16-bit tile configuration the package can launch: the defaults and each tuned GPU's.
+    for variant, config in tiles.sixteen_bit_variants("matmul").items():
+        tile, big = _split(config)
+        yield f"[{variant}] linear fwd, per-token out widths", rm, "bf16", dict(flags, **tile, HAS_OUT_WIDTHS=True,
+                                                                                  HAS_BIAS=True), big
+        yield f"[{variant}] linear dgrad, per-token in+out widths", rm, "bf16", dict(
+            dgrad, **tile, stride_bj=1, HAS_OUT_WIDTHS=True, HAS_RED_WIDTHS=True), big
+        yield f"[{variant}] mlp up+gelu_tanh, bias", rm, "fp16", dict(flags, **tile, HAS_OUT_WIDTHS=True, HAS_BIAS=True,
+                                                                       ACTIVATION="gelu_tanh"), big
+        yield f"[{variant}] mlp down, scale + bias", rm, "bf16", dict(flags, **tile, HAS_RED_WIDTHS=True, HAS_BIAS=True,
+                                                                       HAS_ROW_SCALE=True), big
+        yield f"[{variant}] mlp dx, accumulate", rm, "bf16", dict(dgrad, **tile, stride_bj=1, HAS_RED_WIDTHS=True,
+                                                                   ACCUMULATE=True), big
+    for variant, config in tiles.sixteen_bit_variants("matmul_gated").items():
+        tile, big = _split(config)
+        yield f"[{variant}] mlp gate+up+silu, saving pre-activations", rm, "bf16", dict(
+            flags, BLOCK_M=128, **tile, HAS_OUT_WIDTHS=True, GATED=True, ACTIVATION="silu", STORE_PRE=True), big
+    for variant, config in tiles.sixteen_bit_variants("matmul_decode").items():
+        tile, small = _split(config)
+        for block_m in (16, 64):
+            yield f"[{variant}] mlp gate+up+silu, decode tile of {block_m}", rm, "bf16", dict(
+                flags, **tile, BLOCK_M=block_m, ROUTED=False, HAS_OUT_WIDTHS=True, GATED=True, ACTIVATION="silu"), small
+            yield f"[{variant}] linear fwd, static, decode tile of {block_m}", rm, "bf16", dict(
+                flags, **tile, BLOCK_M=block_m, ROUTED=False), small
+    big = dict(num_warps=8, num_stages=3)
     yield "mlp gate+up fp32 tf32", rm, "fp32", dict(flags, HAS_OUT_WIDTHS=True, GATED=True, ACTIVATION="silu",
-                                                   STORE_PRE=True, BLOCK_M=64, BLOCK_K=32), big
+                                                   STORE_PRE=True, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32), big
     yield "mlp gate+up fp32 ieee", rm, "fp32", dict(flags, HAS_OUT_WIDTHS=True, GATED=True, ACTIVATION="silu",
                                                    INPUT_PRECISION="ieee", BLOCK_M=64, BLOCK_N=64, BLOCK_K=32), \
         dict(num_warps=4, num_stages=2)
 
     wg = prefix_weight_grad.prefix_weight_grad_kernel
-    wflags = dict(stride_dyj=1, stride_xc=1, stride_gwc=1, ROUTED=True, SORT_BY_OUT=True, HAS_OUT_WIDTHS=True, HAS_IN_WIDTHS=False, HAS_BIAS=False,
-                  K_BLOCK_OFFSET=0, INPUT_PRECISION="tf32", GROUPS_POW2=32, BLOCK_M=64, BLOCK_N=128, BLOCK_K=128)
-    yield "weight grad, bias column", wg, "bf16", dict(wflags, HAS_BIAS=True), big
-    yield "weight grad, plain columns", wg, "bf16", dict(wflags, K_BLOCK_OFFSET=1), big
-    yield "weight grad, sorted by in widths", wg, "bf16", dict(wflags, SORT_BY_OUT=False, HAS_OUT_WIDTHS=False,
-                                                              HAS_IN_WIDTHS=True), big
-    yield "weight grad, static", wg, "bf16", dict(wflags, ROUTED=False, HAS_OUT_WIDTHS=False), big
+    wflags = dict(stride_dyj=1, stride_xc=1, stride_gwc=1, ROUTED=True, SORT_BY_OUT=True, HAS_OUT_WIDTHS=True,
+                  HAS_IN_WIDTHS=False, HAS_BIAS=False, K_BLOCK_OFFSET=0, INPUT_PRECISION="tf32", GROUPS_POW2=32)
+    for variant, config in tiles.sixteen_bit_variants("weight_grad").items():
+        tile, opts = _split(config)
+        yield f"[{variant}] weight grad, bias column", wg, "bf16", dict(wflags, **tile, HAS_BIAS=True), opts
+        yield f"[{variant}] weight grad, plain columns", wg, "bf16", dict(wflags, **tile, K_BLOCK_OFFSET=1), opts
+        yield f"[{variant}] weight grad, sorted by in widths", wg, "bf16", dict(
+            wflags, **tile, SORT_BY_OUT=False, HAS_OUT_WIDTHS=False, HAS_IN_WIDTHS=True), opts
+        yield f"[{variant}] weight grad, static", wg, "bf16", dict(wflags, **tile, ROUTED=False, HAS_OUT_WIDTHS=False), opts
 
     ag = mlp_activation_grad.mlp_activation_grad_kernel
     for gated, act in ((True, "silu"), (True, "gelu"), (False, "gelu_tanh"), (False, "relu2")):
         yield f"activation grad {'gated ' if gated else ''}{act}", ag, "bf16", dict(
             stride_f=1, HAS_WIDTHS=True, HAS_SCALE=True, GATED=gated, ACTIVATION=act, BLOCK_M=8, BLOCK_F=256), dict(num_warps=4)
 
-    att = dict(GROUP=4, HAS_HEADS=True, CAUSAL=True, INPUT_PRECISION="tf32", HEAD_DIM=128, BLOCK_D=128,
-               BLOCK_M=128, BLOCK_N=64)
-    opts = dict(num_warps=8, num_stages=2)
-    for name, fn in (("fwd", attention.attention_fwd_kernel), ("bwd dk/dv", attention.attention_bwd_dkdv_kernel),
-                     ("bwd dq", attention.attention_bwd_dq_kernel)):
-        yield f"attention {name}", fn, "bf16", att, opts
+    att = dict(GROUP=4, HAS_HEADS=True, INPUT_PRECISION="tf32", HEAD_DIM=128, BLOCK_D=128)
+    kernels = {"fwd": [attention.attention_fwd_kernel],
+               "bwd": [attention.attention_bwd_dkdv_kernel, attention.attention_bwd_dq_kernel]}
+    fp32 = dict(tiles.ATTENTION_FP32_TILES)
+    for phase, fns in kernels.items():
+        variants = [(variant, "bf16", "tf32", config) for variant, config in tiles.sixteen_bit_variants(f"attention_{phase}").items()]
+        variants += [("fp32", "fp32", precision, fp32) for precision in ("tf32", "ieee")]
+        for variant, dtype, precision, config in variants:
+            tile, opts = _split(config)
+            for fn in fns:
+                for causal in (True, False):
+                    label = f"[{variant}] attention {fn.fn.__name__ if hasattr(fn, 'fn') else phase} {dtype} {precision}"
+                    yield label + (", causal" if causal else ""), fn, dtype, dict(
+                        att, **tile, INPUT_PRECISION=precision, CAUSAL=causal), opts
     yield "attention fwd, head dim 96, not causal", attention.attention_fwd_kernel, "bf16", dict(
-        att, HEAD_DIM=96, CAUSAL=False), opts
+        att, HEAD_DIM=96, CAUSAL=False, BLOCK_M=128, BLOCK_N=64), dict(num_warps=8, num_stages=2)
+    yield "attention bwd delta", attention.attention_bwd_delta_kernel, "bf16", dict(
+        HEAD_DIM=128, BLOCK_D=128, BLOCK_T=64), dict(num_warps=4)
 
     dec = attention_decode.attention_decode_split_kernel
     yield "decode split, GQA 4", dec, "bf16", dict(GROUP=4, HAS_HEADS=True, HEAD_DIM=128, INPUT_PRECISION="tf32",

@@ -1,6 +1,7 @@
-"""Every Triton kernel compiles for sm_90 at its GPU tile configuration (no GPU needed:
-Triton's own ptxas builds the cubin), within an H100/H200 block's shared memory, and the
-GEMM-shaped kernels get pipelined asynchronous copies and tensor-core instructions."""
+"""Every Triton kernel compiles for sm_90 at every GPU tile configuration the package can
+launch (the defaults, each tuned GPU's, the fp32 ones; no GPU needed: Triton's own ptxas
+builds the cubin), within an H100/H200 block's shared memory, and the GEMM-shaped kernels
+get pipelined asynchronous copies and tensor-core instructions."""
 
 import json
 import os
@@ -29,8 +30,12 @@ def test_every_kernel_compiles_for_sm90(compiled):
 
 
 def test_gemm_kernels_are_pipelined_on_tensor_cores(compiled):
-    gemms = [r for r in compiled if r["kernel"].startswith(("linear", "mlp", "weight grad", "attention"))]
-    assert gemms
+    def name(r):  # without the "[tile variant] " prefix
+        return r["kernel"].split("] ", 1)[-1]
+
+    gemms = [r for r in compiled
+             if name(r).startswith(("linear", "mlp", "weight grad", "attention")) and "delta" not in name(r)]
+    assert len(gemms) > 40
     for r in gemms:
         assert r["tensor_core_ops"] > 0 or "ieee" in r["kernel"], r
         assert r["async_copies"] > 0, r

@@ -153,11 +153,12 @@ def _forward_triton(q, k, v, cu_seqlens, heads, static_heads, causal, scale):
 
 
 def _backward_triton(dout, q, k, v, out, lse, cu_seqlens, heads, static_heads, causal, scale):
-    from flextron_kernels.triton.attention import attention_bwd
+    from flextron_kernels.triton.attention import attention_bwd, attention_bwd_delta
 
-    dout, q, k, v = (_last_dim_contiguous(t) for t in (dout, q, k, v))
+    dout, q, k, v, out = (_last_dim_contiguous(t) for t in (dout, q, k, v, out))
     config = attention_config(q, "bwd")
-    delta = (dout.float() * out.float()).sum(-1).T.contiguous()  # [Hq, T]; zero at unused heads
+    delta = new_output((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)  # zero at unused heads
+    attention_bwd_delta(out, dout, delta, block_t=config["BLOCK_M"])
     dq = new_output(q.shape, dtype=q.dtype, device=q.device)
     dk = new_output(k.shape, dtype=k.dtype, device=k.device)
     dv = new_output(v.shape, dtype=v.dtype, device=v.device)

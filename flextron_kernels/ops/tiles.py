@@ -38,8 +38,13 @@ _DEFAULTS_16BIT = {
     "weight_grad": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3),
     # BLOCK_N must divide BLOCK_M: the kernels rely on key blocks ending at query-tile starts.
     "attention_fwd": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
-    "attention_bwd": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+    # The key-tile kernel holds the diagonal query block's operands beside the pipelined
+    # loop's: 128-query blocks would pass the shared memory of a Hopper block.
+    "attention_bwd": dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
 }
+# fp32 operands are twice the bytes: smaller attention tiles keep within shared memory,
+# with TF32 too.
+ATTENTION_FP32_TILES = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
 
 _overrides: contextvars.ContextVar[dict] = contextvars.ContextVar("flextron_tile_overrides", default={})
 
@@ -133,7 +138,20 @@ def attention_config(t: torch.Tensor, phase: str) -> dict:
     precision = _precision(t)
     if t.device.type == "cpu":
         return dict(BLOCK_M=16, BLOCK_N=16, INPUT_PRECISION=precision)
-    family = f"attention_{phase}"
     if t.dtype == torch.float32:
-        return dict(_DEFAULTS_16BIT[family], INPUT_PRECISION=precision)
-    return dict(_sixteen_bit(family, t.device), INPUT_PRECISION=precision)
+        return dict(ATTENTION_FP32_TILES, INPUT_PRECISION=precision)
+    return dict(_sixteen_bit(f"attention_{phase}", t.device), INPUT_PRECISION=precision)
+
+
+def sixteen_bit_variants(family: str) -> dict:
+    """Every 16-bit GPU configuration of ``family`` this package can launch: the default
+    and each tuned GPU's, by name (for checks that compile them all)."""
+    variants = {"default": dict(_DEFAULTS_16BIT[family])}
+    try:
+        devices = json.loads(TUNED_TABLE.read_text()).get("devices", {})
+    except (OSError, ValueError):
+        devices = {}
+    for name, families in sorted(devices.items()):
+        if family in families:
+            variants[name] = {**_DEFAULTS_16BIT[family], **families[family]}
+    return variants

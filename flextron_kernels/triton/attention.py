@@ -46,10 +46,12 @@ def _load_head(ptr, tokens64, token_mask, stride_t, head, stride_h, dims, dim_ma
 @triton.jit
 def _load_query_side(q_ptr, dout_ptr, lse_ptr, delta_ptr, rows64, used, head, num_tokens,
                      stride_qt, stride_qh, stride_dot, stride_doh, dims, dim_mask):
-    """The backward's per-query inputs for one head: q, dout, lse (base 2) and delta."""
+    """The backward's per-query inputs for one head: q, dout, lse (base 2) and delta.
+    Rows not ``used`` get ``lse = +inf``: their probabilities ``exp2(s - lse)`` are exact
+    zeros, so the loops need no row mask."""
     q = _load_head(q_ptr, rows64, used, stride_qt, head, stride_qh, dims, dim_mask)
     do = _load_head(dout_ptr, rows64, used, stride_dot, head, stride_doh, dims, dim_mask)
-    lse = tl.load(lse_ptr + head * num_tokens + rows64, mask=used, other=0.0) * _LOG2E
+    lse = tl.load(lse_ptr + head * num_tokens + rows64, mask=used, other=float("inf")) * _LOG2E
     delta = tl.load(delta_ptr + head * num_tokens + rows64, mask=used, other=0.0)
     return q, do, lse, delta
 
@@ -133,6 +135,52 @@ def attention_fwd_kernel(
 
 
 @triton.jit
+def _dkdv_step(dk, dv, k, v, cols, q_ptr, dout_ptr, lse_ptr, delta_ptr, heads_ptr, m0, seq_end, head, num_tokens,
+               static_heads, qk_scale, stride_qt, stride_qh, stride_dot, stride_doh, dims, dim_mask,
+               HAS_HEADS: tl.constexpr, CAUSAL_MASK: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+               BLOCK_M: tl.constexpr):
+    """Add one block of BLOCK_M queries (from ``m0``) of one head to a key tile's ``dk``
+    and ``dv``. Keys past the tile are zeros, which only touch rows never stored."""
+    rows = m0 + tl.arange(0, BLOCK_M)
+    row_mask = rows < seq_end
+    used = row_mask & (head < _head_counts(heads_ptr, rows, row_mask, static_heads, HAS_HEADS))
+    rows64 = rows.to(tl.int64)
+    q, do, lse, delta = _load_query_side(
+        q_ptr, dout_ptr, lse_ptr, delta_ptr, rows64, used, head, num_tokens,
+        stride_qt, stride_qh, stride_dot, stride_doh, dims, dim_mask,
+    )
+    s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+    p = tl.exp2(s - lse[:, None])
+    if CAUSAL_MASK:
+        p = tl.where(cols[None, :] <= rows[:, None], p, 0.0)
+    dv = tl.dot(tl.trans(p).to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
+    dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    dk = tl.dot(tl.trans(ds).to(q.dtype), q, dk, input_precision=INPUT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _dq_step(dq, q, do, lse, delta, rows, k_ptr, v_ptr, n0, kv_head, qk_scale, stride_kt, stride_kh, stride_vt,
+             stride_vh, dims, dim_mask, kv_end, CAUSAL_MASK: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+             BLOCK_N: tl.constexpr):
+    """Add one block of BLOCK_N keys (from ``n0``) to a query tile's ``dq``. Keys past
+    ``kv_end`` load as zeros and add nothing."""
+    cols = n0 + tl.arange(0, BLOCK_N)
+    cols64 = cols.to(tl.int64)
+    col_mask = cols < kv_end
+    k = _load_head(k_ptr, cols64, col_mask, stride_kt, kv_head, stride_kh, dims, dim_mask)
+    v = _load_head(v_ptr, cols64, col_mask, stride_vt, kv_head, stride_vh, dims, dim_mask)
+    s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+    p = tl.exp2(s - lse[:, None])
+    if CAUSAL_MASK:
+        p = tl.where(cols[None, :] <= rows[:, None], p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    return tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
 def attention_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, heads_ptr, seq_heads_ptr, cu_seqlens_ptr,
     tile_group_ptr, tile_start_ptr, tile_end_ptr,
@@ -181,24 +229,18 @@ def attention_bwd_dkdv_kernel(
         # Skip a head no token of the sequence uses; the test sits outside the query loop,
         # which keeps that loop software-pipelined.
         if head < seq_heads:
-            for m0 in range(q_lo, seq_end, BLOCK_M):
-                rows = m0 + tl.arange(0, BLOCK_M)
-                row_mask = rows < seq_end
-                used = row_mask & (head < _head_counts(heads_ptr, rows, row_mask, static_heads, HAS_HEADS))
-                rows64 = rows.to(tl.int64)
-                q, do, lse, delta = _load_query_side(
-                    q_ptr, dout_ptr, lse_ptr, delta_ptr, rows64, used, head, num_tokens,
-                    stride_qt, stride_qh, stride_dot, stride_doh, dims, dim_mask,
-                )
-                s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
-                keep = used[:, None] & col_mask[None, :]
-                if CAUSAL:
-                    keep = keep & (cols[None, :] <= rows[:, None])
-                p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
-                dv = tl.dot(tl.trans(p).to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
-                dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
-                ds = p * (dp - delta[:, None])
-                dk = tl.dot(tl.trans(ds).to(q.dtype), q, dk, input_precision=INPUT_PRECISION)
+            # Causal: only the query block that holds this key tile needs the mask; the
+            # blocks after it see every key of the tile.
+            unmasked_lo = q_lo
+            if CAUSAL:
+                dk, dv = _dkdv_step(dk, dv, k, v, cols, q_ptr, dout_ptr, lse_ptr, delta_ptr, heads_ptr, q_lo, seq_end,
+                                    head, num_tokens, static_heads, qk_scale, stride_qt, stride_qh, stride_dot,
+                                    stride_doh, dims, dim_mask, HAS_HEADS, True, INPUT_PRECISION, BLOCK_M)
+                unmasked_lo = q_lo + BLOCK_M
+            for m0 in range(unmasked_lo, seq_end, BLOCK_M):
+                dk, dv = _dkdv_step(dk, dv, k, v, cols, q_ptr, dout_ptr, lse_ptr, delta_ptr, heads_ptr, m0, seq_end,
+                                    head, num_tokens, static_heads, qk_scale, stride_qt, stride_qh, stride_dot,
+                                    stride_doh, dims, dim_mask, HAS_HEADS, False, INPUT_PRECISION, BLOCK_M)
     dk = dk * softmax_scale
     tl.store(dk_ptr + cols64[:, None] * stride_dkt + kv_head * stride_dkh + dims[None, :], dk.to(dk_ptr.dtype.element_ty), mask=col_mask[:, None] & dim_mask[None, :])
     tl.store(dv_ptr + cols64[:, None] * stride_dvt + kv_head * stride_dvh + dims[None, :], dv.to(dv_ptr.dtype.element_ty), mask=col_mask[:, None] & dim_mask[None, :])
@@ -240,27 +282,52 @@ def attention_bwd_dq_kernel(
             stride_qt, stride_qh, stride_dot, stride_doh, dims, dim_mask,
         )
         qk_scale = softmax_scale * _LOG2E
+        # Causal: keys before the tile need no mask (key blocks end at the tile's start).
         kv_end = end if CAUSAL else seq_end
-        for n0 in range(seq_start, kv_end, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N)
-            cols64 = cols.to(tl.int64)
-            col_mask = cols < kv_end
-            k = _load_head(k_ptr, cols64, col_mask, stride_kt, kv_head, stride_kh, dims, dim_mask)
-            v = _load_head(v_ptr, cols64, col_mask, stride_vt, kv_head, stride_vh, dims, dim_mask)
-            s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
-            keep = used[:, None] & col_mask[None, :]
-            if CAUSAL:
-                keep = keep & (cols[None, :] <= rows[:, None])
-            p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
-            ds = p * (dp - delta[:, None])
-            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
+        unmasked_end = start if CAUSAL else seq_end
+        for n0 in range(seq_start, unmasked_end, BLOCK_N):
+            dq = _dq_step(dq, q, do, lse, delta, rows, k_ptr, v_ptr, n0, kv_head, qk_scale, stride_kt, stride_kh,
+                          stride_vt, stride_vh, dims, dim_mask, kv_end, False, INPUT_PRECISION, BLOCK_N)
+        if CAUSAL:
+            for n0 in range(start, kv_end, BLOCK_N):
+                dq = _dq_step(dq, q, do, lse, delta, rows, k_ptr, v_ptr, n0, kv_head, qk_scale, stride_kt,
+                              stride_kh, stride_vt, stride_vh, dims, dim_mask, kv_end, True, INPUT_PRECISION,
+                              BLOCK_N)
     dq = dq * softmax_scale
     tl.store(dq_ptrs, dq.to(dq_ptr.dtype.element_ty), mask=row_mask[:, None] & dim_mask[None, :])
 
 
+@triton.jit
+def attention_bwd_delta_kernel(out_ptr, dout_ptr, delta_ptr, num_tokens, stride_ot, stride_oh, stride_dot, stride_doh,
+                               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+    """``delta [Hq, T] = rowsum(out * dout)`` in fp32 from the 16-bit tensors, with no
+    fp32 copies of them. Grid: (cdiv(T, BLOCK_T), Hq)."""
+    head = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_mask = rows < num_tokens
+    rows64 = rows.to(tl.int64)
+    dims = tl.arange(0, BLOCK_D)
+    dim_mask = dims < HEAD_DIM
+    o = _load_head(out_ptr, rows64, row_mask, stride_ot, head, stride_oh, dims, dim_mask).to(tl.float32)
+    do = _load_head(dout_ptr, rows64, row_mask, stride_dot, head, stride_doh, dims, dim_mask).to(tl.float32)
+    tl.store(delta_ptr + head * num_tokens + rows64, tl.sum(o * do, axis=1), mask=row_mask)
+
+
 def _strides(t):
     return t.stride(0), t.stride(1)
+
+
+def attention_bwd_delta(out, dout, delta, *, block_t):
+    """Launch :func:`attention_bwd_delta_kernel`: ``out``, ``dout [T, Hq, D]`` (last dim
+    contiguous) into ``delta [Hq, T]`` fp32."""
+    num_tokens, q_heads, head_dim = out.shape
+    if num_tokens == 0:
+        return delta
+    attention_bwd_delta_kernel[(triton.cdiv(num_tokens, block_t), q_heads)](
+        out, dout, delta, num_tokens, *_strides(out), *_strides(dout),
+        HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_T=block_t,
+    )
+    return delta
 
 
 def attention_fwd(q, k, v, out, lse, heads, static_heads, cu_seqlens, tiles, *, causal, softmax_scale, config):
