@@ -44,6 +44,19 @@ def _load_head(ptr, tokens64, token_mask, stride_t, head, stride_h, dims, dim_ma
 
 
 @triton.jit
+def _key_block(k_ptr, v_ptr, n0, kv_end, kv_head, stride_kt, stride_kh, stride_vt, stride_vh, dims, dim_mask,
+               BLOCK_N: tl.constexpr):
+    """Keys ``n0 .. n0 + BLOCK_N`` of one KV head: their positions, which of them are
+    before ``kv_end``, and their k and v blocks (zeros past ``kv_end``)."""
+    cols = n0 + tl.arange(0, BLOCK_N)
+    cols64 = cols.to(tl.int64)
+    col_mask = cols < kv_end
+    k = _load_head(k_ptr, cols64, col_mask, stride_kt, kv_head, stride_kh, dims, dim_mask)
+    v = _load_head(v_ptr, cols64, col_mask, stride_vt, kv_head, stride_vh, dims, dim_mask)
+    return cols, col_mask, k, v
+
+
+@triton.jit
 def _load_query_side(q_ptr, dout_ptr, lse_ptr, delta_ptr, rows64, used, head, num_tokens,
                      stride_qt, stride_qh, stride_dot, stride_doh, dims, dim_mask):
     """The backward's per-query inputs for one head: q, dout, lse (base 2) and delta.
@@ -108,11 +121,8 @@ def attention_fwd_kernel(
         lo = seq_start if phase == 0 else unmasked_end
         hi = unmasked_end if phase == 0 else kv_end
         for n0 in range(lo, hi, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N)
-            cols64 = cols.to(tl.int64)
-            col_mask = cols < hi
-            k = _load_head(k_ptr, cols64, col_mask, stride_kt, kv_head, stride_kh, dims, dim_mask)
-            v = _load_head(v_ptr, cols64, col_mask, stride_vt, kv_head, stride_vh, dims, dim_mask)
+            cols, col_mask, k, v = _key_block(k_ptr, v_ptr, n0, hi, kv_head, stride_kt, stride_kh, stride_vt,
+                                              stride_vh, dims, dim_mask, BLOCK_N)
             s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
             if phase == 1:
                 keep = col_mask[None, :]
@@ -166,11 +176,8 @@ def _dq_step(dq, q, do, lse, delta, rows, k_ptr, v_ptr, n0, kv_head, qk_scale, s
              BLOCK_N: tl.constexpr):
     """Add one block of BLOCK_N keys (from ``n0``) to a query tile's ``dq``. Keys past
     ``kv_end`` load as zeros and add nothing."""
-    cols = n0 + tl.arange(0, BLOCK_N)
-    cols64 = cols.to(tl.int64)
-    col_mask = cols < kv_end
-    k = _load_head(k_ptr, cols64, col_mask, stride_kt, kv_head, stride_kh, dims, dim_mask)
-    v = _load_head(v_ptr, cols64, col_mask, stride_vt, kv_head, stride_vh, dims, dim_mask)
+    cols, _, k, v = _key_block(k_ptr, v_ptr, n0, kv_end, kv_head, stride_kt, stride_kh, stride_vt, stride_vh,
+                               dims, dim_mask, BLOCK_N)
     s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
     p = tl.exp2(s - lse[:, None])
     if CAUSAL_MASK:
