@@ -3,11 +3,13 @@
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
 
 import flextron_kernels as fk
+from flextron_kernels import backends
 from flextron_kernels.backends import requested_backend, select_backend
 
 
@@ -84,3 +86,35 @@ def test_package_works_without_extension():
     env = dict(os.environ, FLEXTRON_DISABLE_EXT="1")
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
+
+
+def _op_runs(kind, device):
+    """A forward of one op (its output) that a backward will run through."""
+    gen = torch.Generator().manual_seed(0)
+    if kind == "linear":
+        x = torch.randn(6, 8, generator=gen).to(device).requires_grad_()
+        return fk.elastic_linear(x, torch.randn(12, 8, generator=gen).to(device).requires_grad_(),
+                                 out_features=torch.tensor([3, 12, 5, 0, 7, 12]).to(device))
+    if kind == "mlp":
+        mlp = fk.ElasticMLP(8, 16).to(device)
+        x = torch.randn(6, 8, generator=gen).to(device).requires_grad_()
+        return mlp(x, width=torch.tensor([3, 16, 5, 0, 7, 16]).to(device))
+    q = torch.randn(6, 2, 16, generator=gen).to(device).requires_grad_()
+    kv = torch.randn(6, 1, 16, generator=gen).to(device).requires_grad_()
+    return fk.elastic_attention(q, kv, kv, heads=torch.tensor([1, 2, 2, 1, 2, 2]).to(device))
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp", "attention"])
+def test_backward_on_another_thread_keeps_the_forwards_settings(kind, device, monkeypatch):
+    """On a GPU, autograd runs the backward on a thread of its own, where use_backend and
+    the other dispatch settings of the caller would be unset: the forward saves them."""
+    seen = []
+    original = backends.requested_backend
+    monkeypatch.setattr(backends, "requested_backend", lambda: seen.append(original()) or seen[-1])
+    with fk.use_backend("torch"), fk.skip_width_value_checks():
+        out = _op_runs(kind, device)
+    seen.clear()
+    worker = threading.Thread(target=lambda: out.square().sum().backward())  # a fresh context, as autograd's threads
+    worker.start()
+    worker.join()
+    assert seen and set(seen) == {"torch"}

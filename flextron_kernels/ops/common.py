@@ -9,6 +9,8 @@ from typing import Iterator, Optional
 
 import torch
 
+from flextron_kernels import backends
+from flextron_kernels.ops import checks, tiles
 from flextron_kernels.ops.routing import compute_routing_metadata, default_boundaries
 from flextron_kernels.reference import RoutingMetadata
 
@@ -40,6 +42,34 @@ def accumulates_in_place(*params: Optional[torch.Tensor]) -> bool:
         and not _full_size_grads.get()
         and all(fits(p) for p in params)
     )
+
+
+_DISPATCH_SETTINGS = (backends._override, checks._skip_values, tiles._overrides)
+
+
+def dispatch_state() -> Optional[tuple]:
+    """The dispatch settings in force: :func:`~flextron_kernels.use_backend`,
+    :func:`~flextron_kernels.skip_width_value_checks`, :func:`~flextron_kernels.ops.tiles.override_tiles`.
+    A forward saves them for its backward: on a GPU, autograd runs the backward on a
+    thread of its own, where they would be unset. None while ``torch.compile`` traces
+    (it cannot read context variables; compiled code keeps the backward thread's own)."""
+    if torch.compiler.is_compiling():
+        return None
+    return tuple(setting.get() for setting in _DISPATCH_SETTINGS)
+
+
+@contextlib.contextmanager
+def dispatch_state_restored(state: Optional[tuple]) -> Iterator[None]:
+    """Inside the block, the dispatch settings are those :func:`dispatch_state` saved."""
+    if state is None:
+        yield
+        return
+    tokens = [setting.set(value) for setting, value in zip(_DISPATCH_SETTINGS, state)]
+    try:
+        yield
+    finally:
+        for setting, token in zip(reversed(_DISPATCH_SETTINGS), reversed(tokens)):
+            setting.reset(token)
 
 
 def grad_buffer(param: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,7 @@ from flextron_kernels.ops.checks import (
     new_output,
     value_checks_enabled,
 )
+from flextron_kernels.ops.common import dispatch_state, dispatch_state_restored
 from flextron_kernels.ops.routing import compute_routing_metadata
 from flextron_kernels.ops.tiles import attention_config
 
@@ -233,14 +234,16 @@ class _ElasticAttentionFunction(torch.autograd.Function):
         out, lse = torch.ops.flextron.elastic_attention_fwd(q, k, v, cu_seqlens, heads, static_heads, causal, softmax_scale)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, heads)
         ctx.static_heads, ctx.causal, ctx.softmax_scale = static_heads, causal, softmax_scale
+        ctx.dispatch = dispatch_state()
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, cu_seqlens, heads = ctx.saved_tensors
-        dq, dk, dv = torch.ops.flextron.elastic_attention_bwd(
-            dout, q, k, v, out, lse, cu_seqlens, heads, ctx.static_heads, ctx.causal, ctx.softmax_scale
-        )
+        with dispatch_state_restored(ctx.dispatch):
+            dq, dk, dv = torch.ops.flextron.elastic_attention_bwd(
+                dout, q, k, v, out, lse, cu_seqlens, heads, ctx.static_heads, ctx.causal, ctx.softmax_scale
+            )
         return dq, dk, dv, None, None, None, None, None
 
 

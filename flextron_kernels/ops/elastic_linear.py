@@ -43,6 +43,8 @@ from flextron_kernels.ops.checks import (
 )
 from flextron_kernels.ops.common import (
     accumulates_in_place,
+    dispatch_state,
+    dispatch_state_restored,
     grad_buffer,
     group_tokens,
     mask_columns,
@@ -219,6 +221,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, out_widths, in_widths)
     ctx.k = k
     ctx.has_bias = bias is not None
+    ctx.dispatch = dispatch_state()
 
 
 def _autograd_backward(ctx, dy):
@@ -226,7 +229,8 @@ def _autograd_backward(ctx, dy):
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     grad_weight = torch.zeros_like(weight) if need_w else None
     grad_bias = weight.new_zeros(weight.shape[0]) if (need_b and ctx.has_bias) else None
-    dx = _backward(dy, x, weight, out_widths, in_widths, ctx.k, need_x, grad_weight, grad_bias)
+    with dispatch_state_restored(ctx.dispatch):
+        dx = _backward(dy, x, weight, out_widths, in_widths, ctx.k, need_x, grad_weight, grad_bias)
     return dx, grad_weight, grad_bias, None, None, None, None
 
 
@@ -242,6 +246,7 @@ class _PrefixGradAccumulation(torch.autograd.Function):
         ctx.save_for_backward(x, weight, out_widths, in_widths)
         ctx.params = (weight, bias)
         ctx.k = k
+        ctx.dispatch = dispatch_state()
         return torch.ops.flextron.elastic_linear(x, weight, bias, out_widths, in_widths, n, k)
 
     @staticmethod
@@ -251,7 +256,8 @@ class _PrefixGradAccumulation(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_weight = grad_buffer(weight_param) if need_w else None
         grad_bias = grad_buffer(bias_param) if (need_b and bias_param is not None) else None
-        dx = _backward(dy, x, weight, out_widths, in_widths, ctx.k, need_x, grad_weight, grad_bias)
+        with dispatch_state_restored(ctx.dispatch):
+            dx = _backward(dy, x, weight, out_widths, in_widths, ctx.k, need_x, grad_weight, grad_bias)
         return dx, None, None, None, None, None, None
 
 

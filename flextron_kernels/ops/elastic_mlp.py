@@ -40,6 +40,8 @@ from flextron_kernels.ops.checks import (
 )
 from flextron_kernels.ops.common import (
     accumulates_in_place,
+    dispatch_state,
+    dispatch_state_restored,
     grad_buffer,
     group_tokens,
     mask_columns,
@@ -319,6 +321,7 @@ class _ElasticMLPFunction(torch.autograd.Function):
         ctx.params = (w_up, w_down, w_gate, b_up, b_down)
         ctx.width, ctx.activation, ctx.in_place = width, activation, in_place
         ctx.consumed = False
+        ctx.dispatch = dispatch_state()
         return out
 
     @staticmethod
@@ -334,10 +337,11 @@ class _ElasticMLPFunction(torch.autograd.Function):
                 buffers.append(None)
             else:
                 buffers.append(grad_buffer(param) if ctx.in_place else torch.zeros_like(param))
-        dx, dscale = torch.ops.flextron.elastic_mlp_bwd_(
-            *buffers, dout, x, w_up, w_down, w_gate, widths, ctx.width, ctx.activation, scale, up_pre, gate_pre,
-            needs[0],
-        )
+        with dispatch_state_restored(ctx.dispatch):
+            dx, dscale = torch.ops.flextron.elastic_mlp_bwd_(
+                *buffers, dout, x, w_up, w_down, w_gate, widths, ctx.width, ctx.activation, scale, up_pre, gate_pre,
+                needs[0],
+            )
         param_grads = [None] * 5 if ctx.in_place else buffers
         return (
             dx if needs[0] else None,
