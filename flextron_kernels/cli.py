@@ -109,8 +109,12 @@ def run_bench(args: argparse.Namespace) -> int:
     harness = Harness(settings)
 
     def save(results):
-        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-        _write_csv(out / "results.csv", results["rows"])
+        # Written aside, then renamed: a run stopped mid-write keeps the previous file whole.
+        for name, write in (("results.json", lambda path: path.write_text(json.dumps(results, indent=2) + "\n")),
+                            ("results.csv", lambda path: _write_csv(path, results["rows"]))):
+            partial = out / f".{name}.partial"
+            write(partial)
+            os.replace(partial, out / name)
 
     results = harness.run(on_row=save)
     save(results)

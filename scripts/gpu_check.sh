@@ -76,9 +76,11 @@ compile_benchmarks() {
   done
   WARM_DIR=$warm_dir
 }
+# wait_benchmarks: wait for the compile-only passes; show the logs of those that failed.
+WARM_DIR=$(mktemp -d)
 wait_benchmarks() {
   local pid log
-  for pid in "${warm_pids[@]}"; do wait "$pid" || echo "!! a compile-only benchmark pass failed (see below)"; done
+  for pid in ${warm_pids[@]+"${warm_pids[@]}"}; do wait "$pid" || echo "!! a compile-only pass failed (see below)"; done
   warm_pids=()
   for log in "$WARM_DIR"/*.log; do
     [[ -f $log ]] && grep -q -E "Error|Traceback" "$log" && { echo "-- $log"; tail -n 6 "$log"; }
@@ -103,24 +105,24 @@ if want tests || want op_tests || want tune; then
     pids+=($!)
   fi
   if want tune; then
+    WARM_DIR=$(mktemp -d)
     for family in $families; do
       FLEXTRON_BENCH_COMPILE_ONLY=1 timeout 140 "$PY" benchmarks/tune_tiles.py --families "$family" \
-        --out "$(mktemp -d)/tune.json" >"$results/tune_compile_$family.log" 2>&1 &
+        --out "$WARM_DIR/tune_$family.json" >"$WARM_DIR/tune_compile_$family.log" 2>&1 &
       pids+=($!)
     done
   else
     compile_benchmarks
   fi
-  for pid in "${pids[@]}"; do wait "$pid" || { echo "!! a step failed or timed out (see its log)"; status=1; }; done
+  for pid in ${pids[@]+"${pids[@]}"}; do wait "$pid" || { echo "!! a step failed or timed out (see its log)"; status=1; }; done
   want tests && tail -n 25 "$results/gpu_tests.log"
   want op_tests && tail -n 8 "$results/gpu_op_tests.log"
-  want tune || wait_benchmarks
+  wait_benchmarks
 fi
 
 if want tune; then
   step "tile sweep (timed), the winners written to the tuned table"
   run 90 "$results/tune_tiles.log" "$PY" benchmarks/tune_tiles.py --out "$results/tune_tiles_gpu.json" --write-table
-  rm -f "$results"/tune_compile_*.log
   step "compile-only pass over the benchmarks, side by side, with the tuned tiles"
   compile_benchmarks
   wait_benchmarks

@@ -61,3 +61,15 @@ def test_shipped_table_names_known_families_and_keys():
         for family, config in families.items():
             assert family in tiles.FAMILIES, (device, family)
             assert set(config) <= set(tiles._DEFAULTS_16BIT[family]) | {"BLOCK_M"}, (device, family)
+    for family in ("attention_fwd", "attention_bwd"):
+        for variant, config in tiles.sixteen_bit_variants(family).items():
+            assert config["BLOCK_M"] % config["BLOCK_N"] == 0, (variant, family)
+
+
+def test_attention_rejects_tiles_whose_key_blocks_miss_the_query_tiles():
+    from flextron_kernels.triton.attention import attention_fwd
+
+    q = torch.empty(0, 2, 16)
+    with pytest.raises(ValueError, match="BLOCK_N must divide BLOCK_M, got 16 and 32"):
+        attention_fwd(q, q, q, q, None, None, 2, None, None, causal=True, softmax_scale=1.0,
+                      config=dict(BLOCK_M=16, BLOCK_N=32))

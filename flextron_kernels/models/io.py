@@ -92,7 +92,7 @@ def _hf_attention_config(config_class, n_heads: int, n_kv: int, *, loadable: boo
     try:
         return config_class(num_attention_heads=n_heads, num_key_value_heads=n_kv, **kwargs)
     except Exception as error:  # a ValueError, or huggingface_hub's StrictDataclassError
-        if kwargs["hidden_size"] % n_heads == 0:
+        if n_heads == 0 or kwargs["hidden_size"] % n_heads == 0:
             raise
         if loadable:
             raise ValueError(

@@ -48,16 +48,19 @@ def default_boundaries(size: int, device: torch.device) -> torch.Tensor:
     return _default_boundaries_cached(int(size), torch.device(device))
 
 
-def compute_routing_metadata(widths: torch.Tensor, boundaries: torch.Tensor, block_m: int) -> RoutingMetadata:
+def compute_routing_metadata(widths: torch.Tensor, boundaries: torch.Tensor, block_m: int, *,
+                             fresh: bool = False) -> RoutingMetadata:
     """:func:`routing_metadata` without its argument checks or its custom op: for the ops'
     own implementations, which already run below the dispatcher (a nested custom op would
-    only add its dispatch cost to every call). Arguments as there, already valid."""
+    only add its dispatch cost to every call). Arguments as there, already valid.
+    ``fresh``: outputs that share no memory with the inputs (a custom op's rule)."""
     ext = extension()
     # The extension's kernels take up to ROUTING_MAX_GROUPS groups; more go to torch.
     implemented = ("cuda", "torch") if ext is not None and boundaries.numel() <= ext.ROUTING_MAX_GROUPS else ("torch",)
     backend = select_backend("routing_metadata", widths.device, implemented, implemented)
     if backend == "torch":
-        return reference.routing_metadata(widths, boundaries, block_m)
+        result = reference.routing_metadata(widths, boundaries, block_m)
+        return RoutingMetadata(*(t.clone() for t in result)) if fresh else result
     return _extension_routing_metadata(widths, boundaries, block_m)
 
 
@@ -65,8 +68,7 @@ def compute_routing_metadata(widths: torch.Tensor, boundaries: torch.Tensor, blo
 def _routing_metadata_op(
     widths: torch.Tensor, boundaries: torch.Tensor, block_m: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    # A custom op's outputs may not alias its inputs: the torch path's are copied.
-    return tuple(t.clone() for t in compute_routing_metadata(widths, boundaries, block_m))
+    return tuple(compute_routing_metadata(widths, boundaries, block_m, fresh=True))
 
 
 @_routing_metadata_op.register_fake

@@ -324,6 +324,12 @@ def _strides(t):
     return t.stride(0), t.stride(1)
 
 
+def _check_tiles(config):
+    # The causal loops split at query-tile starts, which key blocks must reach exactly.
+    if config["BLOCK_M"] % config["BLOCK_N"]:
+        raise ValueError(f"attention tiles: BLOCK_N must divide BLOCK_M, got {config['BLOCK_M']} and {config['BLOCK_N']}")
+
+
 def attention_bwd_delta(out, dout, delta, *, block_t):
     """Launch :func:`attention_bwd_delta_kernel`: ``out``, ``dout [T, Hq, D]`` (last dim
     contiguous) into ``delta [Hq, T]`` fp32."""
@@ -342,6 +348,7 @@ def attention_fwd(q, k, v, out, lse, heads, static_heads, cu_seqlens, tiles, *, 
     for the used tiles. ``tiles`` is RoutingMetadata over the tokens' sequence ids with
     ``block_m = config["BLOCK_M"]``."""
     num_tokens, q_heads, head_dim = q.shape
+    _check_tiles(config)
     if num_tokens == 0:
         return
     grid = (tiles.tile_start.numel(), q_heads)
@@ -361,6 +368,7 @@ def attention_bwd(q, k, v, dout, lse, delta, dq, dk, dv, heads, seq_heads, stati
     ``seq_heads [B]``: each sequence's largest head count (with per-token ``heads``).
     ``q_tiles`` / ``k_tiles``: sequence tiles of ``BLOCK_M`` / ``BLOCK_N`` tokens."""
     num_tokens, q_heads, head_dim = q.shape
+    _check_tiles(config)
     if num_tokens == 0:
         return
     common = dict(GROUP=q_heads // k.shape[1], HAS_HEADS=heads is not None, CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), **config)
