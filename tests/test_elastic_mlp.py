@@ -44,7 +44,7 @@ def make(num_tokens, d_model, ffn, *, gated, bias, dtype, device, seed, lead=Non
     return tensors, gen
 
 
-def run(backend, tensors, width, activation, use_scale, as_params=False, grad=None, gen=None):
+def run(backend, tensors, width, activation, use_scale, as_params=False, grad=None, gen=None, max_width=None):
     """Forward and backward through our op and through the fp64 reference."""
     names = [n for n, t in tensors.items() if t is not None and (use_scale or n != "scale")]
 
@@ -58,7 +58,7 @@ def run(backend, tensors, width, activation, use_scale, as_params=False, grad=No
         w_gate=d.get("w_gate"), b_up=d.get("b_up"), b_down=d.get("b_down"), activation=activation, scale=d.get("scale"),
     )
     with fk.use_backend(backend):
-        out = fk.elastic_mlp(ours["x"], ours["w_up"], ours["w_down"], **kw(ours))
+        out = fk.elastic_mlp(ours["x"], ours["w_up"], ours["w_down"], **kw(ours), max_width=max_width)
         if grad is None:
             grad = torch.randn(out.shape, generator=gen).to(out.device, out.dtype)
         out.backward(grad)
@@ -103,6 +103,32 @@ def test_matches_reference_fp32(backend, gated, activation, bias, width_kind, de
         width[:2] = torch.tensor([0, 45])
     got, want = run(backend, tensors, width, activation, use_scale=True, gen=gen)
     check(got, want, 1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("gated,activation,bias", [(True, "silu", True), (False, "relu", False)])
+def test_max_width_bounds_the_hidden_width(backend, gated, activation, bias, device):
+    tensors, gen = make(21, 16, 80, gated=gated, bias=bias, dtype=torch.float32, device=device, seed=5)
+    width = torch.randint(0, 34, (21,), generator=gen)
+    width[:2] = torch.tensor([0, 33])
+    got, want = run(backend, tensors, width, activation, use_scale=True, gen=gen, max_width=33)
+    check(got, want, 1e-5)
+    with fk.use_backend(backend):  # the saved pre-activations are [T, max_width]
+        saved = torch.ops.flextron.elastic_mlp_fwd(
+            tensors["x"], tensors["w_up"], tensors["w_down"], tensors["w_gate"], None, None, width.to(device), 33,
+            activation, None, True)
+    assert saved[1].shape == (21, 33)
+
+
+def test_max_width_is_checked():
+    x, w_up, w_down = torch.randn(4, 8), torch.randn(20, 8), torch.randn(8, 20)
+    with pytest.raises(ValueError, match="width: expected every width in \\[0, 10\\], got values in \\[2, 12\\]"):
+        fk.elastic_mlp(x, w_up, w_down, width=torch.tensor([2, 12, 3, 4]), max_width=10)
+    with pytest.raises(ValueError, match="max_width: expected an int in \\[0, 20\\], got 21"):
+        fk.elastic_mlp(x, w_up, w_down, width=torch.tensor([2, 12, 3, 4]), max_width=21)
+    mlp = fk.ElasticMLP(8, 20)
+    widths = torch.tensor([2, 9, 3, 0])
+    torch.testing.assert_close(mlp(x, width=widths, max_width=9), mlp(x, width=widths))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -36,10 +36,10 @@ class ElasticMLP(nn.Module):
                 nn.init.kaiming_uniform_(w, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor, *, width: Union[int, torch.Tensor, None] = None,
-                scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+                scale: Optional[torch.Tensor] = None, max_width: Optional[int] = None) -> torch.Tensor:
         return elastic_mlp(
             x, self.w_up, self.w_down, width=self.ffn if width is None else width, w_gate=self.w_gate,
-            b_up=self.b_up, b_down=self.b_down, activation=self.activation, scale=scale,
+            b_up=self.b_up, b_down=self.b_down, activation=self.activation, scale=scale, max_width=max_width,
         )
 
     def extra_repr(self) -> str:

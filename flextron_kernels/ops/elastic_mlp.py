@@ -33,6 +33,7 @@ from flextron_kernels import reference
 from flextron_kernels.backends import select_backend
 from flextron_kernels.ops.checks import (
     FLOAT_DTYPES,
+    check_int,
     check_same_dtype,
     check_tensor,
     check_widths,
@@ -354,9 +355,10 @@ class _ElasticMLPFunction(torch.autograd.Function):
 # --------------------------------------------------------------------------- #
 # Public function
 # --------------------------------------------------------------------------- #
-def check_mlp_arguments(x, w_up, w_down, width, w_gate, b_up, b_down, activation, scale):
+def check_mlp_arguments(x, w_up, w_down, width, w_gate, b_up, b_down, activation, scale, max_width=None):
     """The argument checks of :func:`elastic_mlp` (and of the decode op). Returns
-    ``(widths [T] or None, static width, scale [T] or None)``."""
+    ``(widths [T] or None, static width, scale [T] or None)``; with per-token widths the
+    static width is their bound, ``max_width`` or ``F``."""
     check_tensor("x", x, dtypes=FLOAT_DTYPES, min_ndim=1)
     d_model = x.shape[-1]
     check_tensor("w_up", w_up, ndim=2, device=x.device)
@@ -382,7 +384,10 @@ def check_mlp_arguments(x, w_up, w_down, width, w_gate, b_up, b_down, activation
     token_shape = x.shape[:-1]
     if width is None:
         raise TypeError("width: expected an int or an integer tensor of shape x.shape[:-1], got None")
-    widths, fw = check_widths("width", width, high=ffn, default=ffn, token_shape=token_shape, device=x.device)
+    high = ffn
+    if max_width is not None and isinstance(width, torch.Tensor):
+        high = check_int("max_width", max_width, 0, ffn)
+    widths, fw = check_widths("width", width, high=high, default=ffn, token_shape=token_shape, device=x.device)
     if scale is not None:
         check_tensor("scale", scale, dtypes=FLOAT_DTYPES, device=x.device, shape=token_shape)
         scale = scale.reshape(-1)
@@ -400,6 +405,7 @@ def elastic_mlp(
     b_down: Optional[torch.Tensor] = None,
     activation: str = "silu",
     scale: Optional[torch.Tensor] = None,
+    max_width: Optional[int] = None,
 ) -> torch.Tensor:
     """MLP at a hidden width chosen per token (or once for all tokens).
 
@@ -413,11 +419,16 @@ def elastic_mlp(
         scale: optional float tensor of shape ``x.shape[:-1]`` multiplying each token's
             down projection (before ``b_down``); it receives a gradient (the router's
             straight-through estimator).
+        max_width: with per-token widths, an int bound on them in ``[0, F]`` (default
+            ``F``): the hidden activations, and the pre-activations kept for the backward,
+            are ``[T, max_width]``, so a batch known to stay below ``F`` (a router whose
+            choices stop short of it, say) does not pay for the full width. Ignored for
+            an int ``width``.
 
     Returns:
         ``[..., D]``, the dtype of ``x``.
     """
-    widths, fw, scale = check_mlp_arguments(x, w_up, w_down, width, w_gate, b_up, b_down, activation, scale)
+    widths, fw, scale = check_mlp_arguments(x, w_up, w_down, width, w_gate, b_up, b_down, activation, scale, max_width)
     token_shape, d_model = x.shape[:-1], x.shape[-1]
     x2d = x.reshape(math.prod(token_shape), d_model)
     inputs = (x2d, w_up, w_down, w_gate, b_up, b_down, scale)
