@@ -66,11 +66,15 @@ def override_tiles(**families: dict) -> Iterator[None]:
 
 @functools.lru_cache(maxsize=None)
 def _tuned(device_name: str) -> dict:
+    return _tuned_devices().get(device_name, {})
+
+
+def _tuned_devices() -> dict:
+    """The tuned table: ``{device name: {family: tiles}}`` (empty when unreadable)."""
     try:
-        table = json.loads(TUNED_TABLE.read_text())
+        return json.loads(TUNED_TABLE.read_text()).get("devices", {})
     except (OSError, ValueError):
         return {}
-    return table.get("devices", {}).get(device_name, {})
 
 
 @functools.lru_cache(maxsize=None)
@@ -147,11 +151,7 @@ def sixteen_bit_variants(family: str) -> dict:
     """Every 16-bit GPU configuration of ``family`` this package can launch: the default
     and each tuned GPU's, by name (for checks that compile them all)."""
     variants = {"default": dict(_DEFAULTS_16BIT[family])}
-    try:
-        devices = json.loads(TUNED_TABLE.read_text()).get("devices", {})
-    except (OSError, ValueError):
-        devices = {}
-    for name, families in sorted(devices.items()):
+    for name, families in sorted(_tuned_devices().items()):
         if family in families:
             variants[name] = {**_DEFAULTS_16BIT[family], **families[family]}
     return variants
