@@ -161,7 +161,7 @@ def _forward_triton(x, w_up, w_down, w_gate, b_up, b_down, widths, fw, activatio
     num_rows, d_model = x.shape
     config = matmul_config(x, num_rows)
     routing = matmul_routing(widths, fw, num_rows, config["BLOCK_M"])
-    first_config = matmul_config(x, num_rows, gated=w_gate is not None)
+    first_config = matmul_config(x, num_rows, gated=True) if w_gate is not None else config
     hidden = new_output((num_rows, fw), dtype=x.dtype, device=x.device)
     up_pre = new_output((num_rows, fw), dtype=x.dtype, device=x.device) if save else None
     gate_pre = new_output((num_rows, fw), dtype=x.dtype, device=x.device) if (save and w_gate is not None) else None
