@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -105,6 +106,23 @@ def _hf_attention_config(config_class, n_heads: int, n_kv: int, *, loadable: boo
     return config
 
 
+def _uninitialised(build, hf_config, device):
+    """``build(hf_config)`` on ``device`` without the random initialisation of its weights
+    (every weight is overwritten from the Flextron model; on a CPU, initialising a 7B-shaped
+    model took longer than running it), then with its embeddings tied as the config says."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        try:
+            from transformers.modeling_utils import no_init_weights
+        except ImportError:
+            no_init_weights = contextlib.nullcontext
+    with torch.device(device), no_init_weights():
+        hf = build(hf_config)
+    hf.tie_weights()
+    return hf
+
+
 @torch.no_grad()
 def dense_hf_model(model: FlextronForCausalLM, budget: float, *, model_type=None, loadable: bool = False):
     """The sub-network at ``budget`` as a dense Hugging Face model (in memory).
@@ -142,8 +160,7 @@ def dense_hf_model(model: FlextronForCausalLM, budget: float, *, model_type=None
             vocab_size=cfg.vocab_size, n_embd=cfg.d_model, n_layer=cfg.n_layers, n_head=cfg.q_heads, n_inner=width,
             n_positions=cfg.max_positions, layer_norm_epsilon=cfg.norm_eps, activation_function="gelu_new",
         )
-        with torch.device(model.embed.weight.device):  # random init where the weights go: fast on a GPU
-            hf = transformers.GPT2LMHeadModel(hf_config)
+        hf = _uninitialised(transformers.GPT2LMHeadModel, hf_config, model.embed.weight.device)
         base = hf.transformer
         base.wte.weight.copy_(model.embed.weight)
         base.wpe.weight.copy_(model.pos_embed.weight)
@@ -179,8 +196,7 @@ def dense_hf_model(model: FlextronForCausalLM, budget: float, *, model_type=None
             head_dim=dh, rms_norm_eps=cfg.norm_eps, max_position_embeddings=cfg.max_positions,
             tie_word_embeddings=cfg.tie_embeddings, rope_theta=cfg.rope_theta, **extra,
         )
-        with torch.device(model.embed.weight.device):  # random init where the weights go: fast on a GPU
-            hf = transformers.AutoModelForCausalLM.from_config(hf_config)
+        hf = _uninitialised(transformers.AutoModelForCausalLM.from_config, hf_config, model.embed.weight.device)
         base = hf.model
         base.embed_tokens.weight.copy_(model.embed.weight)
         for layer, block in zip(model.layers, base.layers):
