@@ -29,7 +29,6 @@ from flextron_kernels.ops.checks import (
     value_checks_enabled,
 )
 from flextron_kernels.ops.common import dispatch_state, dispatch_state_restored
-from flextron_kernels.ops.routing import compute_routing_metadata
 from flextron_kernels.ops.tiles import attention_config
 
 
@@ -42,18 +41,6 @@ def one_sequence(num_tokens: int, device: torch.device) -> torch.Tensor:
     """``cu_seqlens = [0, num_tokens]`` (int32) for one packed sequence, built on the
     device: a tensor copied from the host would break CUDA-graph capture."""
     return torch.arange(2, dtype=torch.int32, device=device) * num_tokens
-
-
-def sequence_tiles(cu_seqlens: torch.Tensor, num_tokens: int, block: int):
-    """Tiles of at most ``block`` tokens that never cross a sequence boundary (routing
-    metadata over the tokens' sequence ids; computed on the device, no host sync)."""
-    num_seqs = cu_seqlens.numel() - 1
-    positions = torch.arange(num_tokens, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
-    seq_ids = torch.bucketize(positions, cu_seqlens[1:], right=True)
-    boundaries = torch.arange(max(num_seqs, 1), device=cu_seqlens.device, dtype=torch.int32)
-    # Valid boundaries by construction, and this runs inside an op's implementation: no
-    # check (a host sync) and no custom op.
-    return compute_routing_metadata(seq_ids, boundaries, block)
 
 
 def _used_heads(heads, static_heads, num_tokens, q_heads, device):
@@ -148,8 +135,7 @@ def _forward_triton(q, k, v, cu_seqlens, heads, static_heads, causal, scale):
     config = attention_config(q, "fwd")
     out = new_output(q.shape, dtype=q.dtype, device=q.device)
     lse = new_output((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
-    tiles = sequence_tiles(cu_seqlens, q.shape[0], config["BLOCK_M"])
-    attention_fwd(q, k, v, out, lse, heads, static_heads, cu_seqlens, tiles, causal=causal, softmax_scale=scale, config=config)
+    attention_fwd(q, k, v, out, lse, heads, static_heads, cu_seqlens, causal=causal, softmax_scale=scale, config=config)
     return out, lse
 
 
@@ -163,8 +149,6 @@ def _backward_triton(dout, q, k, v, out, lse, cu_seqlens, heads, static_heads, c
     dq = new_output(q.shape, dtype=q.dtype, device=q.device)
     dk = new_output(k.shape, dtype=k.dtype, device=k.device)
     dv = new_output(v.shape, dtype=v.dtype, device=v.device)
-    q_tiles = sequence_tiles(cu_seqlens, q.shape[0], config["BLOCK_M"])
-    k_tiles = sequence_tiles(cu_seqlens, q.shape[0], config["BLOCK_N"])
     seq_heads = None
     if heads is not None:  # each sequence's largest head count, so the kernel can skip a head for a whole sequence
         num_seqs = cu_seqlens.numel() - 1
@@ -172,7 +156,7 @@ def _backward_triton(dout, q, k, v, out, lse, cu_seqlens, heads, static_heads, c
         seq_heads = torch.zeros(max(num_seqs, 1), dtype=torch.int32, device=q.device)
         seq_heads.scatter_reduce_(0, seq_ids, heads.to(torch.int32), reduce="amax")
     attention_bwd(
-        q, k, v, dout, lse, delta, dq, dk, dv, heads, seq_heads, static_heads, cu_seqlens, q_tiles, k_tiles,
+        q, k, v, dout, lse, delta, dq, dk, dv, heads, seq_heads, static_heads, cu_seqlens,
         causal=causal, softmax_scale=scale, config=config,
     )
     return dq, dk, dv

@@ -1,9 +1,11 @@
 """Flash attention over packed variable-length sequences, with a per-token head count.
 
 Tokens of a sequence are contiguous; tiles of ``BLOCK`` query (or key) tokens never
-cross a sequence boundary (the tile schedule is the routing metadata of the tokens'
-sequence ids). A program owns one (tile, head): when no token of the tile uses that
-query head, it only writes zeros. Query head ``h`` reads KV head ``h // GROUP``.
+cross a sequence boundary: sequence ``b`` holds ``cdiv(len_b, BLOCK)`` tiles, numbered
+in sequence order, and each program finds its own tile from ``cu_seqlens`` (no tile
+schedule to build on the host or in another kernel). A program owns one (tile, head):
+when no token of the tile uses that query head, it only writes zeros. Query head ``h``
+reads KV head ``h // GROUP``.
 
 Softmax statistics are kept in base 2 (``exp2``), with the log-sum-exp stored in
 natural-log units, ``lse [Hq, T]`` fp32.
@@ -18,15 +20,43 @@ _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
 
 
+# Sequences read per step of the tile search: one step covers the usual batch.
+SEQ_CHUNK = tl.constexpr(64)
+
+
 @triton.jit
-def _tile(tile_group_ptr, tile_start_ptr, tile_end_ptr, cu_seqlens_ptr, pid, BLOCK: tl.constexpr):
-    seq = tl.load(tile_group_ptr + pid)
-    start = tl.load(tile_start_ptr + pid)
-    end = tl.load(tile_end_ptr + pid)
-    seq_start = tl.load(cu_seqlens_ptr + tl.maximum(seq, 0))
-    seq_end = tl.load(cu_seqlens_ptr + tl.maximum(seq, 0) + 1)
+def _tile(cu_seqlens_ptr, num_seqs, tile, BLOCK: tl.constexpr, SEQ_CHUNK: tl.constexpr):
+    """Tile number ``tile`` of the packed sequences: its sequence (-1 past the last tile),
+    token range ``[start, end)``, its sequence's ``[seq_start, seq_end)``, its rows and
+    row mask."""
+    seq = -1
+    seq_start = 0
+    seq_end = 0
+    first_tile = 0  # the number of the sequence's first tile
+    tiles_before = 0  # tiles of the sequences before the current chunk
+    for chunk in range(0, num_seqs, SEQ_CHUNK):
+        ids = chunk + tl.arange(0, SEQ_CHUNK)
+        valid = ids < num_seqs
+        lo = tl.load(cu_seqlens_ptr + ids, mask=valid, other=0)
+        hi = tl.load(cu_seqlens_ptr + ids + 1, mask=valid, other=0)
+        count = (hi - lo + BLOCK - 1) // BLOCK
+        last = tiles_before + tl.cumsum(count, 0)
+        hit = (last - count <= tile) & (tile < last)  # at most one sequence
+        seq = tl.maximum(seq, tl.max(tl.where(hit, ids, -1), 0))
+        seq_start += tl.sum(tl.where(hit, lo, 0), 0)
+        seq_end += tl.sum(tl.where(hit, hi, 0), 0)
+        first_tile += tl.sum(tl.where(hit, last - count, 0), 0)
+        tiles_before += tl.sum(count, 0)
+    start = seq_start + (tile - first_tile) * BLOCK
+    end = tl.minimum(start + BLOCK, seq_end)
     rows = start + tl.arange(0, BLOCK)
     return seq, start, end, seq_start, seq_end, rows, rows < end
+
+
+def num_tile_slots(num_tokens: int, num_seqs: int, block: int) -> int:
+    """Programs to launch along the tile axis: at least the number of tiles
+    (``sum cdiv(len_b, block) <= T // block + B``, and at most one per token)."""
+    return min(num_tokens // block + num_seqs, num_tokens)
 
 
 @triton.jit
@@ -72,8 +102,7 @@ def _load_query_side(q_ptr, dout_ptr, lse_ptr, delta_ptr, rows64, used, head, nu
 @triton.jit
 def attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, heads_ptr, cu_seqlens_ptr,
-    tile_group_ptr, tile_start_ptr, tile_end_ptr,
-    num_tokens, static_heads, softmax_scale,
+    num_tokens, num_seqs, static_heads, softmax_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     GROUP: tl.constexpr,
     HAS_HEADS: tl.constexpr,
@@ -89,7 +118,7 @@ def attention_fwd_kernel(
     Grid: (tiles of BLOCK_M query tokens, Hq)."""
     head = tl.program_id(1)
     seq, start, end, seq_start, seq_end, rows, row_mask = _tile(
-        tile_group_ptr, tile_start_ptr, tile_end_ptr, cu_seqlens_ptr, tl.program_id(0), BLOCK_M
+        cu_seqlens_ptr, num_seqs, tl.program_id(0), BLOCK_M, SEQ_CHUNK
     )
     if seq < 0:
         return
@@ -190,8 +219,7 @@ def _dq_step(dq, q, do, lse, delta, rows, k_ptr, v_ptr, n0, kv_head, qk_scale, s
 @triton.jit
 def attention_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, heads_ptr, seq_heads_ptr, cu_seqlens_ptr,
-    tile_group_ptr, tile_start_ptr, tile_end_ptr,
-    num_tokens, static_heads, softmax_scale,
+    num_tokens, num_seqs, static_heads, softmax_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh,
     GROUP: tl.constexpr,
@@ -209,7 +237,7 @@ def attention_bwd_dkdv_kernel(
     count (with ``HAS_HEADS``)."""
     kv_head = tl.program_id(1)
     seq, start, end, seq_start, seq_end, cols, col_mask = _tile(
-        tile_group_ptr, tile_start_ptr, tile_end_ptr, cu_seqlens_ptr, tl.program_id(0), BLOCK_N
+        cu_seqlens_ptr, num_seqs, tl.program_id(0), BLOCK_N, SEQ_CHUNK
     )
     if seq < 0:
         return
@@ -256,8 +284,7 @@ def attention_bwd_dkdv_kernel(
 @triton.jit
 def attention_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, heads_ptr, cu_seqlens_ptr,
-    tile_group_ptr, tile_start_ptr, tile_end_ptr,
-    num_tokens, static_heads, softmax_scale,
+    num_tokens, num_seqs, static_heads, softmax_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_dqt, stride_dqh,
     GROUP: tl.constexpr,
     HAS_HEADS: tl.constexpr,
@@ -272,7 +299,7 @@ def attention_bwd_dq_kernel(
     the head is unused). Grid: (query tiles, Hq)."""
     head = tl.program_id(1)
     seq, start, end, seq_start, seq_end, rows, row_mask = _tile(
-        tile_group_ptr, tile_start_ptr, tile_end_ptr, cu_seqlens_ptr, tl.program_id(0), BLOCK_M
+        cu_seqlens_ptr, num_seqs, tl.program_id(0), BLOCK_M, SEQ_CHUNK
     )
     if seq < 0:
         return
@@ -343,47 +370,45 @@ def attention_bwd_delta(out, dout, delta, *, block_t):
     return delta
 
 
-def attention_fwd(q, k, v, out, lse, heads, static_heads, cu_seqlens, tiles, *, causal, softmax_scale, config):
-    """Launch the forward: writes every element of ``out [T, Hq, D]`` and ``lse [Hq, T]``
-    for the used tiles. ``tiles`` is RoutingMetadata over the tokens' sequence ids with
-    ``block_m = config["BLOCK_M"]``."""
+def attention_fwd(q, k, v, out, lse, heads, static_heads, cu_seqlens, *, causal, softmax_scale, config):
+    """Launch the forward: writes every element of ``out [T, Hq, D]`` and ``lse [Hq, T]``;
+    ``cu_seqlens [B + 1]`` int32."""
     num_tokens, q_heads, head_dim = q.shape
     _check_tiles(config)
     if num_tokens == 0:
         return
-    grid = (tiles.tile_start.numel(), q_heads)
+    num_seqs = cu_seqlens.numel() - 1
+    grid = (num_tile_slots(num_tokens, num_seqs, config["BLOCK_M"]), q_heads)
     attention_fwd_kernel[grid](
         q, k, v, out, lse, heads if heads is not None else cu_seqlens, cu_seqlens,
-        tiles.tile_group, tiles.tile_start, tiles.tile_end,
-        num_tokens, static_heads, softmax_scale,
+        num_tokens, num_seqs, static_heads, softmax_scale,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         GROUP=q_heads // k.shape[1], HAS_HEADS=heads is not None, CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), **config,
     )
 
 
-def attention_bwd(q, k, v, dout, lse, delta, dq, dk, dv, heads, seq_heads, static_heads, cu_seqlens, q_tiles, k_tiles,
+def attention_bwd(q, k, v, dout, lse, delta, dq, dk, dv, heads, seq_heads, static_heads, cu_seqlens,
                   *, causal, softmax_scale, config):
     """Launch the backward: writes ``dq``, ``dk``, ``dv`` (shapes of q, k, v) from
     ``dout``, the forward's ``lse [Hq, T]`` and ``delta [Hq, T] = rowsum(dout * out)``;
-    ``seq_heads [B]``: each sequence's largest head count (with per-token ``heads``).
-    ``q_tiles`` / ``k_tiles``: sequence tiles of ``BLOCK_M`` / ``BLOCK_N`` tokens."""
+    ``seq_heads [B]``: each sequence's largest head count (with per-token ``heads``);
+    ``cu_seqlens [B + 1]`` int32."""
     num_tokens, q_heads, head_dim = q.shape
     _check_tiles(config)
     if num_tokens == 0:
         return
     common = dict(GROUP=q_heads // k.shape[1], HAS_HEADS=heads is not None, CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), **config)
     heads_arg = heads if heads is not None else cu_seqlens
-    attention_bwd_dkdv_kernel[(k_tiles.tile_start.numel(), k.shape[1])](
+    num_seqs = cu_seqlens.numel() - 1
+    attention_bwd_dkdv_kernel[(num_tile_slots(num_tokens, num_seqs, config["BLOCK_N"]), k.shape[1])](
         q, k, v, dout, lse, delta, dk, dv, heads_arg, seq_heads if seq_heads is not None else cu_seqlens, cu_seqlens,
-        k_tiles.tile_group, k_tiles.tile_start, k_tiles.tile_end,
-        num_tokens, static_heads, softmax_scale,
+        num_tokens, num_seqs, static_heads, softmax_scale,
         *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *_strides(dv),
         **common,
     )
-    attention_bwd_dq_kernel[(q_tiles.tile_start.numel(), q_heads)](
+    attention_bwd_dq_kernel[(num_tile_slots(num_tokens, num_seqs, config["BLOCK_M"]), q_heads)](
         q, k, v, dout, lse, delta, dq, heads_arg, cu_seqlens,
-        q_tiles.tile_group, q_tiles.tile_start, q_tiles.tile_end,
-        num_tokens, static_heads, softmax_scale,
+        num_tokens, num_seqs, static_heads, softmax_scale,
         *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
         **common,
     )
