@@ -121,7 +121,7 @@ def run_bench(args: argparse.Namespace) -> int:
     plotted = _plot(out / "plot.png", results)
     print(f"device: {results['environment']['device']}, model: {model_name}, dtype: {settings_dtype(dtype)}, "
           f"copy {results['ceilings']['copy_tbps']:.2f} TB/s, matmul {results['ceilings']['matmul_tflops']:.1f} TFLOP/s")
-    print(format_table(results["rows"], ["op", "budget", "ms", "baseline", "baseline_ms", "vs_baseline", "ideal_ms", "vs_ideal"]))
+    print(format_table(results["rows"], ["op", "budget", "ms", "graph_ms", "baseline", "baseline_ms", "vs_baseline", "ideal_ms", "vs_ideal"]))
     if args.lut:
         path = harness.latency_table().save(args.lut)
         print(f"wrote {path}")
@@ -156,6 +156,8 @@ def _plot(path: Path, results: dict) -> bool:
         mine = [r for r in rows if r["op"] == op]
         budgets = [r["budget"] for r in mine]
         ax.plot(budgets, [r["ms"] for r in mine], "o-", label="flextron_kernels")
+        if any(r.get("graph_ms") for r in mine):
+            ax.plot(budgets, [r.get("graph_ms") for r in mine], "o-", label="flextron_kernels, CUDA graph")
         if any(r["baseline_ms"] for r in mine):
             ax.plot(budgets, [r["baseline_ms"] for r in mine], "s--", label=mine[0]["baseline"])
         if any(r["ideal_ms"] for r in mine):

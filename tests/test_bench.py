@@ -36,6 +36,10 @@ def test_outputs_and_schema(bench_run):
     for row in results["rows"]:
         assert ROW_KEYS <= set(row)
         assert row["ms"] > 0
+        if row["op"] in ("prefill", "decode"):  # the dense model of the same reduced shape, same run
+            assert row["baseline"] == "transformers_dense_reduced" and row["baseline_ms"] > 0
+        if row["op"] == "decode":
+            assert "graph_ms" in row  # the CUDA-graph replay of the step (None on a CPU)
     with open(bench_run / "results.csv") as f:
         assert len(list(csv.DictReader(f))) == len(results["rows"])
     assert (bench_run / "plot.png").stat().st_size > 1000

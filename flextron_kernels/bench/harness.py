@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -31,7 +32,7 @@ import flextron_kernels as fk
 from flextron_kernels.models import FlextronConfig, FlextronForCausalLM
 from flextron_kernels.nn import ElasticAttention
 from flextron_kernels.bench.latency_table import LatencyTable
-from flextron_kernels.bench.measure import copy_bandwidth_tbps, environment, matmul_tflops, time_ms
+from flextron_kernels.bench.measure import copy_bandwidth_tbps, environment, graph_replay, matmul_tflops, time_ms
 from flextron_kernels.bench.workloads import width_groups
 
 MODELS = {
@@ -266,6 +267,10 @@ class Harness:
         return self._row("prefill", budget, ours, baseline, name, layers=self._layers())
 
     def _bench_decode(self, budget, _):
+        """One decode step of every request against a KV cache of the prompt: eagerly
+        (``ms``) and, on a GPU, replayed from a CUDA graph (``graph_ms``, the step as
+        :class:`~flextron_kernels.serving.ElasticServer` runs it); the baseline is the dense
+        model of the same reduced shape in plain transformers (eager, its own KV cache)."""
         if "decode" not in self.s.phases:
             return self._row("decode", budget, math.nan, None, "skipped")
         model, ids = self._model(), self._prompt()
@@ -280,7 +285,31 @@ class Harness:
                 c.seqlens.copy_(n)
             return model.decode_step(tokens, caches, budget=budget)
 
-        return self._row("decode", budget, time_ms(step, rep=50), None, "none", layers=self._layers(), batch=batch)
+        ours = time_ms(step, rep=50)
+        graph = time_ms(graph_replay(step), rep=50) if self.s.device.type == "cuda" else None
+        baseline, name = self._dense_decode_ms(model, ids, budget)
+        return self._row("decode", budget, ours, baseline, name, layers=self._layers(), batch=batch, graph_ms=graph)
+
+    def _dense_decode_ms(self, model, ids, budget):
+        try:
+            from flextron_kernels.models.io import dense_hf_model
+
+            dense = dense_hf_model(model, budget)
+        except ImportError:
+            return None, "none (transformers missing)"
+        except ValueError as error:
+            return None, f"none ({error})"
+        cache = dense(input_ids=ids[:, :-1], use_cache=True).past_key_values
+        last = ids[:, -1:]
+
+        def step():
+            with warnings.catch_warnings():  # newer transformers rename the argument; older ones know only this name
+                warnings.simplefilter("ignore", FutureWarning)
+                logits = dense(input_ids=last, past_key_values=cache, use_cache=True).logits
+            cache.crop(-1)  # back to the prompt: every step sees the same cache length
+            return logits
+
+        return time_ms(step, rep=50), "transformers_dense_reduced"
 
     # -------------------------------------------------------------- latency table
     def latency_table(self) -> LatencyTable:
