@@ -37,9 +37,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
 class FlextronBlock(nn.Module):
@@ -59,15 +57,18 @@ class FlextronBlock(nn.Module):
         self.mlp = ElasticMLP(d, ffn, gated=llama, activation="silu" if llama else "gelu_tanh", bias=not llama)
 
     def forward(self, h, *, heads, width, cu_seqlens, positions, cache=None, attn_scale=None, mlp_scale=None,
-                token_router=None):
+                token_router=None, rotary=None):
         """``attn_scale`` / ``mlp_scale``: per-token factors on the attention and MLP
         outputs (the routers' straight-through gradients); ``token_router``: a callable
-        ``x -> (width, scale)`` choosing each token's MLP width from its normed state."""
-        attn = self.attn(self.norm1(h), heads=heads, cu_seqlens=cu_seqlens, positions=positions, cache=cache)
+        ``x -> (width, scale)`` choosing each token's MLP width from its normed state;
+        ``rotary``: the positions' rotary tables, shared by the layers."""
+        attn = self.attn(self.norm1(h), heads=heads, cu_seqlens=cu_seqlens, positions=positions, cache=cache,
+                         rotary=rotary)
         return self._mlp(self._add_scaled(h, attn, attn_scale), width, mlp_scale, token_router)
 
-    def decode(self, h, cache, *, heads, width, token_router=None):
-        return self._mlp(h + self.attn.decode(self.norm1(h), cache, heads=heads), width, None, token_router)
+    def decode(self, h, cache, *, heads, width, token_router=None, rotary=None):
+        return self._mlp(h + self.attn.decode(self.norm1(h), cache, heads=heads, rotary=rotary), width, None,
+                         token_router)
 
     @staticmethod
     def _add_scaled(h, update, scale):
@@ -309,12 +310,13 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
             code = None
         else:
             plans = self._plan(budget, num_seqs, ids.device)
+        rotary = self.layers[0].attn.rotary_tables(positions, h.dtype) if self.layers else None
         for i, (layer, plan) in enumerate(zip(self.layers, plans)):
             h = layer(
                 h, heads=per_token(plan["heads"]), width=per_token(plan["width"]),
                 cu_seqlens=cu, positions=positions, cache=None if caches is None else caches[i],
                 attn_scale=per_token(plan["attn_scale"]), mlp_scale=per_token(plan["mlp_scale"]),
-                token_router=None if code is None else self._token_router(i, code),
+                token_router=None if code is None else self._token_router(i, code), rotary=rotary,
             )
         logits = self.lm_head(self.final_norm(h))
         return logits.reshape(*shape, -1) if input_ids.dim() == 2 else logits
@@ -335,8 +337,10 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
                 f"{caches[0].k.shape[0] if caches else '-'} (new_caches(batch, max_len) makes them)"
             )
         h = self.embed(tokens)
+        positions = caches[0].seqlens.to(torch.int64)  # every layer's cache holds the same lengths
         if self.pos_embed is not None:
-            h = h + self.pos_embed(caches[0].seqlens.to(torch.int64))
+            h = h + self.pos_embed(positions)
+        rotary = self.layers[0].attn.rotary_tables(positions, h.dtype)
         if choices is not None:
             plans, code = [dict(width=w, heads=hd) for w, hd in choices], None
         else:
@@ -344,7 +348,7 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
             code = self._budget_code(budget, tokens.shape[0], lambda b: b)
         for i, (layer, cache, plan) in enumerate(zip(self.layers, caches, plans)):
             h = layer.decode(h, cache, heads=plan["heads"], width=plan["width"],
-                             token_router=None if code is None else self._token_router(i, code))
+                             token_router=None if code is None else self._token_router(i, code), rotary=rotary)
         return self.lm_head(self.final_norm(h))
 
     @torch.no_grad()

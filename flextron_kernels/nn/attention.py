@@ -84,10 +84,15 @@ class ElasticAttention(nn.Module):
         self.v_proj = ElasticLinear(d_model, kv_heads * self.head_dim, bias=qkv_bias, **factory)
         self.o_proj = ElasticLinear(q_heads * self.head_dim, d_model, bias=out_bias, **factory)
 
-    def _rotate(self, q, k, positions):
+    def rotary_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """``cos, sin [T, head_dim]`` of ``positions [T]`` (None without rotary embeddings):
+        a model computes them once per call and hands them to every layer."""
+        return rotary_cos_sin(positions, self.head_dim, self.rope_theta, dtype) if self.rotary else None
+
+    def _rotate(self, q, k, positions, tables):
         if not self.rotary:
             return q, k
-        cos, sin = rotary_cos_sin(positions, self.head_dim, self.rope_theta, q.dtype)
+        cos, sin = self.rotary_tables(positions, q.dtype) if tables is None else tables
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
     def _project(self, x, heads, kv_cap):
@@ -110,7 +115,7 @@ class ElasticAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, *, heads: Optional[Heads] = None, cu_seqlens: Optional[torch.Tensor] = None,
                 positions: Optional[torch.Tensor] = None, kv_cap: Optional[Heads] = None,
-                cache: Optional[KVCache] = None) -> torch.Tensor:
+                cache: Optional[KVCache] = None, rotary: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         """Prefill over packed sequences (optionally filling a KV cache).
 
         Args:
@@ -120,7 +125,8 @@ class ElasticAttention(nn.Module):
                 int or ``[T]`` KV cap per token in query heads (default: ``heads`` when an
                 int, else the largest head count of the token's sequence); cache: a
                 :class:`KVCache` with one request per sequence, filled from position 0 (its
-                ``seqlens`` become the sequence lengths).
+                ``seqlens`` become the sequence lengths); rotary: :meth:`rotary_tables` of
+                the positions, when the caller has them (default: computed here).
         """
         num_tokens = x.shape[0]
         heads = self.q_heads if heads is None else heads
@@ -134,7 +140,7 @@ class ElasticAttention(nn.Module):
         elif value_checks_enabled(x) and bool(torch.as_tensor(heads).gt(torch.as_tensor(kv_cap)).any()):
             raise ValueError("kv_cap: expected every token's cap to be at least its heads")
         q, k, v = self._project(x, heads, kv_cap)
-        q, k = self._rotate(q, k, positions)
+        q, k = self._rotate(q, k, positions, rotary)
         if cache is not None:
             nkv = k.shape[1]
             cache.k[seq_ids, :nkv, positions] = k.to(cache.k.dtype)
@@ -146,17 +152,19 @@ class ElasticAttention(nn.Module):
                                  cu_seqlens=cu_seqlens, causal=self.causal)
         return self._output(attn, heads)
 
-    def decode(self, x: torch.Tensor, cache: KVCache, *, heads: Optional[Heads] = None) -> torch.Tensor:
+    def decode(self, x: torch.Tensor, cache: KVCache, *, heads: Optional[Heads] = None,
+               rotary: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         """One new token per request: ``x [B, d_model]``, ``heads`` int or ``[B]`` (each
         request's KV cap; it must not change over a request's life). Appends the token's
-        K/V at position ``cache.seqlens[b]`` and advances ``cache.seqlens``."""
+        K/V at position ``cache.seqlens[b]`` and advances ``cache.seqlens``. ``rotary``:
+        :meth:`rotary_tables` of those positions (default: computed here)."""
         from flextron_kernels.ops.elastic_attention_decode import elastic_attention_decode
 
         batch = x.shape[0]
         heads = self.q_heads if heads is None else heads
         positions = cache.seqlens.to(torch.int64)
         q, k, v = self._project(x, heads, heads)
-        q, k = self._rotate(q, k, positions)
+        q, k = self._rotate(q, k, positions, rotary)
         index = torch.arange(batch, device=x.device)
         nkv = k.shape[1]
         cache.k[index, :nkv, positions] = k.to(cache.k.dtype)
