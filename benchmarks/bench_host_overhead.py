@@ -1,8 +1,8 @@
 """Host overhead per op call: the CPU time to issue a call, against the GPU time the same
 call takes when replayed from a CUDA graph, and the eager time (``do_bench``), from the
 same run. Where ``host_us`` exceeds ``graph_us`` the eager op is bound by Python and
-launch overhead, not by its kernels. Ends with a profile (cProfile, top functions by own
-time) of the per-token MLP call, to show where that host time goes.
+launch overhead, not by its kernels. Ends with profiles (cProfile, top functions by own
+time) of the two most host-bound elastic calls, to show where that host time goes.
 
 Usage: ``python benchmarks/bench_host_overhead.py [--out FILE.json]``.
 """
@@ -81,17 +81,21 @@ def main(argv=None) -> int:
             row["graph_us"] = 1e3 * time_ms(graph_replay(fn))
             row["host_over_graph"] = row["host_us"] / row["graph_us"]
             rows.append(row)
-        mlp_call = next(fn for name, fn in calls.items() if name.startswith("elastic_mlp"))
-        profiler = cProfile.Profile()
-        profiler.enable()
-        for _ in range(100):
-            mlp_call()
-        profiler.disable()
+        host_bound = sorted((r for r in rows if not r["op"].startswith("F.linear")), key=lambda r: -r["host_over_graph"])
+        profiles = {}
+        for row in host_bound[:2]:
+            profiler = cProfile.Profile()
+            profiler.enable()
+            for _ in range(100):
+                calls[row["op"]]()
+            profiler.disable()
+            profiles[row["op"]] = profiler
     print(format_table(rows, ["op", "host_us", "eager_us", "graph_us", "host_over_graph"]))
-    text = io.StringIO()
-    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(18)
-    print("profile of 100 elastic_mlp calls (own time):")
-    print("\n".join(line for line in text.getvalue().splitlines() if line.strip())[-2500:])
+    for name, profiler in profiles.items():
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(22)
+        print(f"profile of 100 calls of {name} (own time):")
+        print("\n".join(line for line in text.getvalue().splitlines() if line.strip())[-3000:])
     summary = {"host_over_graph_max": max(r["host_over_graph"] for r in rows)}
     path = write_results(args.out, dict(benchmark="host_overhead", device_type=device.type, summary=summary, rows=rows))
     print(f"wrote {path}")

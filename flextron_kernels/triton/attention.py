@@ -53,6 +53,16 @@ def _tile(cu_seqlens_ptr, num_seqs, tile, BLOCK: tl.constexpr, SEQ_CHUNK: tl.con
     return seq, start, end, seq_start, seq_end, rows, rows < end
 
 
+@triton.jit
+def _query_tile_order(CAUSAL: tl.constexpr):
+    """This program's query tile. Causal: the last tiles first, since a query tile's work
+    grows with its position in its sequence; the light ones then fill the end of the
+    launch instead of a long tile running alone."""
+    if CAUSAL:
+        return tl.num_programs(0) - 1 - tl.program_id(0)
+    return tl.program_id(0)
+
+
 def num_tile_slots(num_tokens: int, num_seqs: int, block: int) -> int:
     """Programs to launch along the tile axis: at least the number of tiles
     (``sum cdiv(len_b, block) <= T // block + B``, and at most one per token)."""
@@ -118,7 +128,7 @@ def attention_fwd_kernel(
     Grid: (tiles of BLOCK_M query tokens, Hq)."""
     head = tl.program_id(1)
     seq, start, end, seq_start, seq_end, rows, row_mask = _tile(
-        cu_seqlens_ptr, num_seqs, tl.program_id(0), BLOCK_M, SEQ_CHUNK
+        cu_seqlens_ptr, num_seqs, _query_tile_order(CAUSAL), BLOCK_M, SEQ_CHUNK
     )
     if seq < 0:
         return
@@ -299,7 +309,7 @@ def attention_bwd_dq_kernel(
     the head is unused). Grid: (query tiles, Hq)."""
     head = tl.program_id(1)
     seq, start, end, seq_start, seq_end, rows, row_mask = _tile(
-        cu_seqlens_ptr, num_seqs, tl.program_id(0), BLOCK_M, SEQ_CHUNK
+        cu_seqlens_ptr, num_seqs, _query_tile_order(CAUSAL), BLOCK_M, SEQ_CHUNK
     )
     if seq < 0:
         return
