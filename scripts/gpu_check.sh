@@ -2,7 +2,8 @@
 # Build, test and benchmark on one GPU machine (H100/H200) whose Python already has the
 # dependencies (torch, triton, cmake, ninja, pybind11, pytest) and no network.
 # Usage: bash scripts/gpu_check.sh [RESULTS_DIR]   (default benchmarks/results)
-#   ONLY="tests bench_mlp ..."  run only the named steps (build always runs); the steps:
+#   ONLY="tests bench_mlp ..."  run only the named steps (build always runs); OP_TESTS="..."
+#   narrows the op tests to the given files; the steps:
 #   tests (the GPU tests), op_tests (the CPU suite's op tests, compiled), tune (the tile
 #   sweep, which rewrites the package's tuned table for this GPU: only when named), then
 #   the benchmarks bench_routing bench_linear bench_mlp
@@ -20,6 +21,8 @@ mkdir -p "$results"
 export PYTHONUNBUFFERED=1
 export FLEXTRON_CUDA_ARCHS=${FLEXTRON_CUDA_ARCHS:-90}
 PY=$(command -v python3 || command -v python)
+# The CPU suite's op tests that run compiled on the GPU (OP_TESTS narrows them).
+OP_TESTS=${OP_TESTS:-"tests/test_routing_metadata.py tests/test_elastic_linear.py tests/test_elastic_mlp.py tests/test_elastic_attention.py"}
 status=0
 step() { echo; echo "== $* ($(date +%T))"; }
 want() { if [[ -z "${ONLY:-}" ]]; then [[ $1 != tune ]]; else [[ " $ONLY " == *" $1 "* ]]; fi; }
@@ -99,8 +102,8 @@ if want tests || want op_tests || want tune; then
   fi
   if want op_tests; then
     # shellcheck disable=SC2046
-    timeout 140 "$PY" -m pytest -q -p no:cacheprovider $(xdist 4) -m "not gpu" tests/test_routing_metadata.py \
-      tests/test_elastic_linear.py tests/test_elastic_mlp.py tests/test_elastic_attention.py \
+    # shellcheck disable=SC2086
+    timeout 140 "$PY" -m pytest -q -p no:cacheprovider $(xdist 4) -m "not gpu" $OP_TESTS \
       >"$results/gpu_op_tests.log" 2>&1 &
     pids+=($!)
   fi

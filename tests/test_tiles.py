@@ -71,5 +71,5 @@ def test_attention_rejects_tiles_whose_key_blocks_miss_the_query_tiles():
 
     q = torch.empty(0, 2, 16)
     with pytest.raises(ValueError, match="BLOCK_N must divide BLOCK_M, got 16 and 32"):
-        attention_fwd(q, q, q, q, None, None, 2, None, None, causal=True, softmax_scale=1.0,
+        attention_fwd(q, q, q, q, None, None, 2, None, causal=True, softmax_scale=1.0,
                       config=dict(BLOCK_M=16, BLOCK_N=32))
