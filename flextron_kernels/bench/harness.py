@@ -286,9 +286,17 @@ class Harness:
             return model.decode_step(tokens, caches, budget=budget)
 
         ours = time_ms(step, rep=50)
-        graph = time_ms(graph_replay(step), rep=50) if self.s.device.type == "cuda" else None
+        graph, graph_error = None, None
+        if self.s.device.type == "cuda":
+            try:
+                graph = time_ms(graph_replay(step), rep=50)
+            except RuntimeError as error:  # a step that cannot be captured still gets its eager row
+                graph_error = str(error).splitlines()[0]
         baseline, name = self._dense_decode_ms(model, ids, budget)
-        return self._row("decode", budget, ours, baseline, name, layers=self._layers(), batch=batch, graph_ms=graph)
+        row = self._row("decode", budget, ours, baseline, name, layers=self._layers(), batch=batch, graph_ms=graph)
+        if graph_error:
+            row["graph_error"] = graph_error
+        return row
 
     def _dense_decode_ms(self, model, ids, budget):
         try:
