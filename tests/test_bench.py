@@ -125,9 +125,11 @@ def test_report_shows_per_op_summaries_and_their_plots(tmp_path):
     payload = dict(benchmark="serving", summary=dict(backend="cuda", ratio=1.25), rows=[dict(budget=0.5, step_ms=1.5)])
     (tmp_path / "serving.json").write_text(json.dumps(payload))
     (tmp_path / "serving.png").write_bytes(b"\x89PNG")
-    report = build_report(tmp_path)
+    report = build_report(tmp_path, tmp_path)
     assert "## serving" in report and "backend = cuda, ratio = 1.25" in report
-    assert "serving.png)" in report and "step_ms" in report
+    assert "](serving.png)" in report and "step_ms" in report
+    (tmp_path / "docs").mkdir()
+    assert "](../serving.png)" in build_report(tmp_path, tmp_path / "docs")  # linked from where the report goes
     from flextron_kernels.bench.report import summary_lines
 
     assert summary_lines(tmp_path) == ["serving.json: backend = cuda, ratio = 1.25"]
