@@ -159,7 +159,8 @@ def _plot(path: Path, results: dict) -> bool:
         if any(r.get("graph_ms") for r in mine):
             ax.plot(budgets, [r.get("graph_ms") for r in mine], "o-", label="flextron_kernels, CUDA graph")
         if any(r["baseline_ms"] for r in mine):
-            ax.plot(budgets, [r["baseline_ms"] for r in mine], "s--", label=mine[0]["baseline"])
+            label = next(r["baseline"] for r in mine if r["baseline_ms"])
+            ax.plot(budgets, [r["baseline_ms"] for r in mine], "s--", label=label)
         if any(r["ideal_ms"] for r in mine):
             ax.plot(budgets, [r["ideal_ms"] for r in mine], ":", color="gray", label="FLOP-proportional ideal")
         if op == "mlp":

@@ -84,7 +84,6 @@ def test_head_dims_that_are_not_a_power_of_two(backend, head_dim, device):
         assert rel_err(o, r) < 1e-5, name
 
 
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_more_sequences_than_one_step_of_the_tile_search(backend, device):
     # The kernels find their tile by reading cu_seqlens 64 sequences at a time: 150
@@ -94,6 +93,7 @@ def test_more_sequences_than_one_step_of_the_tile_search(backend, device):
     got, want = run(backend, lengths, 2, 1, "per_token", True, torch.float32, device, seed=5, head_dim=16)
     for name, o, r in zip(("out", "dq", "dk", "dv"), got, want):
         assert rel_err(o, r) < 1e-5, name
+
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_matches_reference_fp16(backend, device):

@@ -220,6 +220,18 @@ def test_export_hf_round_trip(tmp_path, kind, budget):
         assert max_rel(dense(input_ids=ids).logits, model(ids, budget=budget)) < 1e-4
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_dense_gpt2_keeps_an_untied_output_head(tied):
+    config = FlextronConfig(arch="gpt2", vocab_size=VOCAB, d_model=64, n_layers=2, q_heads=4, kv_heads=4, ffn=256,
+                            max_positions=64, tie_embeddings=tied, mlp_choices=[[128, 256]] * 2, head_choices=[[4]] * 2)
+    torch.manual_seed(0)
+    model = FlextronForCausalLM(config).eval()
+    dense = dense_hf_model(model, 0.5)
+    ids = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        assert max_rel(dense(input_ids=ids).logits, model(ids, budget=0.5)) < 1e-4
+
+
 def test_head_count_that_does_not_divide_the_hidden_size(tmp_path):
     model = FlextronForCausalLM.from_hf(hf_model("llama_tied_bias"), calibration=torch.randint(0, VOCAB, (2, 9)),
                                         mlp_choices=[[128, 256]] * 2, head_choices=[[3, 4]] * 2)

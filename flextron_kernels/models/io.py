@@ -159,6 +159,7 @@ def dense_hf_model(model: FlextronForCausalLM, budget: float, *, model_type=None
         hf_config = transformers.GPT2Config(
             vocab_size=cfg.vocab_size, n_embd=cfg.d_model, n_layer=cfg.n_layers, n_head=cfg.q_heads, n_inner=width,
             n_positions=cfg.max_positions, layer_norm_epsilon=cfg.norm_eps, activation_function="gelu_new",
+            tie_word_embeddings=cfg.tie_embeddings,
         )
         hf = _uninitialised(transformers.GPT2LMHeadModel, hf_config, model.embed.weight.device)
         base = hf.transformer
@@ -177,6 +178,8 @@ def dense_hf_model(model: FlextronForCausalLM, budget: float, *, model_type=None
             block.mlp.c_proj.weight.copy_(layer.mlp.w_down[:, :width].T)
             block.mlp.c_proj.bias.copy_(layer.mlp.b_down)
         base.ln_f.load_state_dict(model.final_norm.state_dict())
+        if not cfg.tie_embeddings:
+            hf.lm_head.weight.copy_(model.lm_head.weight)
     else:
         model_type = model_type or cfg.hf_model_type or "llama"
         config_class = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,

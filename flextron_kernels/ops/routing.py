@@ -105,8 +105,11 @@ def _extension_routing_metadata(widths: torch.Tensor, boundaries: torch.Tensor, 
         out = RoutingMetadata(*(new(size) for size in sizes))
         workspace = torch.empty(max(workspace_words, 1), dtype=torch.int32, device=widths.device)
     else:
-        *arrays, workspace = new(sum(sizes) + max(workspace_words, 1)).split(sizes + [max(workspace_words, 1)])
-        out = RoutingMetadata(*arrays)
+        # The scratch starts 256-byte aligned, like the sub-buffers it is carved into.
+        padded = -(-sum(sizes) // 64) * 64
+        buffer = new(padded + max(workspace_words, 1))
+        out = RoutingMetadata(*buffer[: sum(sizes)].split(sizes))
+        workspace = buffer[padded:]
     pointers = (widths.data_ptr(), num_tokens, boundaries.data_ptr(), num_groups, block_m) + tuple(
         t.data_ptr() for t in out
     )

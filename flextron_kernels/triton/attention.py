@@ -28,7 +28,9 @@ SEQ_CHUNK = tl.constexpr(64)
 def _tile(cu_seqlens_ptr, num_seqs, tile, BLOCK: tl.constexpr, SEQ_CHUNK: tl.constexpr):
     """Tile number ``tile`` of the packed sequences: its sequence (-1 past the last tile),
     token range ``[start, end)``, its sequence's ``[seq_start, seq_end)``, its rows and
-    row mask."""
+    row mask. Every program reads all of ``cu_seqlens``: B / SEQ_CHUNK steps, one for
+    the usual batch, small beside the tile's attention work even for thousands of
+    sequences."""
     seq = -1
     seq_start = 0
     seq_end = 0
@@ -37,8 +39,8 @@ def _tile(cu_seqlens_ptr, num_seqs, tile, BLOCK: tl.constexpr, SEQ_CHUNK: tl.con
     for chunk in range(0, num_seqs, SEQ_CHUNK):
         ids = chunk + tl.arange(0, SEQ_CHUNK)
         valid = ids < num_seqs
-        lo = tl.load(cu_seqlens_ptr + ids, mask=valid, other=0)
-        hi = tl.load(cu_seqlens_ptr + ids + 1, mask=valid, other=0)
+        lo = tl.load(cu_seqlens_ptr + ids, mask=valid, other=0).to(tl.int32)
+        hi = tl.load(cu_seqlens_ptr + ids + 1, mask=valid, other=0).to(tl.int32)
         count = (hi - lo + BLOCK - 1) // BLOCK
         last = tiles_before + tl.cumsum(count, 0)
         hit = (last - count <= tile) & (tile < last)  # at most one sequence
@@ -55,9 +57,10 @@ def _tile(cu_seqlens_ptr, num_seqs, tile, BLOCK: tl.constexpr, SEQ_CHUNK: tl.con
 
 @triton.jit
 def _query_tile_order(CAUSAL: tl.constexpr):
-    """This program's query tile. Causal: the last tiles first, since a query tile's work
-    grows with its position in its sequence; the light ones then fill the end of the
-    launch instead of a long tile running alone."""
+    """This program's query tile. Causal: in reverse order, so that within each sequence
+    the last tiles (a query tile's work grows with its position in its sequence) start
+    first and the light ones fill the end of the launch instead of a long tile running
+    alone."""
     if CAUSAL:
         return tl.num_programs(0) - 1 - tl.program_id(0)
     return tl.program_id(0)
