@@ -136,6 +136,23 @@ def test_generation_with_cache_equals_generation_without(kind, budget):
     assert torch.equal(out, ids)
 
 
+def test_generation_decode_steps_do_not_sync_on_value_checks(monkeypatch):
+    # The decode steps' inputs are built by generate itself: their value checks (a host
+    # sync per layer on a GPU) are skipped; the prefill's are not.
+    import importlib
+
+    decode_module = importlib.import_module("flextron_kernels.ops.elastic_attention_decode")
+
+    seen = []
+    check = decode_module.value_checks_enabled
+    monkeypatch.setattr(decode_module, "value_checks_enabled", lambda t: seen.append(check(t)) or seen[-1])
+    model = FlextronForCausalLM.from_hf(hf_model("llama"), mlp_choices=[[64, 128, 192, 256]] * 2)
+    model.generate(torch.randint(0, VOCAB, (2, 4)), budget=0.5, max_new_tokens=3)
+    assert seen and not any(seen)
+    with pytest.raises(ValueError, match="budget"):
+        model.generate(torch.randint(0, VOCAB, (2, 4)), budget=torch.tensor([0.5, 1.5]), max_new_tokens=3)
+
+
 def test_generation_sampling_and_eos():
     model = FlextronForCausalLM.from_hf(hf_model("llama"))
     prompts = torch.randint(0, VOCAB, (2, 4))

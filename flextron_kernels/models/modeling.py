@@ -22,7 +22,7 @@ from torch import nn
 from flextron_kernels.models.config import FlextronConfig
 from flextron_kernels.models.routers import StaticRouter, TokenRouter, encode_budget, select
 from flextron_kernels.nn import ElasticAttention, ElasticMLP, KVCache
-from flextron_kernels.ops.checks import value_checks_enabled
+from flextron_kernels.ops.checks import skip_width_value_checks, value_checks_enabled
 from flextron_kernels.ops.elastic_attention import one_sequence
 
 Budget = Union[None, float, torch.Tensor]
@@ -402,7 +402,10 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
                 finished |= token == eos_token_id
             out.append(token[:, None])
             if step + 1 < max_new_tokens:
-                logits = self.decode_step(token, caches, budget=budget)
+                # The step's inputs were checked by the prefill or are built here (cache
+                # lengths within the caches made for `total`): no host sync per layer.
+                with skip_width_value_checks():
+                    logits = self.decode_step(token, caches, budget=budget)
         return torch.cat(out, dim=1)
 
 
