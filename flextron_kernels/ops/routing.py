@@ -61,7 +61,7 @@ def compute_routing_metadata(widths: torch.Tensor, boundaries: torch.Tensor, blo
     if backend == "torch":
         result = reference.routing_metadata(widths, boundaries, block_m)
         return RoutingMetadata(*(t.clone() for t in result)) if fresh else result
-    return _extension_routing_metadata(widths, boundaries, block_m, separate=fresh)
+    return _extension_routing_metadata(widths, boundaries, block_m)
 
 
 @torch.library.custom_op("flextron::routing_metadata", mutates_args=())
@@ -82,38 +82,25 @@ def _(widths, boundaries, block_m):
     return new(num_tokens), new(num_groups + 1), new(n_slots), new(n_slots), new(n_slots), new(1)
 
 
-def _extension_routing_metadata(widths: torch.Tensor, boundaries: torch.Tensor, block_m: int, *,
-                                separate: bool = False) -> RoutingMetadata:
-    """``separate``: six buffers of their own (a custom op's outputs may not alias each
-    other); otherwise slices of one allocation that also holds the CUDA kernels' scratch,
-    which saves a routed op's call six allocations."""
+def _extension_routing_metadata(widths: torch.Tensor, boundaries: torch.Tensor, block_m: int) -> RoutingMetadata:
     ext = extension()
     widths = widths.to(torch.int32).contiguous()
     boundaries = boundaries.to(torch.int32).contiguous()
     num_tokens, num_groups = widths.numel(), boundaries.numel()
     n_slots = reference.max_tiles(num_tokens, num_groups, block_m)
-    sizes = [num_tokens, num_groups + 1, n_slots, n_slots, n_slots, 1]
-    workspace_bytes = ext.routing_metadata_workspace_bytes(num_tokens, num_groups, block_m) if widths.is_cuda else 0
-    workspace_words = -(-workspace_bytes // 4)
 
     poison = poison_outputs()
 
     def new(size):
         return new_output((size,), dtype=torch.int32, device=widths.device, poison=poison)
 
-    if separate:
-        out = RoutingMetadata(*(new(size) for size in sizes))
-        workspace = torch.empty(max(workspace_words, 1), dtype=torch.int32, device=widths.device)
-    else:
-        # The scratch starts 256-byte aligned, like the sub-buffers it is carved into.
-        padded = -(-sum(sizes) // 64) * 64
-        buffer = new(padded + max(workspace_words, 1))
-        out = RoutingMetadata(*buffer[: sum(sizes)].split(sizes))
-        workspace = buffer[padded:]
+    out = RoutingMetadata(new(num_tokens), new(num_groups + 1), new(n_slots), new(n_slots), new(n_slots), new(1))
     pointers = (widths.data_ptr(), num_tokens, boundaries.data_ptr(), num_groups, block_m) + tuple(
         t.data_ptr() for t in out
     )
     if widths.is_cuda:
+        workspace_bytes = ext.routing_metadata_workspace_bytes(num_tokens, num_groups, block_m)
+        workspace = torch.empty(max(workspace_bytes, 1), dtype=torch.uint8, device=widths.device)
         with torch.cuda.device(widths.device):
             stream = torch.cuda.current_stream().cuda_stream
             ext.routing_metadata_cuda(*pointers, workspace.data_ptr(), workspace_bytes, stream)
