@@ -92,15 +92,17 @@ def boundaries_for(widths: Optional[torch.Tensor], size: int) -> Optional[torch.
     return None if widths is None else default_boundaries(max(size, 1), widths.device)
 
 
-def matmul_routing(widths: Optional[torch.Tensor], size: int, num_rows: int, block_m: int) -> Optional[RoutingMetadata]:
+def matmul_routing(widths: Optional[torch.Tensor], size: int, num_rows: int, block_m: int,
+                   grouped: Optional[RoutingMetadata] = None) -> Optional[RoutingMetadata]:
     """Routing metadata for a routed matmul over ``num_rows`` rows with per-row ``widths``
     in ``[0, size]``; None (unrouted rows, masked at their widths) when every row fits in
     one tile of ``block_m``: there, grouping would only make each group's tile read the
     weight prefix it shares with the others again (a decode batch of four budgets would
-    read 2.5x the widest prefix instead of 1x)."""
+    read 2.5x the widest prefix instead of 1x). ``grouped``: the caller's
+    :func:`group_tokens` of the same widths, reused."""
     if widths is None or num_rows <= block_m:
         return None
-    return group_tokens(widths, size, block_m)[0]
+    return grouped if grouped is not None else group_tokens(widths, size, block_m)[0]
 
 
 def group_tokens(

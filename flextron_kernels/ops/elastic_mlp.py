@@ -189,7 +189,7 @@ def _backward_triton(grads, dout, x, w_up, w_down, w_gate, widths, fw, activatio
     num_rows, d_model = dout.shape
     config = matmul_config(dout, num_rows)
     grouped, boundaries = group_tokens(widths, fw, config["BLOCK_M"])
-    routing = grouped if num_rows > config["BLOCK_M"] else None  # as matmul_routing, from the same grouping
+    routing = matmul_routing(widths, fw, num_rows, config["BLOCK_M"], grouped=grouped)
     grad_h = new_output((num_rows, fw), dtype=dout.dtype, device=dout.device)
     routed_matmul(
         dout, dout.stride(), w_down, (w_down.stride(1), w_down.stride(0)), None, grad_h,
