@@ -112,17 +112,17 @@ def joint_train(model, data, config: Optional[JointConfig] = None, *, latency_ta
             token_probs = torch.stack(model.token_router_probs, dim=1).double()  # [T, L, C]
             token_cost = (straight_through(token_probs) * mlp_cost).sum((-1, -2)).reshape(len(per_seq), seq_len)
             # At budget 1 the target allows everything: pull those tokens to the largest width.
-            full_tokens = (per_seq >= 1.0).repeat_interleave(seq_len).to(token_probs.device)
-            if bool(full_tokens.any()):
+            full_seqs = per_seq >= 1.0  # on the host: no device sync to test it
+            if bool(full_seqs.any()):
+                full_tokens = full_seqs.repeat_interleave(seq_len).to(token_probs.device)
                 loss = loss - token_probs[full_tokens, :, -1].clamp_min(1e-12).log().mean().float()
             # A sequence meets its budget on average over its tokens: the routers may give
             # some tokens more width than others (per-token targets would ask each token to hit
             # a latency that the discrete choices rarely allow).
             cost = token_cost.mean(1) + head_part
-            target = per_seq.double() * full_cost
         else:
             cost = (mlp_probs * mlp_cost).sum((-1, -2)) + head_part
-            target = per_seq.double() * full_cost
+        target = per_seq.double() * full_cost
         lat = latency_loss(cost, target, config.tolerance).mean()
         loss = loss + config.latency_weight * lat.float()
         optimizer.zero_grad(set_to_none=True)
