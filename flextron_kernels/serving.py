@@ -75,8 +75,7 @@ class Completion:
 class _Active:
     request_id: int
     request: Request
-    budget: float  # as admitted (the request object may change later)
-    choices: tuple  # per layer (mlp_width, heads) at that budget
+    choices: tuple  # per layer (mlp_width, heads) at the budget as admitted
     length: int  # tokens in the cache
     generated: list
     generator: Optional[torch.Generator]
@@ -289,7 +288,7 @@ class Server:
                 (self.widths[i, first:first + count], self.heads[i, first:first + count]) for i in range(len(self.caches))]
             logits = self.model(ids, cu_seqlens=cu_seqlens, caches=caches, choices=list(per_layer))
         states = []
-        for (request_id, request, _), length, budget, chosen in zip(joining, lengths, budgets, choices):
+        for (request_id, request, _), length, chosen in zip(joining, lengths, choices):
             generator = None
             if request.temperature > 0:
                 generator = torch.Generator(device=self.device)
@@ -297,7 +296,7 @@ class Server:
                     generator.manual_seed(request.seed)
                 else:
                     generator.seed()
-            states.append(_Active(request_id, request, budget, chosen, length, [], generator))
+            states.append(_Active(request_id, request, chosen, length, [], generator))
         self.active += states
         tokens = self._sample(states, logits[torch.tensor(ends, device=self.device) - 1])
         self.tokens[first : first + len(tokens)].copy_(torch.tensor(tokens), non_blocking=True)
