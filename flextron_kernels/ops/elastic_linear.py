@@ -54,18 +54,10 @@ from flextron_kernels.ops.tiles import matmul_config, weight_grad_config
 
 Width = Union[None, int, torch.Tensor]
 
-def _routing_for(out_widths, in_widths, n, k, block_m):
-    """Group tokens by their output width if per token, else by their input width."""
-    if out_widths is not None:
-        return (*group_tokens(out_widths, n, block_m), True)
-    return (*group_tokens(in_widths, k, block_m), False)
-
-
-def _matmul_routing_for(out_widths, in_widths, n, k, num_rows, block_m):
-    """The routing of :func:`_routing_for` for a routed matmul (None for a single tile)."""
-    if out_widths is not None:
-        return matmul_routing(out_widths, n, num_rows, block_m)
-    return matmul_routing(in_widths, k, num_rows, block_m)
+def _grouping(out_widths, in_widths, n, k):
+    """What the routed kernels group tokens by: ``(widths, their bound, by output)``, the
+    output widths if per token, else the input widths."""
+    return (out_widths, n, True) if out_widths is not None else (in_widths, k, False)
 
 
 def _select(op: str, t: torch.Tensor, per_token: bool) -> str:
@@ -84,7 +76,8 @@ def _forward_impl(x, weight, bias, out_widths, in_widths, n, k):
     from flextron_kernels.triton.routed_matmul import routed_matmul
 
     config = matmul_config(x, x.shape[0])
-    routing = _matmul_routing_for(out_widths, in_widths, n, k, x.shape[0], config["BLOCK_M"])
+    widths, size, _ = _grouping(out_widths, in_widths, n, k)
+    routing = matmul_routing(widths, size, x.shape[0], config["BLOCK_M"])
     y = new_output((x.shape[0], n), dtype=x.dtype, device=x.device)
     return routed_matmul(
         x, x.stride(), weight, weight.stride(), bias, y,
@@ -106,7 +99,8 @@ def _grad_input_impl(dy, weight, out_widths, in_widths, k, kx):
     from flextron_kernels.triton.routed_matmul import routed_matmul
 
     config = matmul_config(dy, num_rows)
-    routing = _matmul_routing_for(out_widths, in_widths, n, k, num_rows, config["BLOCK_M"])
+    widths, size, _ = _grouping(out_widths, in_widths, n, k)
+    routing = matmul_routing(widths, size, num_rows, config["BLOCK_M"])
     dx = new_output((num_rows, kx), dtype=dy.dtype, device=dy.device)
     w_strides = weight.stride()
     return routed_matmul(
@@ -135,7 +129,8 @@ def _grad_weight_impl_(grad_weight, grad_bias, dy, x, out_widths, in_widths, k):
     from flextron_kernels.triton.prefix_weight_grad import prefix_weight_grad_
 
     config = weight_grad_config(dy)
-    routing, boundaries, sort_by_out = _routing_for(out_widths, in_widths, n, k, config["BLOCK_M"])
+    widths, size, sort_by_out = _grouping(out_widths, in_widths, n, k)
+    routing, boundaries = group_tokens(widths, size, config["BLOCK_M"])
     prefix_weight_grad_(
         grad_weight, grad_bias, dy, x, out_widths=out_widths, in_widths=in_widths, in_limit=k,
         routing=routing, boundaries=boundaries, sort_by_out=sort_by_out, config=config,
