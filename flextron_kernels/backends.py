@@ -94,6 +94,11 @@ def extension_has_cuda() -> bool:
     return ext is not None and bool(ext.build_info()["cuda"])
 
 
+def device_index(device: torch.device) -> int:
+    """The CUDA device number of ``device`` (the current device when it names none)."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def backend_usable(name: str, device_type: str) -> bool:
     """Whether backend ``name`` can run at all on a device of this type (``cpu``/``cuda``)."""
     if name == "torch":

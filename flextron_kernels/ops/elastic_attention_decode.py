@@ -22,7 +22,7 @@ from typing import Optional, Union
 
 import torch
 
-from flextron_kernels.backends import select_backend
+from flextron_kernels.backends import device_index, select_backend
 from flextron_kernels.ops.checks import (
     INTEGER_DTYPES,
     check_same_dtype,
@@ -31,6 +31,7 @@ from flextron_kernels.ops.checks import (
     new_output,
     value_checks_enabled,
 )
+from flextron_kernels.ops.tiles import input_precision
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
@@ -50,7 +51,7 @@ def decode_config(q: torch.Tensor, k_cache: torch.Tensor, active_kv_heads: int) 
     """Tiles and split count for :func:`~flextron_kernels.triton.attention_decode.attention_decode`,
     from shapes only (no host sync). ``active_kv_heads``: an upper bound on the KV heads a
     request uses."""
-    precision = "ieee" if q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
+    precision = input_precision(q)
     num_blocks = lambda block_n: -(-k_cache.shape[2] // block_n)  # noqa: E731
     if q.device.type == "cpu":  # the Triton interpreter: small blocks, two per split, so the combine has work
         return dict(BLOCK_N=16, num_splits=max(-(-num_blocks(16) // 2), 1), INPUT_PRECISION=precision)
@@ -63,7 +64,7 @@ def decode_config(q: torch.Tensor, k_cache: torch.Tensor, active_kv_heads: int) 
     # ~128 registers x 4 warps, so 4 fit per SM) over the (request, active KV head) pairs, but no
     # split under 2 blocks, below which the fp32 partials a split writes and the combine re-reads
     # (G*Dh*8 bytes) stop being small next to the K/V bytes it reads (2*split_len*Dh*2).
-    target = 8 * _num_sms(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    target = 8 * _num_sms(device_index(q.device))
     pairs = max(q.shape[0] * active_kv_heads, 1)
     splits = min(-(-target // pairs), max(-(-num_blocks(block_n) // 2), 1), 256)
     # 4 warps for the usual G <= 16, Dh <= 128; beyond, or for fp32 without tensor cores,

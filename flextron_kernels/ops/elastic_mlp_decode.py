@@ -27,7 +27,7 @@ from typing import Optional, Union
 import torch
 
 from flextron_kernels import reference
-from flextron_kernels.backends import extension, extension_has_cuda
+from flextron_kernels.backends import device_index, extension, extension_has_cuda
 from flextron_kernels.ops.checks import new_output
 from flextron_kernels.ops.elastic_mlp import check_mlp_arguments
 
@@ -44,7 +44,7 @@ def cuda_kernel_applies(x, w_up, w_down, w_gate, b_up, b_down, scale) -> bool:
     """Whether the fused CUDA kernel can run on these (already checked) 2-D inputs."""
     if not x.is_cuda or x.dtype not in _DTYPE_CODES or x.shape[0] > MAX_TOKENS or not extension_has_cuda():
         return False
-    if not _has_mma(x.device.index if x.device.index is not None else torch.cuda.current_device()):
+    if not _has_mma(device_index(x.device)):
         return False
     d_model, ffn = x.shape[1], w_up.shape[0]
     if d_model % 8 or ffn % 8:

@@ -23,6 +23,8 @@ from typing import Iterator
 
 import torch
 
+from flextron_kernels.backends import device_index
+
 FAMILIES = ("matmul", "matmul_gated", "matmul_decode", "weight_grad", "attention_fwd", "attention_bwd")
 TUNED_TABLE = Path(__file__).with_name("tuned_tiles.json")
 # Row counts up to this use the decode tiles (``matmul_decode``).
@@ -83,7 +85,7 @@ def _device_name(index: int) -> str:
 
 
 def _name(device: torch.device) -> str:
-    return _device_name(device.index if device.index is not None else torch.cuda.current_device())
+    return _device_name(device_index(device))
 
 
 def has_tuned_tiles(family: str, device: torch.device) -> bool:
@@ -98,18 +100,24 @@ def _sixteen_bit(family: str, device: torch.device) -> dict:
     return config
 
 
-def _precision(t: torch.Tensor) -> str:
+def input_precision(t: torch.Tensor) -> str:
+    """``tl.dot``'s input precision for ``t``: exact ``ieee`` for fp32 when TF32 is off."""
     return "ieee" if t.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
+
+
+def _row_tile(num_rows: int) -> int:
+    """Short row tiles (16, 32, 64) for decode-sized batches."""
+    return 16 if num_rows <= 16 else 32 if num_rows <= 32 else 64
 
 
 def matmul_config(t: torch.Tensor, num_rows: int, *, gated: bool = False) -> dict:
     """Tiles for :func:`~flextron_kernels.triton.routed_matmul.routed_matmul` over
     ``num_rows`` rows of ``t``'s dtype; ``gated``: the MLP's fused gate and up projections."""
-    precision = _precision(t)
+    precision = input_precision(t)
     if t.device.type == "cpu":  # the Triton interpreter: small tiles keep it quick
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=4, INPUT_PRECISION=precision)
     if t.dtype == torch.float32:
-        block_m = 16 if num_rows <= 16 else 32 if num_rows <= 32 else 64
+        block_m = _row_tile(num_rows)
         # fp32 tiles are twice the bytes: the gated kernel's two B tiles would not fit in
         # shared memory at BLOCK_K=64, and exact (ieee) fp32 runs on FMA units that spill
         # registers on wide tiles.
@@ -118,9 +126,8 @@ def matmul_config(t: torch.Tensor, num_rows: int, *, gated: bool = False) -> dic
                         num_warps=4, num_stages=2)
         return dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, INPUT_PRECISION=precision,
                     num_warps=8, num_stages=3)
-    if num_rows <= DECODE_ROWS:  # short row tiles for decode-sized batches
-        block_m = 16 if num_rows <= 16 else 32 if num_rows <= 32 else 64
-        return dict(_sixteen_bit("matmul_decode", t.device), BLOCK_M=block_m, INPUT_PRECISION=precision)
+    if num_rows <= DECODE_ROWS:
+        return dict(_sixteen_bit("matmul_decode", t.device), BLOCK_M=_row_tile(num_rows), INPUT_PRECISION=precision)
     config = _sixteen_bit("matmul", t.device)
     if gated:
         config = {**_sixteen_bit("matmul_gated", t.device), "BLOCK_M": config["BLOCK_M"]}
@@ -129,7 +136,7 @@ def matmul_config(t: torch.Tensor, num_rows: int, *, gated: bool = False) -> dic
 
 def weight_grad_config(t: torch.Tensor) -> dict:
     """Tiles for :func:`~flextron_kernels.triton.prefix_weight_grad.prefix_weight_grad_`."""
-    precision = _precision(t)
+    precision = input_precision(t)
     if t.device.type == "cpu":
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, INPUT_PRECISION=precision)
     if t.dtype == torch.float32:  # see matmul_config
@@ -139,7 +146,7 @@ def weight_grad_config(t: torch.Tensor) -> dict:
 
 def attention_config(t: torch.Tensor, phase: str) -> dict:
     """Tiles for the attention kernels; ``phase``: ``"fwd"`` or ``"bwd"``."""
-    precision = _precision(t)
+    precision = input_precision(t)
     if t.device.type == "cpu":
         return dict(BLOCK_M=16, BLOCK_N=16, INPUT_PRECISION=precision)
     if t.dtype == torch.float32:
