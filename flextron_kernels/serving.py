@@ -271,10 +271,10 @@ class Server:
         first, count = len(self.active), len(joining)
         budgets = [float(request.budget) for _, request, _ in joining]
         choices = [tuple(self._layer_choices(budget)) for budget in budgets]
-        for slot, (budget, chosen) in enumerate(zip(budgets, choices), start=first):
-            for layer, (width, heads) in enumerate(chosen):
-                self.widths[layer, slot], self.heads[layer, slot] = width, heads
-            self.budgets[slot] = budget
+        table = torch.tensor(choices).permute(2, 1, 0)  # [2, L, count]: one copy to the device each
+        self.widths[:, first:first + count] = table[0].to(self.device, self.widths.dtype)
+        self.heads[:, first:first + count] = table[1].to(self.device, self.heads.dtype)
+        self.budgets[first:first + count] = torch.tensor(budgets).to(self.device, self.budgets.dtype)
         lengths = [len(prompt) for _, _, prompt in joining]
         ends = list(itertools.accumulate(lengths))
         ids = torch.tensor([t for _, _, prompt in joining for t in prompt], dtype=torch.long, device=self.device)
@@ -298,7 +298,7 @@ class Server:
                     generator.seed()
             states.append(_Active(request_id, request, chosen, length, [], generator))
         self.active += states
-        tokens = self._sample(states, logits[torch.tensor(ends, device=self.device) - 1])
+        tokens = self._sample(states, logits[cu_seqlens[1:].long() - 1])
         self.tokens[first : first + len(tokens)].copy_(torch.tensor(tokens), non_blocking=True)
         return [self._emit(state, token) for state, token in zip(states, tokens)]
 
