@@ -37,6 +37,7 @@ from flextron_kernels.training.common import (
 from flextron_kernels.training.routers import (
     choice_costs,
     full_budget_pull,
+    full_cost,
     latency_loss,
     resolve_table,
     straight_through,
@@ -73,7 +74,7 @@ def joint_train(model, data, config: Optional[JointConfig] = None, *, latency_ta
         raise ValueError("joint_train: attach routers first (model.attach_routers or train_routers)")
     table = resolve_table(latency_table, model, config.phase)
     costs = choice_costs(model, table, config.phase, config.tokens)
-    full_cost = costs[0][:, -1].sum() + costs[1][:, -1].sum()
+    full = full_cost(costs)
     router_params = [p for n, p in model.named_parameters() if "router" in n]
     model_params = [p for n, p in model.named_parameters() if "router" not in n]
     optimizer = torch.optim.AdamW([dict(params=model_params, lr=config.lr), dict(params=router_params, lr=config.router_lr)])
@@ -122,7 +123,7 @@ def joint_train(model, data, config: Optional[JointConfig] = None, *, latency_ta
             cost = token_cost.mean(1) + head_part
         else:
             cost = (mlp_probs * mlp_cost).sum((-1, -2)) + head_part
-        target = per_seq.double() * full_cost
+        target = per_seq.double() * full
         lat = latency_loss(cost, target, config.tolerance).mean()
         loss = loss + config.latency_weight * lat.float()
         optimizer.zero_grad(set_to_none=True)

@@ -97,6 +97,11 @@ def choice_costs(model, table: Optional[LatencyTable], phase: str, tokens: int):
     return torch.tensor(mlp, dtype=torch.float64), torch.tensor(heads, dtype=torch.float64)
 
 
+def full_cost(costs) -> torch.Tensor:
+    """The full model's cost under :func:`choice_costs`: every layer's largest choices."""
+    return costs[0][:, -1].sum() + costs[1][:, -1].sum()
+
+
 def check_table(model, table: LatencyTable, phase: str) -> None:
     """Raise ValueError if ``table`` lacks any of the model's choices."""
     for kind, per_layer in (("mlp", model.config.mlp_choices), ("attention", model.config.head_choices)):
@@ -205,8 +210,8 @@ def train_routers(model, data, config: Optional[RouterConfig] = None, *, latency
         p.requires_grad_(name.startswith("static_router."))
     router = model.static_router
     costs = choice_costs(model, table, config.phase, config.tokens)
-    full_cost = costs[0][:, -1].sum() + costs[1][:, -1].sum()
-    floor = ((costs[0].min(1).values.sum() + costs[1].min(1).values.sum()) / full_cost).item()
+    full = full_cost(costs)
+    floor = ((costs[0].min(1).values.sum() + costs[1].min(1).values.sum()) / full).item()
     below = [b for b in config.budgets if b < floor * (1 - config.tolerance)]
     if below:
         warnings.warn(f"budgets {below} cannot be met: the smallest sub-network costs {floor:.3f} of the full "
@@ -240,7 +245,7 @@ def train_routers(model, data, config: Optional[RouterConfig] = None, *, latency
         mlp_probs, head_probs = F.softmax(mlp_logits, -1), F.softmax(head_logits, -1)
         # The latency of the choice the router makes (its argmax), with the soft gradient.
         cost = expected_cost(straight_through(mlp_probs.double()), straight_through(head_probs.double()), costs)
-        lat = latency_loss(cost, budgets.double() * full_cost, config.tolerance)
+        lat = latency_loss(cost, budgets.double() * full, config.tolerance)
         loss = config.latency_weight * lat.mean() + full_budget_pull(mlp_logits, head_logits, budgets)
         return loss, lat, mlp_probs, head_probs
 
@@ -270,14 +275,14 @@ def train_routers(model, data, config: Optional[RouterConfig] = None, *, latency
         mlp_logits, head_logits = router(budgets)
         routes, floor = [], None
         for m, h, b in zip(mlp_logits.argmax(-1), head_logits.argmax(-1), budgets):  # ascending budgets
-            floor = project_route(m, h, costs, float(b) * full_cost, config.tolerance, surrogate, floor=floor)
+            floor = project_route(m, h, costs, float(b) * full, config.tolerance, surrogate, floor=floor)
             routes.append(floor)
     fitted = _fit_router(router, budgets, routes, config.fit_steps, config.lr)
     metrics.log(stage="routers", projected=True, fitted=fitted)
     for p in model.parameters():
         p.requires_grad_(True)
     model.eval()
-    return {"surrogate": surrogate, "records": metrics.records, "costs": costs, "full_cost": full_cost.item()}
+    return {"surrogate": surrogate, "records": metrics.records, "costs": costs, "full_cost": full.item()}
 
 
 def project_route(mlp_index, head_index, costs, target: float, tolerance: float, surrogate, floor=None):
@@ -354,8 +359,7 @@ def routed_cost_ratio(model, budget: float, costs) -> float:
         mlp_logits, head_logits = model.static_router(torch.tensor([budget]))
         mlp = F.one_hot(mlp_logits.argmax(-1), mlp_logits.shape[-1]).double()
         heads = F.one_hot(head_logits.argmax(-1), head_logits.shape[-1]).double()
-        full = costs[0][:, -1].sum() + costs[1][:, -1].sum()
-        return (expected_cost(mlp, heads, costs) / full).item()
+        return (expected_cost(mlp, heads, costs) / full_cost(costs)).item()
 
 
 def token_routed_cost_ratio(model, data, budget: float, costs, *, batches: int = 4, batch_size: int = 8,
@@ -370,7 +374,7 @@ def token_routed_cost_ratio(model, data, budget: float, costs, *, batches: int =
         head_part = head_cost.gather(1, head_logits[0].argmax(-1).cpu()[:, None]).sum()
     else:
         head_part = head_cost[:, -1].sum()
-    full = mlp_cost[:, -1].sum() + head_cost[:, -1].sum()
+    full = full_cost(costs)
     gen = torch.Generator().manual_seed(seed)
     was_training, model.record_token_choices = model.training, True
     model.eval()
