@@ -153,6 +153,12 @@ def full_budget_pull(mlp_logits, head_logits, budgets):
     return sum(terms)
 
 
+def _route_features(mlp_choice: torch.Tensor, head_choice: torch.Tensor) -> torch.Tensor:
+    """The surrogate's input for one route: its one-hot choices ``[L, Cm]`` and ``[L, Ch]``
+    (or ``[1, L, C]``), flattened and concatenated."""
+    return torch.cat([mlp_choice.flatten(), head_choice.flatten()])
+
+
 def _collect(model, data, budgets, n, batch_size, generator, tau):
     """(one-hot choices [n, features], LM losses [n]) from routes sampled at random budgets."""
     router = model.static_router
@@ -165,7 +171,7 @@ def _collect(model, data, budgets, n, batch_size, generator, tau):
             gumbel = lambda lg: F.gumbel_softmax(lg, tau=tau, hard=True)  # noqa: E731
             mlp_choice, head_choice = gumbel(mlp_logits), gumbel(head_logits)
             loss = _loss_with_choices(model, rows, mlp_choice[0].argmax(-1), head_choice[0].argmax(-1))
-            features.append(torch.cat([mlp_choice.flatten(), head_choice.flatten()]))
+            features.append(_route_features(mlp_choice, head_choice))
             losses.append(loss)
             sampled.append(budget)
     return torch.stack(features), torch.tensor(losses)
@@ -302,7 +308,7 @@ def project_route(mlp_index, head_index, costs, target: float, tolerance: float,
         return float(mlp_cost.gather(1, r[0][:, None]).sum() + head_cost.gather(1, r[1][:, None]).sum())
 
     def predicted(r):
-        features = torch.cat([F.one_hot(r[0], mlp_cost.shape[1]).flatten(), F.one_hot(r[1], head_cost.shape[1]).flatten()])
+        features = _route_features(F.one_hot(r[0], mlp_cost.shape[1]), F.one_hot(r[1], head_cost.shape[1]))
         return float(surrogate(features.float()[None])[0])
 
     def steps(direction):
@@ -339,9 +345,13 @@ def _fit_router(router, budgets, routes, steps: int, lr: float) -> bool:
     mlp_target = torch.stack([r[0] for r in routes])
     head_target = torch.stack([r[1] for r in routes])
     opt = torch.optim.Adam(router.parameters(), lr=lr)
+
+    def matches(mlp_logits, head_logits):
+        return torch.equal(mlp_logits.argmax(-1), mlp_target) and torch.equal(head_logits.argmax(-1), head_target)
+
     for _ in range(steps):
         mlp_logits, head_logits = router(budgets)
-        if torch.equal(mlp_logits.argmax(-1), mlp_target) and torch.equal(head_logits.argmax(-1), head_target):
+        if matches(mlp_logits, head_logits):
             return True
         loss = (F.cross_entropy(mlp_logits.flatten(0, 1), mlp_target.flatten())
                 + F.cross_entropy(head_logits.flatten(0, 1), head_target.flatten()))
@@ -349,8 +359,7 @@ def _fit_router(router, budgets, routes, steps: int, lr: float) -> bool:
         loss.backward()
         opt.step()
     with torch.no_grad():
-        mlp_logits, head_logits = router(budgets)
-    return torch.equal(mlp_logits.argmax(-1), mlp_target) and torch.equal(head_logits.argmax(-1), head_target)
+        return matches(*router(budgets))
 
 
 def routed_cost_ratio(model, budget: float, costs) -> float:
