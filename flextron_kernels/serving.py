@@ -23,12 +23,12 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-import warnings
 from collections import deque
 from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 
+from flextron_kernels.models.graphs import capture
 from flextron_kernels.nn import KVCache
 from flextron_kernels.ops.checks import skip_width_value_checks
 
@@ -395,13 +395,8 @@ class Server:
             return self.model.decode_step(self.tokens[:bucket], self._slot_views(0, bucket), **kwargs)
 
     def _capture(self, bucket: int, kwargs):
-        graph = torch.cuda.CUDAGraph()
-        try:
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            with skip_width_value_checks(), torch.cuda.graph(graph, pool=self._pool):
-                logits = self.model.decode_step(self.tokens[:bucket], self._slot_views(0, bucket), **kwargs)
-        except RuntimeError as err:  # an op that cannot be captured: stay correct, run eager
-            warnings.warn(f"decode step for batch bucket {bucket} runs eagerly: CUDA graph capture failed ({err})")
-            return False
-        return graph, logits
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        captured = capture(lambda: self.model.decode_step(self.tokens[:bucket], self._slot_views(0, bucket), **kwargs),
+                           what=f"decode step for batch bucket {bucket}", pool=self._pool)
+        return captured if captured is not None else False

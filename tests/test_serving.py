@@ -1,6 +1,8 @@
 """The serving loop: mixed budgets in one batch give each request's own tokens, requests
 join and leave between steps, streaming, bad requests fail alone; CUDA graphs on a GPU."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -81,6 +83,23 @@ def test_matches_model_generate():
     served = Server(model, max_batch=4).run(
         [Request(p.tolist(), budget=float(b), max_new_tokens=6) for p, b in zip(prompts, budgets)])
     assert [c.tokens for c in served] == expected.tolist()
+
+
+def test_generate_runs_a_static_router_once_and_checks_cuda_graph():
+    model = tiny_model(routers="static")
+    calls = []
+    model.static_router.register_forward_hook(lambda *_: calls.append(1))
+    prompts = torch.randint(0, VOCAB, (2, 4), generator=torch.Generator().manual_seed(3))
+    out = model.generate(prompts, budget=0.5, max_new_tokens=5)
+    # The prefill's choice and the decode steps' (made once, not a host sync per step).
+    assert len(calls) == 2
+    with torch.no_grad():
+        ids = prompts
+        for _ in range(5):
+            ids = torch.cat([ids, model(ids, budget=0.5)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, ids)
+    with pytest.raises(ValueError, match="cuda_graph: CUDA graphs need input_ids and the model on a CUDA device"):
+        model.generate(prompts, max_new_tokens=2, cuda_graph=True)
 
 
 def test_stream_joins_between_steps_and_eos():
@@ -211,3 +230,17 @@ def test_cuda_graph_serving_equals_eager(routers):
     assert kinds & {"mixed", "routed"} and (routers or any(isinstance(k, tuple) for k in kinds)), kinds
     failed = [key for key, graph in graphed_server._graphs.items() if graph is False]
     assert not failed, f"decode steps that could not be captured: {failed}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("routers", [None, "static", "token"])
+@pytest.mark.parametrize("budget", [0.5, "mixed"])
+def test_cuda_graph_generate_equals_eager(routers, budget):
+    model = tiny_model(device="cuda", dtype=torch.bfloat16, routers=routers)
+    prompts = torch.randint(0, VOCAB, (3, 5), generator=torch.Generator().manual_seed(6)).cuda()
+    budget = torch.tensor([0.25, 1.0, 0.5], device="cuda") if budget == "mixed" else budget
+    eager = model.generate(prompts, budget=budget, max_new_tokens=8, cuda_graph=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*CUDA graph capture failed")
+        graphed = model.generate(prompts, budget=budget, max_new_tokens=8)
+    assert torch.equal(graphed, eager)

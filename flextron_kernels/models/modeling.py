@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flextron_kernels.models.config import FlextronConfig
+from flextron_kernels.models.graphs import capture
 from flextron_kernels.models.routers import StaticRouter, TokenRouter, encode_budget, select
 from flextron_kernels.nn import ElasticAttention, ElasticMLP, KVCache
 from flextron_kernels.ops.checks import skip_width_value_checks, value_checks_enabled
@@ -376,16 +377,23 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, *, budget: Budget = None, max_new_tokens: int = 20,
                  temperature: float = 0.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
-                 eos_token_id: Optional[int] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                 eos_token_id: Optional[int] = None, generator: Optional[torch.Generator] = None,
+                 cuda_graph: Optional[bool] = None) -> torch.Tensor:
         """Continue each prompt of ``input_ids [B, S]``; returns ``[B, S + max_new_tokens]``.
 
         Packed prefill fills a KV cache, then one decode step per token. ``budget``: a
         float or ``[B]`` tensor (each request its own). ``temperature`` 0 is greedy;
         otherwise sampling with optional ``top_k`` / ``top_p``. After ``eos_token_id`` a
-        request keeps emitting it.
+        request keeps emitting it. ``cuda_graph``: the first decode step runs eagerly and
+        is captured in a CUDA graph that the later steps replay (default: on a GPU, unless
+        :attr:`record_token_choices` is set, whose record a replay would not extend).
         """
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids: expected [B, S] with S >= 1, got shape {tuple(input_ids.shape)}")
+        if cuda_graph and not input_ids.is_cuda:
+            raise ValueError(f"cuda_graph: CUDA graphs need input_ids and the model on a CUDA device, got {input_ids.device}")
+        if cuda_graph is None:
+            cuda_graph = input_ids.is_cuda and not self.record_token_choices
         batch, prompt_len = input_ids.shape
         total = prompt_len + max_new_tokens
         if self.pos_embed is not None and total > self.config.max_positions:
@@ -393,6 +401,17 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
         budget = self.budget if budget is None else budget
         caches = self.new_caches(batch, total)
         logits = self.forward(input_ids, budget=budget, caches=caches)[:, -1]
+        if self.token_routers is not None or self.training:  # choices made inside each step
+            step_args = dict(budget=budget)
+        else:  # the same choices at every step: made once (a static router's is a host sync)
+            step_args = dict(choices=[(p["width"], p["heads"]) for p in self._plan(budget, batch, input_ids.device)])
+        tokens = torch.zeros(batch, dtype=torch.long, device=input_ids.device)  # the decode step's input
+
+        def decode_step():
+            return self.decode_step(tokens, caches, **step_args)
+
+        captured = None  # (graph, logits) once a decode step is captured
+        try_capture = cuda_graph
         out = [input_ids]
         finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
         for step in range(max_new_tokens):
@@ -401,11 +420,20 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
                 token = torch.where(finished, eos_token_id, token)
                 finished |= token == eos_token_id
             out.append(token[:, None])
-            if step + 1 < max_new_tokens:
-                # The step's inputs were checked by the prefill or are built here (cache
-                # lengths within the caches made for `total`): no host sync per layer.
-                with skip_width_value_checks():
-                    logits = self.decode_step(token, caches, budget=budget)
+            if step + 1 == max_new_tokens:
+                break
+            tokens.copy_(token)
+            if captured is not None:
+                captured[0].replay()
+                logits = captured[1]
+                continue
+            # The step's inputs were checked by the prefill or are built here (cache
+            # lengths within the caches made for `total`): no host sync per layer.
+            with skip_width_value_checks():
+                logits = decode_step()
+            if try_capture and step + 2 < max_new_tokens:  # kernels compiled, and a replay to come
+                captured = capture(decode_step, what="generate's decode step")
+            try_capture = False
         return torch.cat(out, dim=1)
 
 
