@@ -6,8 +6,9 @@ Families are swept in order, each with the winners of the ones before it:
 ``matmul`` (per-token linear forward, output widths and input widths), ``matmul_gated``
 (the MLP forward), ``matmul_decode`` (the same linear forward over 16 tokens, replayed
 from a CUDA graph), ``weight_grad`` (per-token linear forward and backward),
-``attention_fwd`` and ``attention_bwd`` (B=8, S=2048, Hq=32, Hkv=8, Dh=128, causal, a
-per-token head mix).
+``attention_fwd``, ``attention_bwd_dq`` and ``attention_bwd_dkdv`` (B=8, S=2048, Hq=32,
+Hkv=8, Dh=128, causal, a per-token head mix; the backward families timed as forward and
+backward).
 
 Usage: ``python benchmarks/tune_tiles.py [--families matmul,...] [--out FILE.json]
 [--write-table]`` (``--write-table`` merges the winners into the package's
@@ -70,12 +71,21 @@ CANDIDATES = {
         dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
         dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
     ],
-    "attention_bwd": [
-        dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
-        dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
-        dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=1),
+    # Backward candidates: sm_90 builds without register spills, or nearly (see
+    # scripts/compile_triton_kernels.py), each timed as the whole forward and backward.
+    "attention_bwd_dq": [
+        dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3),
         dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2),
+        dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+        dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
         dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3),
+    ],
+    "attention_bwd_dkdv": [
+        dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3),
+        dict(BLOCK_M=16, BLOCK_N=128, num_warps=8, num_stages=3),
+        dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=3),
+        dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
+        dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=3),
     ],
 }
 
@@ -139,7 +149,7 @@ def workload(family, device, dtype, smoke):
         return linear_workloads(device, dtype, 16, d_model, ffn, backward=False)
     if family == "weight_grad":
         return linear_workloads(device, dtype, tokens, d_model, ffn, backward=True)
-    return attention_workload(device, dtype, *attn, backward=family == "attention_bwd")
+    return attention_workload(device, dtype, *attn, backward=family.startswith("attention_bwd"))
 
 
 def main(argv=None) -> int:

@@ -5,7 +5,9 @@ the ops can launch on a GPU (the defaults and each tuned GPU's, from
 Triton's own ptxas builds the cubin, so this runs on any machine with triton installed.
 It catches compile errors, and shared memory beyond what an H100/H200 block may use,
 before a GPU run, and reports whether the GEMM loops got asynchronous (pipelined) copies
-and tensor-core instructions. Usage: ``TRITON_INTERPRET=0 python scripts/compile_triton_kernels.py``
+and tensor-core instructions, and, from the machine code (Triton's own cuobjdump),
+registers per thread and register spills (``spill_bytes``: the stack frame they use,
+``spill_instructions``: local loads and stores). Usage: ``TRITON_INTERPRET=0 python scripts/compile_triton_kernels.py``
 (prints one JSON object per kernel configuration; exit status 1 if any failed).
 """
 
@@ -14,12 +16,15 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import sys
+import tempfile
 
 os.environ["TRITON_INTERPRET"] = "0"
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton import knobs  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from flextron_kernels.ops import tiles  # noqa: E402
@@ -38,7 +43,7 @@ DATA = {"a_ptr", "b_ptr", "b2_ptr", "bias_ptr", "c_ptr", "pre_ptr", "pre2_ptr", 
         "grad_bias_ptr", "grad_h_ptr", "up_ptr", "gate_ptr", "q_ptr", "k_ptr", "v_ptr", "out_ptr", "dout_ptr", "dq_ptr",
         "dk_ptr", "dv_ptr"}
 INDEX = {"sorted_token_idx_ptr", "tile_start_ptr", "tile_end_ptr", "tile_group_ptr", "group_offsets_ptr",
-         "boundaries_ptr", "cu_seqlens_ptr", "seqlens_ptr"}
+         "boundaries_ptr", "cu_seqlens_ptr", "seqlens_ptr", "seq_heads_ptr"}
 WIDTHS = {"out_widths_ptr", "red_widths_ptr", "in_widths_ptr", "widths_ptr", "heads_ptr"}
 FLOAT_ARGS = {"softmax_scale", "qk_scale"}
 LIMITS = {"out_size", "out_limit", "red_limit", "in_limit", "width_limit"}
@@ -77,11 +82,27 @@ def compile_one(label, fn, dtype, constexprs, options):
         return dict(kernel=label, ok=False, error=f"{type(err).__name__}: {str(err)[:2000]}")
     ptx = kernel.asm["ptx"]
     shared = kernel.metadata.shared
-    return dict(kernel=label, ok=shared <= MAX_SHARED, shared=shared, regs=getattr(kernel, "n_regs", None),
-                spill_instructions=len(re.findall(r"\b(ld|st)\.local", ptx)),
+    return dict(kernel=label, ok=shared <= MAX_SHARED, shared=shared, **machine_code(kernel.asm["cubin"]),
                 async_copies=len(re.findall(r"cp\.async\.c", ptx)),
                 tensor_core_ops=ptx.count("wgmma.mma_async") + ptx.count("mma.sync"),
                 error=None if shared <= MAX_SHARED else f"shared memory {shared} > {MAX_SHARED}")
+
+
+def machine_code(cubin: bytes) -> dict:
+    """Registers per thread and register spills of a compiled kernel (None where the
+    disassembler is missing)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        try:
+            tool = knobs.nvidia.cuobjdump.path
+            usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+            sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
+        except (OSError, RuntimeError):
+            return dict(regs=None, spill_bytes=None, spill_instructions=None)
+    found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    return dict(regs=int(found[1]) if found else None, spill_bytes=int(found[2]) if found else None,
+                spill_instructions=len(re.findall(r"\b(LDL|STL)\b", sass)))
 
 
 def _split(config: dict) -> tuple[dict, dict]:
@@ -145,19 +166,18 @@ def configurations():
             stride_f=1, HAS_WIDTHS=True, HAS_SCALE=True, GATED=gated, ACTIVATION=act, BLOCK_M=8, BLOCK_F=256), dict(num_warps=4)
 
     att = dict(GROUP=4, HAS_HEADS=True, INPUT_PRECISION="tf32", HEAD_DIM=128, BLOCK_D=128)
-    kernels = {"fwd": [attention.attention_fwd_kernel],
-               "bwd": [attention.attention_bwd_dkdv_kernel, attention.attention_bwd_dq_kernel]}
+    kernels = {"fwd": attention.attention_fwd_kernel, "bwd_dq": attention.attention_bwd_dq_kernel,
+               "bwd_dkdv": attention.attention_bwd_dkdv_kernel}
     fp32 = dict(tiles.ATTENTION_FP32_TILES)
-    for phase, fns in kernels.items():
-        variants = [(variant, "bf16", "tf32", config) for variant, config in tiles.sixteen_bit_variants(f"attention_{phase}").items()]
+    for kernel, fn in kernels.items():
+        variants = [(variant, "bf16", "tf32", config) for variant, config in tiles.sixteen_bit_variants(f"attention_{kernel}").items()]
         variants += [("fp32", "fp32", precision, fp32) for precision in ("tf32", "ieee")]
         for variant, dtype, precision, config in variants:
             tile, opts = _split(config)
-            for fn in fns:
-                for causal in (True, False):
-                    label = f"[{variant}] attention {fn.fn.__name__ if hasattr(fn, 'fn') else phase} {dtype} {precision}"
-                    yield label + (", causal" if causal else ""), fn, dtype, dict(
-                        att, **tile, INPUT_PRECISION=precision, CAUSAL=causal), opts
+            for causal in (True, False):
+                label = f"[{variant}] attention {kernel} {dtype} {precision}"
+                yield label + (", causal" if causal else ""), fn, dtype, dict(
+                    att, **tile, INPUT_PRECISION=precision, CAUSAL=causal), opts
     yield "attention fwd, head dim 96, not causal", attention.attention_fwd_kernel, "bf16", dict(
         att, HEAD_DIM=96, CAUSAL=False, BLOCK_M=128, BLOCK_N=64), dict(num_warps=8, num_stages=2)
     yield "attention bwd delta", attention.attention_bwd_delta_kernel, "bf16", dict(

@@ -84,6 +84,27 @@ def test_head_dims_that_are_not_a_power_of_two(backend, head_dim, device):
         assert rel_err(o, r) < 1e-5, name
 
 
+@pytest.mark.parametrize("dkdv_tiles", [(32, 16), (16, 16), (16, 64)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_dkdv_kernel_takes_any_tiles(dkdv_tiles, causal, device, monkeypatch):
+    # The dk/dv kernel's key tile and query step are free: fewer queries than keys per
+    # step (causal masking over several steps), as many, or more.
+    import importlib
+
+    module = importlib.import_module("flextron_kernels.ops.elastic_attention")
+    default = module.attention_config
+    block_m, block_n = dkdv_tiles
+
+    def config(t, kernel):
+        tiles = default(t, kernel)
+        return dict(tiles, BLOCK_M=block_m, BLOCK_N=block_n) if kernel == "bwd_dkdv" else tiles
+
+    monkeypatch.setattr(module, "attention_config", config)
+    got, want = run("triton", [1, 19, 0, 70, 2], 4, 2, "per_token", causal, torch.float32, device, seed=3)
+    for name, o, r in zip(("dk", "dv"), got[2:], want[2:]):
+        assert rel_err(o, r) < 1e-5, name
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_more_sequences_than_one_step_of_the_tile_search(backend, device):
     # The kernels find their tile by reading cu_seqlens 64 sequences at a time: 150
@@ -159,6 +180,8 @@ def _bad_cases():
         (dict(base, k=torch.randn(5, 2, 16)), ValueError, "k: expected shape \\(6, Hkv, 16\\)"),
         (dict(base, q=torch.randn(6, 4, 300), k=torch.randn(6, 2, 300), v=torch.randn(6, 2, 300)), ValueError, "q: expected a head dimension in \\[1, 256\\], got 300"),
         (dict(base, k=k.to("meta")), ValueError, "k: expected a tensor on cpu"),
+        (dict(base, softmax_scale=-0.5), ValueError, "softmax_scale: expected a finite float > 0, got -0.5"),
+        (dict(base, softmax_scale=float("nan")), ValueError, "softmax_scale: expected a finite float > 0, got nan"),
     ]
 
 

@@ -14,6 +14,7 @@ is meant for CPUs and for checking.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Union
 
 import torch
@@ -143,9 +144,9 @@ def _backward_triton(dout, q, k, v, out, lse, cu_seqlens, heads, static_heads, c
     from flextron_kernels.triton.attention import attention_bwd, attention_bwd_delta
 
     dout, q, k, v, out = (_last_dim_contiguous(t) for t in (dout, q, k, v, out))
-    config = attention_config(q, "bwd")
+    dq_config, dkdv_config = attention_config(q, "bwd_dq"), attention_config(q, "bwd_dkdv")
     delta = new_output((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)  # zero at unused heads
-    attention_bwd_delta(out, dout, delta, block_t=config["BLOCK_M"])
+    attention_bwd_delta(out, dout, delta, block_t=dq_config["BLOCK_M"])
     dq = new_output(q.shape, dtype=q.dtype, device=q.device)
     dk = new_output(k.shape, dtype=k.dtype, device=k.device)
     dv = new_output(v.shape, dtype=v.dtype, device=v.device)
@@ -157,7 +158,7 @@ def _backward_triton(dout, q, k, v, out, lse, cu_seqlens, heads, static_heads, c
         seq_heads.scatter_reduce_(0, seq_ids, heads.to(torch.int32), reduce="amax")
     attention_bwd(
         q, k, v, dout, lse, delta, dq, dk, dv, heads, seq_heads, static_heads, cu_seqlens,
-        causal=causal, softmax_scale=scale, config=config,
+        causal=causal, softmax_scale=scale, dq_config=dq_config, dkdv_config=dkdv_config,
     )
     return dq, dk, dv
 
@@ -260,7 +261,7 @@ def elastic_attention(
         cu_seqlens: ``[B + 1]`` integer tensor, non-decreasing from 0 to ``T``
             (sequence ``b`` is tokens ``cu_seqlens[b]:cu_seqlens[b+1]``); None: one sequence.
         causal: each query sees the keys at or before it in its sequence.
-        softmax_scale: default ``Dh ** -0.5``.
+        softmax_scale: a float > 0, default ``Dh ** -0.5``.
 
     Returns:
         ``[T, Hq, Dh]``, exactly zero at heads a token does not use.
@@ -305,6 +306,8 @@ def elastic_attention(
             )
 
     scale = float(head_dim**-0.5 if softmax_scale is None else softmax_scale)
+    if not (math.isfinite(scale) and scale > 0):  # the kernels scale each row's maximum
+        raise ValueError(f"softmax_scale: expected a finite float > 0, got {softmax_scale!r}")
     if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
         # Inference: no autograd function, nothing saved (one step less on the host).
         return torch.ops.flextron.elastic_attention_fwd(q, k, v, cu_seqlens, head_counts, static_heads, bool(causal),

@@ -9,7 +9,9 @@ Families: ``matmul`` (the routed matmul: linear forward and input gradient, the 
 down projection and input gradient), ``matmul_gated`` (the MLP's fused gate and up
 projections; it shares ``matmul``'s ``BLOCK_M``, so both use one routing),
 ``matmul_decode`` (the routed matmul over at most 64 rows, one row tile), ``weight_grad``
-(the prefix weight gradient), ``attention_fwd`` and ``attention_bwd``.
+(the prefix weight gradient), ``attention_fwd``, and the backward's two kernels
+``attention_bwd_dq`` (a tile of queries over steps of keys) and ``attention_bwd_dkdv``
+(a tile of keys over steps of queries).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import torch
 
 from flextron_kernels.backends import device_index
 
-FAMILIES = ("matmul", "matmul_gated", "matmul_decode", "weight_grad", "attention_fwd", "attention_bwd")
+FAMILIES = ("matmul", "matmul_gated", "matmul_decode", "weight_grad", "attention_fwd", "attention_bwd_dq",
+            "attention_bwd_dkdv")
 TUNED_TABLE = Path(__file__).with_name("tuned_tiles.json")
 # Row counts up to this use the decode tiles (``matmul_decode``).
 DECODE_ROWS = 64
@@ -38,11 +41,15 @@ _DEFAULTS_16BIT = {
     # BLOCK_M follows the row count (16, 32 or 64).
     "matmul_decode": dict(BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
     "weight_grad": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3),
-    # BLOCK_N must divide BLOCK_M: the kernels rely on key blocks ending at query-tile starts.
+    # BLOCK_N must divide BLOCK_M in the forward and dq kernels: they rely on key blocks
+    # ending at query-tile starts.
     "attention_fwd": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
-    # The key-tile kernel holds the diagonal query block's operands beside the pipelined
-    # loop's: 128-query blocks would pass the shared memory of a Hopper block.
-    "attention_bwd": dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
+    # Backward, as flash attention 2's Triton kernels: a large tile of the accumulated side
+    # (queries for dq, keys for dk/dv) and short steps of the other. For head dim 128 in
+    # bf16 these are the largest sm_90 builds without register spills
+    # (scripts/compile_triton_kernels.py reports them).
+    "attention_bwd_dq": dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3),
+    "attention_bwd_dkdv": dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3),
 }
 # fp32 operands are twice the bytes: smaller attention tiles keep within shared memory,
 # with TF32 too.
@@ -144,14 +151,17 @@ def weight_grad_config(t: torch.Tensor) -> dict:
     return dict(_sixteen_bit("weight_grad", t.device), INPUT_PRECISION=precision)
 
 
-def attention_config(t: torch.Tensor, phase: str) -> dict:
-    """Tiles for the attention kernels; ``phase``: ``"fwd"`` or ``"bwd"``."""
+def attention_config(t: torch.Tensor, kernel: str) -> dict:
+    """Tiles for an attention kernel: ``kernel`` is ``"fwd"``, ``"bwd_dq"`` or ``"bwd_dkdv"``
+    (``BLOCK_M`` queries and ``BLOCK_N`` keys at a time)."""
     precision = input_precision(t)
     if t.device.type == "cpu":
-        return dict(BLOCK_M=16, BLOCK_N=16, INPUT_PRECISION=precision)
+        # Keys in two query steps: the dk/dv kernel's causal masking over several steps.
+        block_n = 32 if kernel == "bwd_dkdv" else 16
+        return dict(BLOCK_M=16, BLOCK_N=block_n, INPUT_PRECISION=precision)
     if t.dtype == torch.float32:
         return dict(ATTENTION_FP32_TILES, INPUT_PRECISION=precision)
-    return dict(_sixteen_bit(f"attention_{phase}", t.device), INPUT_PRECISION=precision)
+    return dict(_sixteen_bit(f"attention_{kernel}", t.device), INPUT_PRECISION=precision)
 
 
 def sixteen_bit_variants(family: str) -> dict:

@@ -165,16 +165,18 @@ def attention_fwd_kernel(
         for n0 in range(lo, hi, BLOCK_N):
             cols, col_mask, k, v = _key_block(k_ptr, v_ptr, n0, hi, kv_head, stride_kt, stride_kh, stride_vt,
                                               stride_vh, dims, dim_mask, BLOCK_N)
-            s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+            s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
             if phase == 1:
                 keep = col_mask[None, :]
                 if CAUSAL:
                     keep = keep & (cols[None, :] <= rows[:, None])
                 s = tl.where(keep, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            # The scale (> 0) goes on the row maxima and into one multiply-add per score,
+            # not a multiply of every score before the maxima.
+            m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
             # Padding rows past the tile see only -inf: keep their arithmetic finite.
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s - m_safe[:, None])
+            p = tl.exp2(s * qk_scale - m_safe[:, None])
             alpha = tl.exp2(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
@@ -192,24 +194,30 @@ def _dkdv_step(dk, dv, k, v, cols, q_ptr, dout_ptr, lse_ptr, delta_ptr, heads_pt
                HAS_HEADS: tl.constexpr, CAUSAL_MASK: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                BLOCK_M: tl.constexpr):
     """Add one block of BLOCK_M queries (from ``m0``) of one head to a key tile's ``dk``
-    and ``dv``. Keys past the tile are zeros, which only touch rows never stored."""
+    and ``dv``. Keys past the tile are zeros, which only touch rows never stored.
+
+    Computed transposed (scores ``[keys, queries]``): the key tile's k and v and the
+    probabilities and their gradients, all in registers, are the first operands of every
+    product, and the loaded q and dout the second, read from shared memory, so that no
+    tile is transposed in registers (the untransposed form spilled registers at every
+    tile size)."""
     rows = m0 + tl.arange(0, BLOCK_M)
     row_mask = rows < seq_end
     used = row_mask & (head < _head_counts(heads_ptr, rows, row_mask, static_heads, HAS_HEADS))
     rows64 = rows.to(tl.int64)
-    q, do, lse, delta = _load_query_side(
-        q_ptr, dout_ptr, lse_ptr, delta_ptr, rows64, used, head, num_tokens,
-        stride_qt, stride_qh, stride_dot, stride_doh, dims, dim_mask,
-    )
-    s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
-    p = tl.exp2(s - lse[:, None])
+    q_t = tl.load(q_ptr + rows64[None, :] * stride_qt + head * stride_qh + dims[:, None],
+                  mask=used[None, :] & dim_mask[:, None], other=0.0)
+    do = _load_head(dout_ptr, rows64, used, stride_dot, head, stride_doh, dims, dim_mask)
+    # Queries not used get lse = +inf: their probabilities are exact zeros.
+    lse = tl.load(lse_ptr + head * num_tokens + rows64, mask=used, other=float("inf")) * _LOG2E
+    delta = tl.load(delta_ptr + head * num_tokens + rows64, mask=used, other=0.0)
+    p_t = tl.exp2(tl.dot(k, q_t, input_precision=INPUT_PRECISION) * qk_scale - lse[None, :])
     if CAUSAL_MASK:
-        p = tl.where(cols[None, :] <= rows[:, None], p, 0.0)
-    dv = tl.dot(tl.trans(p).to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
-    dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
-    ds = p * (dp - delta[:, None])
-    dk = tl.dot(tl.trans(ds).to(q.dtype), q, dk, input_precision=INPUT_PRECISION)
-    return dk, dv
+        p_t = tl.where(cols[:, None] <= rows[None, :], p_t, 0.0)
+    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    return tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, input_precision=INPUT_PRECISION), dv
 
 
 @triton.jit
@@ -245,7 +253,8 @@ def attention_bwd_dkdv_kernel(
     BLOCK_N: tl.constexpr,
 ):
     """Gradients of one tile of BLOCK_N keys for one KV head, summed over the GROUP query
-    heads that read it and over the queries of its sequence. Grid: (key tiles, Hkv).
+    heads that read it and over the queries of its sequence, BLOCK_M queries at a time
+    (any BLOCK_M and BLOCK_N). Grid: (key tiles, Hkv).
     ``delta [Hq, T] = rowsum(dout * out)``; ``seq_heads [B]``: each sequence's largest head
     count (with ``HAS_HEADS``)."""
     kv_head = tl.program_id(1)
@@ -262,33 +271,34 @@ def attention_bwd_dkdv_kernel(
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     qk_scale = softmax_scale * _LOG2E
-    # Causal: queries before this key tile never see it. Query tiles are aligned to the
-    # sequence start in steps of BLOCK_M, a multiple of BLOCK_N.
-    if CAUSAL:
-        q_lo = seq_start + ((start - seq_start) // BLOCK_M) * BLOCK_M
-    else:
-        q_lo = seq_start
     if HAS_HEADS:
-        seq_heads = tl.load(seq_heads_ptr + seq)
+        seq_heads = tl.load(seq_heads_ptr + seq).to(tl.int32)
     else:
         seq_heads = static_heads
-    for g in range(GROUP):
-        head = kv_head * GROUP + g
-        # Skip a head no token of the sequence uses; the test sits outside the query loop,
-        # which keeps that loop software-pipelined.
-        if head < seq_heads:
-            # Causal: only the query block that holds this key tile needs the mask; the
-            # blocks after it see every key of the tile.
-            unmasked_lo = q_lo
-            if CAUSAL:
-                dk, dv = _dkdv_step(dk, dv, k, v, cols, q_ptr, dout_ptr, lse_ptr, delta_ptr, heads_ptr, q_lo, seq_end,
-                                    head, num_tokens, static_heads, qk_scale, stride_qt, stride_qh, stride_dot,
-                                    stride_doh, dims, dim_mask, HAS_HEADS, True, INPUT_PRECISION, BLOCK_M)
-                unmasked_lo = q_lo + BLOCK_M
-            for m0 in range(unmasked_lo, seq_end, BLOCK_M):
-                dk, dv = _dkdv_step(dk, dv, k, v, cols, q_ptr, dout_ptr, lse_ptr, delta_ptr, heads_ptr, m0, seq_end,
-                                    head, num_tokens, static_heads, qk_scale, stride_qt, stride_qh, stride_dot,
-                                    stride_doh, dims, dim_mask, HAS_HEADS, False, INPUT_PRECISION, BLOCK_M)
+    # The query heads reading this KV head that some token of the sequence uses (a prefix).
+    num_heads = tl.minimum(tl.maximum(seq_heads - kv_head * GROUP, 0), GROUP)
+    # Query blocks of BLOCK_M from the sequence start. Causal: blocks before the one
+    # holding this key tile never see it; the blocks overlapping the tile need the mask,
+    # the ones after it see every key of the tile.
+    if CAUSAL:
+        q_lo = seq_start + ((start - seq_start) // BLOCK_M) * BLOCK_M
+        num_masked = tl.minimum(tl.cdiv(start + BLOCK_N - q_lo, BLOCK_M), tl.cdiv(seq_end - q_lo, BLOCK_M))
+    else:
+        q_lo = seq_start
+        num_masked = 0
+    unmasked_lo = q_lo + num_masked * BLOCK_M
+    num_unmasked = tl.maximum(tl.cdiv(seq_end - unmasked_lo, BLOCK_M), 0)
+    # One flat loop over (head, query block) pairs per kind of block (masked, then not):
+    # a loop over heads around the query loop kept far more registers alive (it spilled
+    # at every tile size).
+    for phase in tl.static_range(2):
+        lo = q_lo if phase == 0 else unmasked_lo
+        steps = num_masked if phase == 0 else num_unmasked
+        for i in range(0, num_heads * steps):
+            dk, dv = _dkdv_step(dk, dv, k, v, cols, q_ptr, dout_ptr, lse_ptr, delta_ptr, heads_ptr,
+                                lo + (i % steps) * BLOCK_M, seq_end, kv_head * GROUP + i // steps, num_tokens,
+                                static_heads, qk_scale, stride_qt, stride_qh, stride_dot, stride_doh, dims, dim_mask,
+                                HAS_HEADS, CAUSAL and phase == 0, INPUT_PRECISION, BLOCK_M)
     dk = dk * softmax_scale
     tl.store(dk_ptr + cols64[:, None] * stride_dkt + kv_head * stride_dkh + dims[None, :], dk.to(dk_ptr.dtype.element_ty), mask=col_mask[:, None] & dim_mask[None, :])
     tl.store(dv_ptr + cols64[:, None] * stride_dvt + kv_head * stride_dvh + dims[None, :], dv.to(dv_ptr.dtype.element_ty), mask=col_mask[:, None] & dim_mask[None, :])
@@ -401,27 +411,28 @@ def attention_fwd(q, k, v, out, lse, heads, static_heads, cu_seqlens, *, causal,
 
 
 def attention_bwd(q, k, v, dout, lse, delta, dq, dk, dv, heads, seq_heads, static_heads, cu_seqlens,
-                  *, causal, softmax_scale, config):
+                  *, causal, softmax_scale, dq_config, dkdv_config):
     """Launch the backward: writes ``dq``, ``dk``, ``dv`` (shapes of q, k, v) from
     ``dout``, the forward's ``lse [Hq, T]`` and ``delta [Hq, T] = rowsum(dout * out)``;
     ``seq_heads [B]``: each sequence's largest head count (with per-token ``heads``);
-    ``cu_seqlens [B + 1]`` int32."""
+    ``cu_seqlens [B + 1]`` int32. ``dq_config`` / ``dkdv_config``: each kernel's tiles."""
     num_tokens, q_heads, head_dim = q.shape
-    _check_tiles(config)
+    _check_tiles(dq_config)
     if num_tokens == 0:
         return
-    common = dict(GROUP=q_heads // k.shape[1], HAS_HEADS=heads is not None, CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), **config)
+    common = dict(GROUP=q_heads // k.shape[1], HAS_HEADS=heads is not None, CAUSAL=causal, HEAD_DIM=head_dim,
+                  BLOCK_D=max(16, triton.next_power_of_2(head_dim)))
     heads_arg = heads if heads is not None else cu_seqlens
     num_seqs = cu_seqlens.numel() - 1
-    attention_bwd_dkdv_kernel[(num_tile_slots(num_tokens, num_seqs, config["BLOCK_N"]), k.shape[1])](
+    attention_bwd_dkdv_kernel[(num_tile_slots(num_tokens, num_seqs, dkdv_config["BLOCK_N"]), k.shape[1])](
         q, k, v, dout, lse, delta, dk, dv, heads_arg, seq_heads if seq_heads is not None else cu_seqlens, cu_seqlens,
         num_tokens, num_seqs, static_heads, softmax_scale,
         *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *_strides(dv),
-        **common,
+        **common, **dkdv_config,
     )
-    attention_bwd_dq_kernel[(num_tile_slots(num_tokens, num_seqs, config["BLOCK_M"]), q_heads)](
+    attention_bwd_dq_kernel[(num_tile_slots(num_tokens, num_seqs, dq_config["BLOCK_M"]), q_heads)](
         q, k, v, dout, lse, delta, dq, heads_arg, cu_seqlens,
         num_tokens, num_seqs, static_heads, softmax_scale,
         *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
-        **common,
+        **common, **dq_config,
     )
