@@ -110,6 +110,41 @@ __host__ __device__ constexpr int unroll_for() {
   return NT <= 2 ? 4 : (NT == 4 ? 2 : 1);
 }
 
+// One step of the block over kUnroll x 256 columns from `base` (per lane: kUnroll loads of
+// 16 bytes per weight row and token, then the mmas). PREDICATED: columns from `limit` on
+// (relative to the lane's first column) read as zeros.
+template <typename T, int NT, int NMAT, bool PREDICATED>
+__device__ __forceinline__ void block_step(const T* const (&w_lo)[NMAT], const T* const (&w_hi)[NMAT],
+                                           const T* const (&token_row)[NT], int64_t base, int64_t limit,
+                                           float (&acc)[NMAT][NT][4]) {
+  constexpr int kUnroll = unroll_for<NT>();
+  uint4 a_lo[kUnroll][NMAT], a_hi[kUnroll][NMAT], b[kUnroll][NT];
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    const int64_t offset = base + u * kBlockStep;
+    const bool col_ok = !PREDICATED || offset < limit;
+    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+    for (int m = 0; m < NMAT; ++m) {
+      a_lo[u][m] = col_ok ? load_weights(w_lo[m] + offset) : zero;
+      a_hi[u][m] = col_ok ? load_weights(w_hi[m] + offset) : zero;
+    }
+#pragma unroll
+    for (int j = 0; j < NT; ++j) b[u][j] = col_ok ? load_tokens(token_row[j] + offset) : zero;
+  }
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+#pragma unroll
+    for (int m = 0; m < NMAT; ++m) {
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        mma_16x8x16<T>(acc[m][j], a_lo[u][m].x, a_hi[u][m].x, a_lo[u][m].y, a_hi[u][m].y, b[u][j].x, b[u][j].y);
+        mma_16x8x16<T>(acc[m][j], a_lo[u][m].z, a_hi[u][m].z, a_lo[u][m].w, a_hi[u][m].w, b[u][j].z, b[u][j].w);
+      }
+    }
+  }
+}
+
 // acc[m][j] += w[m][row0:row0+16, :k_end] . in[8j:8j+8, :k_end]^T over this warp's
 // share of the columns (chunk c of 32 columns belongs to warp c % kWarps).
 // mma fragment layout (lane = 4g + q): the A operand holds rows g and g+8 at logical
@@ -117,48 +152,39 @@ __host__ __device__ constexpr int unroll_for() {
 // 16-byte load covers physical columns 8q..8q+7 of the 32-column chunk; step s of the
 // two mmas per chunk maps logical columns {2q, 2q+1 | 2q+8, 2q+9} to physical
 // 8q+4s+{0, 1 | 2, 3}, the same map for both operands.
+//
+// Rows past num_rows and tokens past num_tokens read the last valid row or token
+// instead: their results are never stored. So only the columns of the last block step
+// need a predicate, and every other step's loads are unconditional, which lets the
+// compiler issue all of them before the step's first mma (predicated loads were
+// interleaved with the mmas, a few in flight at a time).
 template <typename T, int NT, int NMAT>
 __device__ __forceinline__ void accumulate_rows(const T* const* w, const int64_t* w_stride,
                                                 int64_t row0, int64_t num_rows, const T* in, int64_t in_stride,
                                                 int64_t num_tokens, int64_t k_end, float (&acc)[NMAT][NT][4]) {
   constexpr int kUnroll = unroll_for<NT>();
+  constexpr int64_t kStep = static_cast<int64_t>(kUnroll) * kBlockStep;  // columns per block step
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, q = lane & 3;
-  const int64_t row_lo = row0 + g, row_hi = row0 + g + 8;
-  const bool lo_ok = row_lo < num_rows, hi_ok = row_hi < num_rows;
-  const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
-  // The loop bound is the same for every lane of the warp (mma.sync needs all 32).
-  for (int64_t chunk = static_cast<int64_t>(warp) * kColumnsPerWarpStep; chunk < k_end;
-       chunk += kUnroll * kBlockStep) {
-    uint4 a_lo[kUnroll][NMAT], a_hi[kUnroll][NMAT], b[kUnroll][NT];
+  const int64_t lane_col = static_cast<int64_t>(warp) * kColumnsPerWarpStep + 8 * q;
+  const T* w_lo[NMAT];
+  const T* w_hi[NMAT];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      // k_end and every column here are multiples of 8: a lane's 8 elements are all in or all out.
-      const int64_t col = chunk + u * kBlockStep + 8 * q;
-      const bool col_ok = col < k_end;
-#pragma unroll
-      for (int m = 0; m < NMAT; ++m) {
-        a_lo[u][m] = (col_ok && lo_ok) ? load_weights(w[m] + row_lo * w_stride[m] + col) : zero;
-        a_hi[u][m] = (col_ok && hi_ok) ? load_weights(w[m] + row_hi * w_stride[m] + col) : zero;
-      }
-#pragma unroll
-      for (int j = 0; j < NT; ++j) {
-        const int64_t token = j * 8 + g;
-        b[u][j] = (col_ok && token < num_tokens) ? load_tokens(in + token * in_stride + col) : zero;
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-#pragma unroll
-      for (int m = 0; m < NMAT; ++m) {
-#pragma unroll
-        for (int j = 0; j < NT; ++j) {
-          mma_16x8x16<T>(acc[m][j], a_lo[u][m].x, a_hi[u][m].x, a_lo[u][m].y, a_hi[u][m].y, b[u][j].x, b[u][j].y);
-          mma_16x8x16<T>(acc[m][j], a_lo[u][m].z, a_hi[u][m].z, a_lo[u][m].w, a_hi[u][m].w, b[u][j].z, b[u][j].w);
-        }
-      }
-    }
+  for (int m = 0; m < NMAT; ++m) {
+    w_lo[m] = w[m] + min(row0 + g, num_rows - 1) * w_stride[m] + lane_col;
+    w_hi[m] = w[m] + min(row0 + g + 8, num_rows - 1) * w_stride[m] + lane_col;
   }
+  const T* token_row[NT];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) token_row[j] = in + min(static_cast<int64_t>(j * 8 + g), num_tokens - 1) * in_stride + lane_col;
+
+  // k_end and every column here are multiples of 8: a lane's 8 elements are all in or all out.
+  const int64_t full_end = k_end / kStep * kStep;
+  // The loop bounds are the same for every lane of the warp (mma.sync needs all 32).
+  for (int64_t base = 0; base < full_end; base += kStep) {
+    block_step<T, NT, NMAT, false>(w_lo, w_hi, token_row, base, k_end - lane_col, acc);
+  }
+  if (full_end < k_end) block_step<T, NT, NMAT, true>(w_lo, w_hi, token_row, full_end, k_end - lane_col, acc);
 }
 
 // Sums the warps' partial fragments into warp 0's, in a fixed order (7, 6, ..., 0).
