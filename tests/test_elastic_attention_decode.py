@@ -86,17 +86,18 @@ def test_matches_reference_int_heads(backend, heads, device):
     check(out, exact(q, k, v, cache_seqlens, heads), cache_seqlens, heads, 1e-5)
 
 
-@pytest.mark.parametrize("num_splits", [1, 3, 64])
-def test_many_splits_are_combined(num_splits, device, monkeypatch):
-    # On a GPU the default would take one split at this size: force short blocks and many splits.
+@pytest.mark.parametrize("num_splits,kv_len", [(1, 99), (3, 99), (64, 99), (200, 1121)])
+def test_many_splits_are_combined(num_splits, kv_len, device, monkeypatch):
+    # On a GPU the default would take one split at this size: force short blocks and many
+    # splits (71 at 1121 positions: the combine reads them in two chunks).
     config = decode_module.decode_config
 
     def forced(q, k_cache, active_kv_heads):
         return dict(config(q, k_cache, active_kv_heads), BLOCK_N=16, num_splits=num_splits)
 
     monkeypatch.setattr(decode_module, "decode_config", forced)
-    q, k, v = make(4, 8, 2, 99, 16, dtype=torch.float32, device=device, seed=3)
-    cache_seqlens = torch.tensor([99, 17, 50, 33], device=device)
+    q, k, v = make(4, 8, 2, kv_len, 16, dtype=torch.float32, device=device, seed=3)
+    cache_seqlens = torch.tensor([kv_len, 17, 50, 33], device=device)
     heads = torch.tensor([8, 4, 8, 4], device=device)
     out = run("triton", q, k, v, cache_seqlens, heads)
     check(out, exact(q, k, v, cache_seqlens, heads), cache_seqlens, heads, 1e-5)

@@ -198,6 +198,10 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, heads_per_request, head
             **launch,
         )
     block_s = triton.next_power_of_2(num_splits)
+    # Each chunk of splits is one round trip to memory, in sequence; with few requests there
+    # are only B x Hq combine programs, so chunks are large: 64 splits of a head of 128 is
+    # 32 KiB, 32 fp32 registers per thread at 8 warps.
+    chunk_s = min(block_s, 64)
     attention_decode_combine_kernel[(batch, q_heads)](
         part_out, part_lse, seqlens_arg, heads_arg, out,
         heads, q_heads, num_splits, split_len,
@@ -205,9 +209,9 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, heads_per_request, head
         HAS_HEADS=has_heads,
         HEAD_DIM=head_dim,
         BLOCK_S=block_s,
-        CHUNK_S=min(block_s, 16),
+        CHUNK_S=chunk_s,
         BLOCK_D=block_d,
-        num_warps=4,
+        num_warps=8 if chunk_s * block_d >= 4096 else 4,
     )
     return out
 
