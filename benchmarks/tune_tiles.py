@@ -3,7 +3,8 @@ themselves (per-token widths, bf16, Llama-2-7B shapes) and keeps the fastest per
 family in the tuned table that :mod:`flextron_kernels.ops.tiles` reads for this GPU.
 
 Families are swept in order, each with the winners of the ones before it:
-``matmul`` (per-token linear forward, output widths and input widths), ``matmul_gated``
+``matmul`` (per-token linear forward, output widths and input widths), ``matmul_small``
+(the same over 512 tokens with its backward, and the MLP forward), ``matmul_gated``
 (the MLP forward), ``matmul_decode`` (the same linear forward over 16 tokens, replayed
 from a CUDA graph), ``weight_grad`` (per-token linear forward and backward),
 ``attention_fwd``, ``attention_bwd_dq`` and ``attention_bwd_dkdv`` (B=8, S=2048, Hq=32,
@@ -40,6 +41,14 @@ CANDIDATES = {
         dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4),
         dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3),
         dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, num_warps=4, num_stages=4),
+    ],
+    # Measured at 512 tokens (see SMALL_TOKENS).
+    "matmul_small": [
+        dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4),
+        dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3),
+        dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4),
+        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+        dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4),
     ],
     "matmul_gated": [
         dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
@@ -136,6 +145,10 @@ def attention_workload(device, dtype, batch, seq_len, q_heads, kv_heads, head_di
     return run
 
 
+# The token count of the ``matmul_small`` sweep (its forward and backward, and the MLP's).
+SMALL_TOKENS = 512
+
+
 def workload(family, device, dtype, smoke):
     if smoke:
         tokens, d_model, ffn, attn = 64, 32, 96, (2, 32, 4, 2, 16)
@@ -143,6 +156,11 @@ def workload(family, device, dtype, smoke):
         tokens, d_model, ffn, attn = 4096, 4096, 11008, (8, 2048, 32, 8, 128)
     if family == "matmul":
         return linear_workloads(device, dtype, tokens, d_model, ffn, backward=False)
+    if family == "matmul_small":
+        small = min(tokens, SMALL_TOKENS)
+        linear = linear_workloads(device, dtype, small, d_model, ffn, backward=True)
+        mlp = mlp_workload(device, dtype, small, d_model, ffn)
+        return lambda: (linear(), mlp())
     if family == "matmul_gated":
         return mlp_workload(device, dtype, tokens, d_model, ffn)
     if family == "matmul_decode":

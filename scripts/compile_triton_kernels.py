@@ -119,7 +119,8 @@ def configurations():
                  STORE_PRE=False, ACCUMULATE=False, INPUT_PRECISION="tf32", GROUP_M=8)
     dgrad = {k: v for k, v in flags.items() if k not in ("stride_br", "stride_b2r")}
     # Every 16-bit tile configuration the package can launch: the defaults and each tuned GPU's.
-    for variant, config in tiles.sixteen_bit_variants("matmul").items():
+    for variant, config in [(f"{name}, {family}", config) for family in ("matmul", "matmul_small")
+                            for name, config in tiles.sixteen_bit_variants(family).items()]:
         tile, big = _split(config)
         yield f"[{variant}] linear fwd, per-token out widths", rm, "bf16", dict(flags, **tile, HAS_OUT_WIDTHS=True,
                                                                                   HAS_BIAS=True), big
@@ -131,10 +132,13 @@ def configurations():
                                                                        HAS_ROW_SCALE=True), big
         yield f"[{variant}] mlp dx, accumulate", rm, "bf16", dict(dgrad, **tile, stride_bj=1, HAS_RED_WIDTHS=True,
                                                                    ACCUMULATE=True), big
+    # The gated kernel takes the row tile of matmul (large batches) or matmul_small.
+    row_tiles = {tiles.sixteen_bit_variants(f)["default"]["BLOCK_M"] for f in ("matmul", "matmul_small")}
     for variant, config in tiles.sixteen_bit_variants("matmul_gated").items():
         tile, big = _split(config)
-        yield f"[{variant}] mlp gate+up+silu, saving pre-activations", rm, "bf16", dict(
-            flags, BLOCK_M=128, **tile, HAS_OUT_WIDTHS=True, GATED=True, ACTIVATION="silu", STORE_PRE=True), big
+        for block_m in sorted(row_tiles):
+            yield f"[{variant}] mlp gate+up+silu, saving pre-activations, {block_m} rows", rm, "bf16", dict(
+                flags, BLOCK_M=block_m, **tile, HAS_OUT_WIDTHS=True, GATED=True, ACTIVATION="silu", STORE_PRE=True), big
     for variant, config in tiles.sixteen_bit_variants("matmul_decode").items():
         tile, small = _split(config)
         for block_m in (16, 64):

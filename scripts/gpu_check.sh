@@ -90,7 +90,7 @@ wait_benchmarks() {
   done
   return 0
 }
-families="matmul matmul_gated matmul_decode weight_grad attention_fwd attention_bwd_dq attention_bwd_dkdv"
+families="matmul matmul_small matmul_gated matmul_decode weight_grad attention_fwd attention_bwd_dq attention_bwd_dkdv"
 
 if want tests || want op_tests || want tune; then
   step "side by side, those asked for: the GPU tests (bf16 against fp64, the CUDA kernels, CUDA graphs), the op tests compiled (fp32/fp16), a compile-only pass over the tile sweep (with tune) or else over the benchmarks"

@@ -36,6 +36,20 @@ def test_defaults_tuned_table_and_overrides(fake_gpu):
     assert tiles._sixteen_bit("matmul", device)["BLOCK_N"] == 256
 
 
+def test_matmul_tiles_follow_the_row_count(fake_gpu):
+    from types import SimpleNamespace
+
+    t = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16)
+    defaults = tiles._DEFAULTS_16BIT
+    assert tiles.matmul_config(t, 16)["BLOCK_N"] == defaults["matmul_decode"]["BLOCK_N"]
+    for rows, family in ((65, "matmul_small"), (tiles.SMALL_ROWS, "matmul_small"), (tiles.SMALL_ROWS + 1, "matmul")):
+        config = tiles.matmul_config(t, rows)
+        assert {k: config[k] for k in defaults[family]} == defaults[family], rows
+        gated = tiles.matmul_config(t, rows, gated=True)
+        # The gated kernel shares the row tile, so that both MLP kernels use one routing.
+        assert gated["BLOCK_M"] == config["BLOCK_M"] and gated["BLOCK_N"] == defaults["matmul_gated"]["BLOCK_N"], rows
+
+
 def test_unreadable_table_gives_the_defaults(fake_gpu):
     fake_gpu.write_text("{not json")
     assert tiles._sixteen_bit("weight_grad", torch.device("cuda", 0)) == tiles._DEFAULTS_16BIT["weight_grad"]

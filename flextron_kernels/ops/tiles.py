@@ -6,8 +6,9 @@ file, keyed by ``torch.cuda.get_device_name``, written by ``benchmarks/tune_tile
 and :func:`override_tiles` replaces either inside a block (that script's sweep).
 
 Families: ``matmul`` (the routed matmul: linear forward and input gradient, the MLP's
-down projection and input gradient), ``matmul_gated`` (the MLP's fused gate and up
-projections; it shares ``matmul``'s ``BLOCK_M``, so both use one routing),
+down projection and input gradient), ``matmul_small`` (the same over at most
+``SMALL_ROWS`` rows), ``matmul_gated`` (the MLP's fused gate and up projections; it
+shares the ``BLOCK_M`` of ``matmul`` or ``matmul_small``, so both use one routing),
 ``matmul_decode`` (the routed matmul over at most 64 rows, one row tile), ``weight_grad``
 (the prefix weight gradient), ``attention_fwd``, and the backward's two kernels
 ``attention_bwd_dq`` (a tile of queries over steps of keys) and ``attention_bwd_dkdv``
@@ -27,16 +28,22 @@ import torch
 
 from flextron_kernels.backends import device_index
 
-FAMILIES = ("matmul", "matmul_gated", "matmul_decode", "weight_grad", "attention_fwd", "attention_bwd_dq",
+FAMILIES = ("matmul", "matmul_small", "matmul_gated", "matmul_decode", "weight_grad", "attention_fwd", "attention_bwd_dq",
             "attention_bwd_dkdv")
 TUNED_TABLE = Path(__file__).with_name("tuned_tiles.json")
 # Row counts up to this use the decode tiles (``matmul_decode``).
 DECODE_ROWS = 64
+# Row counts up to this (and above DECODE_ROWS) use ``matmul_small``.
+SMALL_ROWS = 1024
 
 # Defaults for 16-bit data on Hopper: 128x128 output tiles with 64-wide reduction steps
 # keep three pipeline stages of both operands within shared memory.
 _DEFAULTS_16BIT = {
     "matmul": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+    # Few rows: 128x256 tiles would leave SMs idle (512 rows x a 4096-wide output is 64
+    # of them) and a group of tokens just over a tile would pay for a second, nearly
+    # empty one; 64x128 tiles give 512 programs there.
+    "matmul_small": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
     "matmul_gated": dict(BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
     # BLOCK_M follows the row count (16, 32 or 64).
     "matmul_decode": dict(BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
@@ -135,7 +142,7 @@ def matmul_config(t: torch.Tensor, num_rows: int, *, gated: bool = False) -> dic
                     num_warps=8, num_stages=3)
     if num_rows <= DECODE_ROWS:
         return dict(_sixteen_bit("matmul_decode", t.device), BLOCK_M=_row_tile(num_rows), INPUT_PRECISION=precision)
-    config = _sixteen_bit("matmul", t.device)
+    config = _sixteen_bit("matmul_small" if num_rows <= SMALL_ROWS else "matmul", t.device)
     if gated:
         config = {**_sixteen_bit("matmul_gated", t.device), "BLOCK_M": config["BLOCK_M"]}
     return dict(config, INPUT_PRECISION=precision)
