@@ -172,10 +172,10 @@ def configurations():
     att = dict(GROUP=4, HAS_HEADS=True, INPUT_PRECISION="tf32", HEAD_DIM=128, BLOCK_D=128)
     kernels = {"fwd": attention.attention_fwd_kernel, "bwd_dq": attention.attention_bwd_dq_kernel,
                "bwd_dkdv": attention.attention_bwd_dkdv_kernel}
-    fp32 = dict(tiles.ATTENTION_FP32_TILES)
     for kernel, fn in kernels.items():
         variants = [(variant, "bf16", "tf32", config) for variant, config in tiles.sixteen_bit_variants(f"attention_{kernel}").items()]
-        variants += [("fp32", "fp32", precision, fp32) for precision in ("tf32", "ieee")]
+        variants += [("fp32", "fp32", precision, tiles.attention_fp32_tiles(kernel, precision))
+                     for precision in ("tf32", "ieee")]
         for variant, dtype, precision, config in variants:
             tile, opts = _split(config)
             for causal in (True, False):

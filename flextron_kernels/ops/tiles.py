@@ -58,9 +58,17 @@ _DEFAULTS_16BIT = {
     "attention_bwd_dq": dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3),
     "attention_bwd_dkdv": dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3),
 }
-# fp32 operands are twice the bytes: smaller attention tiles keep within shared memory,
-# with TF32 too.
-ATTENTION_FP32_TILES = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+
+
+def attention_fp32_tiles(kernel: str, precision: str) -> dict:
+    """Tiles of an attention kernel (``fwd``, ``bwd_dq``, ``bwd_dkdv``) for fp32 operands,
+    at ``precision`` (``tf32`` or ``ieee``). Twice the bytes of 16-bit ones: smaller tiles
+    keep within shared memory, and 8 warps keep them in registers (at 4 warps every kernel
+    spilled). Exact fp32 runs on the FMA units, where the dk/dv kernel needs short query
+    steps not to spill."""
+    block_m = 16 if (kernel == "bwd_dkdv" and precision == "ieee") else 64
+    return dict(BLOCK_M=block_m, BLOCK_N=32, num_warps=8, num_stages=2)
+
 
 _overrides: contextvars.ContextVar[dict] = contextvars.ContextVar("flextron_tile_overrides", default={})
 
@@ -167,7 +175,7 @@ def attention_config(t: torch.Tensor, kernel: str) -> dict:
         block_n = 32 if kernel == "bwd_dkdv" else 16
         return dict(BLOCK_M=16, BLOCK_N=block_n, INPUT_PRECISION=precision)
     if t.dtype == torch.float32:
-        return dict(ATTENTION_FP32_TILES, INPUT_PRECISION=precision)
+        return dict(attention_fp32_tiles(kernel, precision), INPUT_PRECISION=precision)
     return dict(_sixteen_bit(f"attention_{kernel}", t.device), INPUT_PRECISION=precision)
 
 
