@@ -153,6 +153,31 @@ def test_generation_decode_steps_do_not_sync_on_value_checks(monkeypatch):
         model.generate(torch.randint(0, VOCAB, (2, 4)), budget=torch.tensor([0.5, 1.5]), max_new_tokens=3)
 
 
+def test_prefill_checks_packing_and_caches_once_not_per_layer(monkeypatch):
+    import importlib
+
+    attention_module = importlib.import_module("flextron_kernels.ops.elastic_attention")
+    seen = []
+    check = attention_module.value_checks_enabled
+    monkeypatch.setattr(attention_module, "value_checks_enabled", lambda t: seen.append(check(t)) or seen[-1])
+    model = FlextronForCausalLM.from_hf(hf_model("llama"), mlp_choices=[[64, 128, 192, 256]] * 2)
+    ids = torch.randint(0, VOCAB, (9,))
+    cu = torch.tensor([0, 4, 9])
+    with torch.no_grad():
+        model(ids, cu_seqlens=cu, budget=torch.tensor([0.5, 1.0]), caches=model.new_caches(2, 6))
+    # Checked by the model; each layer's attention (a host sync per check on a GPU) skips it.
+    assert seen and not any(seen)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"cu_seqlens: expected non-decreasing offsets from 0 to T=9, got \[0, 6, 4, 9\]"):
+            model(ids, cu_seqlens=torch.tensor([0, 6, 4, 9]))
+        with pytest.raises(TypeError, match="cu_seqlens: expected dtype in"):
+            model(ids, cu_seqlens=cu.float())
+        with pytest.raises(ValueError, match="caches: a sequence of 5 tokens does not fit caches of 4 positions"):
+            model(ids, cu_seqlens=cu, caches=model.new_caches(2, 4))
+        with pytest.raises(ValueError, match=r"caches: expected one cache per layer \(2\) with one request per sequence \(2\)"):
+            model(ids, cu_seqlens=cu, caches=model.new_caches(3, 8))
+
+
 def test_generation_sampling_and_eos():
     model = FlextronForCausalLM.from_hf(hf_model("llama"))
     prompts = torch.randint(0, VOCAB, (2, 4))

@@ -12,6 +12,7 @@ when none is), so a budget is an upper bound on every layer's width fraction.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Optional, Union
 
@@ -23,7 +24,7 @@ from flextron_kernels.models.config import FlextronConfig
 from flextron_kernels.models.graphs import capture
 from flextron_kernels.models.routers import StaticRouter, TokenRouter, encode_budget, select
 from flextron_kernels.nn import ElasticAttention, ElasticMLP, KVCache
-from flextron_kernels.ops.checks import skip_width_value_checks, value_checks_enabled
+from flextron_kernels.ops.checks import INTEGER_DTYPES, check_tensor, skip_width_value_checks, value_checks_enabled
 from flextron_kernels.ops.elastic_attention import one_sequence
 
 Budget = Union[None, float, torch.Tensor]
@@ -276,6 +277,28 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
             cu_seqlens = one_sequence(input_ids.numel(), input_ids.device)
         return input_ids, cu_seqlens.to(torch.int32)
 
+    def _check_packing(self, cu: torch.Tensor, num_tokens: int, *, given: bool, caches: Optional[list]) -> None:
+        """``cu_seqlens`` (when the caller gave it) and the caches to fill, checked once
+        for every layer. The value checks are one host sync, skipped where the ops skip
+        theirs (:func:`~flextron_kernels.skip_width_value_checks`, graph capture, compile)."""
+        num_seqs = cu.numel() - 1
+        if caches is not None:
+            if len(caches) != len(self.layers) or any(c.k.shape[0] != num_seqs for c in caches):
+                raise ValueError(
+                    f"caches: expected one cache per layer ({len(self.layers)}) with one request per sequence "
+                    f"({num_seqs}), got {len(caches)} caches of batch {[c.k.shape[0] for c in caches][:4]}"
+                )
+        check_values = value_checks_enabled(cu)
+        if given and check_values:
+            values = cu.tolist()
+            if values[0] != 0 or values[-1] != num_tokens or any(b < a for a, b in zip(values, values[1:])):
+                raise ValueError(f"cu_seqlens: expected non-decreasing offsets from 0 to T={num_tokens}, got {values}")
+        if caches is not None and check_values and num_seqs:
+            longest = int((cu[1:] - cu[:-1]).max())
+            capacity = caches[0].k.shape[2]
+            if longest > capacity:
+                raise ValueError(f"caches: a sequence of {longest} tokens does not fit caches of {capacity} positions")
+
     def _per_token(self, value, cu_seqlens, num_tokens):
         if not isinstance(value, torch.Tensor):
             return value
@@ -290,10 +313,13 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
         ``caches``: one :class:`KVCache` per layer to fill (prefill before decoding).
         ``choices``: per layer ``(mlp_width, heads)``, overriding the budget and routers."""
         shape = input_ids.shape
+        if cu_seqlens is not None:
+            check_tensor("cu_seqlens", cu_seqlens, dtypes=INTEGER_DTYPES, ndim=1, device=input_ids.device)
         ids, cu = self._pack(input_ids, cu_seqlens)
         num_tokens = ids.numel()
         if isinstance(budget, torch.Tensor) and budget.numel() != cu.numel() - 1:
             raise ValueError(f"budget: expected one value per sequence ({cu.numel() - 1}), got shape {tuple(budget.shape)}")
+        self._check_packing(cu, num_tokens, given=cu_seqlens is not None, caches=caches)
         seq_ids = torch.bucketize(torch.arange(num_tokens, device=ids.device), cu[1:].to(torch.int64), right=True)
         positions = torch.arange(num_tokens, device=ids.device) - cu.to(torch.int64)[seq_ids]
         h = self.embed(ids)
@@ -312,13 +338,17 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
         else:
             plans = self._plan(budget, num_seqs, ids.device)
         rotary = self.layers[0].attn.rotary_tables(positions, h.dtype) if self.layers else None
-        for i, (layer, plan) in enumerate(zip(self.layers, plans)):
-            h = layer(
-                h, heads=per_token(plan["heads"]), width=per_token(plan["width"]),
-                cu_seqlens=cu, positions=positions, cache=None if caches is None else caches[i],
-                attn_scale=per_token(plan["attn_scale"]), mlp_scale=per_token(plan["mlp_scale"]),
-                token_router=None if code is None else self._token_router(i, code), rotary=rotary,
-            )
+        # The packing was checked above, and widths and head counts made from the choice
+        # lists are valid: the layers' ops skip their value checks (on a GPU, a host sync
+        # per op and layer). Choices given by the caller are checked by each op.
+        with skip_width_value_checks() if choices is None else contextlib.nullcontext():
+            for i, (layer, plan) in enumerate(zip(self.layers, plans)):
+                h = layer(
+                    h, heads=per_token(plan["heads"]), width=per_token(plan["width"]),
+                    cu_seqlens=cu, positions=positions, cache=None if caches is None else caches[i],
+                    attn_scale=per_token(plan["attn_scale"]), mlp_scale=per_token(plan["mlp_scale"]),
+                    token_router=None if code is None else self._token_router(i, code), rotary=rotary,
+                )
         logits = self.lm_head(self.final_norm(h))
         return logits.reshape(*shape, -1) if input_ids.dim() == 2 else logits
 
