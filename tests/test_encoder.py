@@ -52,6 +52,9 @@ def test_budgets_and_pooling():
         torch.testing.assert_close(cls, model(ids, mask)[:, 0])
     with pytest.raises(ValueError, match="pooling: expected one of mean, cls, pooler, got 'max'"):
         model.encode(ids, mask, pooling="max")
+    # The budgets are checked once, before the layers (which skip their ops' value checks).
+    with pytest.raises(ValueError, match="budget: expected values in \\(0, 1\\]"):
+        model.encode(ids, mask, budget=torch.tensor([1.0, 1.5, 0.25]))
 
 
 def test_bad_input():

@@ -15,6 +15,7 @@ from torch import nn
 from flextron_kernels.models.config import FlextronConfig
 from flextron_kernels.models.modeling import Budget, ElasticBudgets
 from flextron_kernels.nn import ElasticAttention, ElasticMLP
+from flextron_kernels.ops.checks import skip_width_value_checks
 
 
 class EncoderBlock(nn.Module):
@@ -65,11 +66,15 @@ class FlextronEncoder(ElasticBudgets, nn.Module):
         h = self.embed(input_ids) + self.pos_embed(positions) + self.type_embed(types)
         h = self.embed_norm(h)[mask]  # packed [T, D]
         num_tokens = h.shape[0]
-        for layer, (width, heads) in zip(self.layers, self.layer_choices(budget)):
-            if isinstance(width, torch.Tensor):
-                width = width.repeat_interleave(lengths, output_size=num_tokens)
-                heads = heads.repeat_interleave(lengths, output_size=num_tokens)
-            h = layer(h, heads=heads, width=width, cu_seqlens=cu)
+        choices = self.layer_choices(budget)
+        # cu_seqlens, widths and head counts are built here from the mask and the choice
+        # lists: the layers' ops skip their value checks (a host sync per op and layer on a GPU).
+        with skip_width_value_checks():
+            for layer, (width, heads) in zip(self.layers, choices):
+                if isinstance(width, torch.Tensor):
+                    width = width.repeat_interleave(lengths, output_size=num_tokens)
+                    heads = heads.repeat_interleave(lengths, output_size=num_tokens)
+                h = layer(h, heads=heads, width=width, cu_seqlens=cu)
         out = h.new_zeros(batch, seq_len, h.shape[-1])
         out[mask] = h
         return out
