@@ -89,6 +89,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
     from flextron_kernels.bench.harness import BenchSettings, Harness
     from flextron_kernels.bench.measure import format_table
+    from flextron_kernels.bench.report import HARNESS_COLUMNS
 
     on_gpu = torch.cuda.is_available()
     model_name, shapes = _resolve_model(args.model, on_gpu)
@@ -121,7 +122,7 @@ def run_bench(args: argparse.Namespace) -> int:
     plotted = _plot(out / "plot.png", results)
     print(f"device: {results['environment']['device']}, model: {model_name}, dtype: {settings_dtype(dtype)}, "
           f"copy {results['ceilings']['copy_tbps']:.2f} TB/s, matmul {results['ceilings']['matmul_tflops']:.1f} TFLOP/s")
-    print(format_table(results["rows"], ["op", "budget", "ms", "graph_ms", "baseline", "baseline_ms", "vs_baseline", "ideal_ms", "vs_ideal"]))
+    print(format_table(results["rows"], HARNESS_COLUMNS))
     if args.lut:
         path = harness.latency_table().save(args.lut)
         print(f"wrote {path}")
@@ -161,6 +162,8 @@ def _plot(path: Path, results: dict) -> bool:
         if any(r["baseline_ms"] for r in mine):
             label = next(r["baseline"] for r in mine if r["baseline_ms"])
             ax.plot(budgets, [r["baseline_ms"] for r in mine], "s--", label=label)
+            if any(r.get("baseline_graph_ms") for r in mine):
+                ax.plot(budgets, [r.get("baseline_graph_ms") for r in mine], "s:", label=f"{label}, CUDA graph")
         if any(r["ideal_ms"] for r in mine):
             ax.plot(budgets, [r["ideal_ms"] for r in mine], ":", color="gray", label="FLOP-proportional ideal")
         if op == "mlp":

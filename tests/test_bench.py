@@ -40,6 +40,10 @@ def test_outputs_and_schema(bench_run):
             assert row["baseline"] == "transformers_dense_reduced" and row["baseline_ms"] > 0
         if row["op"] == "decode":
             assert "graph_ms" in row  # the CUDA-graph replay of the step (None on a CPU)
+        if row["op"] in ("linear", "mlp", "mlp_mixed", "attention", "layer"):
+            # Ours and the baseline replayed from CUDA graphs (None on a CPU).
+            assert {"graph_ms", "baseline_graph_ms", "vs_baseline_graph"} <= set(row)
+            assert row["graph_ms"] is None and row["baseline_graph_ms"] is None
     with open(bench_run / "results.csv") as f:
         assert len(list(csv.DictReader(f))) == len(results["rows"])
     assert (bench_run / "plot.png").stat().st_size > 1000

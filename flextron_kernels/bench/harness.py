@@ -12,8 +12,11 @@ For each budget it times, on the model's layer shapes:
 - ``layer``: a whole transformer block (attention + MLP) against its dense reduced twin;
 - ``prefill`` / ``decode``: a model (``--layers`` of them, default the model's) over
   the prompt, and one decode step against a KV cache.
-It also measures the ceilings (copy bandwidth, dense matmul rate) and the latency
-table entries (MLP and attention per choice, prefill and decode, per token count).
+Each op and layer row is timed eagerly and, on a GPU, also replayed from CUDA graphs,
+ours and the baseline alike (small calls are bound by Python and launch costs when run
+eagerly; the graph replays give their GPU time). It also measures the ceilings (copy
+bandwidth, dense matmul rate) and the latency table entries (MLP and attention per
+choice, prefill and decode, per token count).
 """
 
 from __future__ import annotations
@@ -168,20 +171,41 @@ class Harness:
         row.update(extra)
         return row
 
+    def _timed_row(self, op, budget, ours, baseline, baseline_name, *, ideal=None, graph_baseline=True, **extra):
+        """A row for the calls ``ours`` and ``baseline``, timed eagerly (``ms``,
+        ``baseline_ms``) and, on a GPU, replayed from CUDA graphs (``graph_ms``,
+        ``baseline_graph_ms`` and their ratio ``vs_baseline_graph``): the GPU time without
+        the Python and launch cost of small calls. ``graph_baseline``: False for a baseline
+        that syncs with the host (it cannot be captured)."""
+        row = self._row(op, budget, time_ms(ours), time_ms(baseline), baseline_name, ideal=ideal, **extra)
+        row["graph_ms"] = self._graph_ms(ours)
+        row["baseline_graph_ms"] = self._graph_ms(baseline) if graph_baseline else None
+        both = row["graph_ms"] and row["baseline_graph_ms"]
+        row["vs_baseline_graph"] = row["graph_ms"] / row["baseline_graph_ms"] if both else None
+        return row
+
+    def _graph_ms(self, fn) -> Optional[float]:
+        """``fn`` replayed from a CUDA graph (None on a CPU, or when it cannot be captured)."""
+        if self.s.device.type != "cuda":
+            return None
+        try:
+            return time_ms(graph_replay(fn))
+        except RuntimeError as error:
+            self.progress(f"    no CUDA graph: {str(error).splitlines()[0] if str(error) else type(error).__name__}")
+            return None
+
     def _bench_linear(self, budget, _):
         width = self.widths[budget]
         w = self.mlp.w_up
         sub = w[:width].contiguous()
-        ours = time_ms(lambda: fk.elastic_linear(self.x, w, out_features=width))
-        return self._row("linear", budget, ours, time_ms(lambda: F.linear(self.x, sub)), "cublas_contiguous",
-                         width=width)
+        return self._timed_row("linear", budget, lambda: fk.elastic_linear(self.x, w, out_features=width),
+                               lambda: F.linear(self.x, sub), "cublas_contiguous", width=width)
 
     def _bench_mlp(self, budget, t_dense_full):
         width = self.widths[budget]
-        ours = time_ms(lambda: self.mlp(self.x, width=width))
         dense = self._mlp_dense_copy(width)
-        return self._row("mlp", budget, ours, time_ms(lambda: dense(self.x)), "dense_reduced",
-                         ideal=t_dense_full * width / self.s.model["ffn"], width=width)
+        return self._timed_row("mlp", budget, lambda: self.mlp(self.x, width=width), lambda: dense(self.x),
+                               "dense_reduced", ideal=t_dense_full * width / self.s.model["ffn"], width=width)
 
     def _bench_mlp_mixed(self, _, t_dense_full):
         ffn = self.s.model["ffn"]
@@ -189,19 +213,20 @@ class Harness:
         index = torch.randint(0, choices.numel(), (self.x.shape[0],), generator=torch.Generator().manual_seed(2))
         widths = choices[index].to(self.s.device)
         fraction = widths.double().mean().item() / ffn
-        ours = time_ms(lambda: self.mlp(self.x, width=widths))
-        return self._row("mlp_mixed", round(fraction, 4), ours, time_ms(lambda: self._bucketed_mlp(self.x, widths)),
-                         "torch_bucketed", ideal=t_dense_full * fraction, width=None)
+        return self._timed_row("mlp_mixed", round(fraction, 4), lambda: self.mlp(self.x, width=widths),
+                               lambda: self._bucketed_mlp(self.x, widths), "torch_bucketed",
+                               ideal=t_dense_full * fraction, graph_baseline=False, width=None)
 
     def _bench_attention(self, budget, _):
         heads = self.heads[budget]
         q, kv, cu, batch, seq = self._attention_inputs(heads, self.s.tokens)
-        ours = time_ms(lambda: fk.elastic_attention(q, kv, kv, heads=heads, cu_seqlens=cu))
         kv_heads = heads // self.group
         dq = q[:, :heads].reshape(batch, seq, heads, -1).transpose(1, 2).contiguous()
         dkv = kv[:, :kv_heads].reshape(batch, seq, kv_heads, -1).transpose(1, 2).contiguous()
-        sdpa = time_ms(lambda: F.scaled_dot_product_attention(dq, dkv, dkv, is_causal=True, enable_gqa=self.group > 1))
-        return self._row("attention", budget, ours, sdpa, "sdpa_active_heads", heads=heads)
+        return self._timed_row(
+            "attention", budget, lambda: fk.elastic_attention(q, kv, kv, heads=heads, cu_seqlens=cu),
+            lambda: F.scaled_dot_product_attention(dq, dkv, dkv, is_causal=True, enable_gqa=self.group > 1),
+            "sdpa_active_heads", heads=heads)
 
     def _bench_layer(self, budget, _):
         width, heads = self.widths[budget], self.heads[budget]
@@ -228,7 +253,7 @@ class Harness:
             h = x + F.linear(o.transpose(1, 2).reshape(x.shape[0], heads * dh), wo)
             return h + dense_mlp(h)
 
-        return self._row("layer", budget, time_ms(ours), time_ms(dense), "dense_reduced", width=width, heads=heads)
+        return self._timed_row("layer", budget, ours, dense, "dense_reduced", width=width, heads=heads)
 
     def _model(self):
         if not hasattr(self, "_flextron"):

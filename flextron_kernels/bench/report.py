@@ -15,7 +15,8 @@ from pathlib import Path
 
 from flextron_kernels.bench.measure import format_table
 
-HARNESS_COLUMNS = ["op", "budget", "ms", "graph_ms", "baseline", "baseline_ms", "vs_baseline", "ideal_ms", "vs_ideal"]
+HARNESS_COLUMNS = ["op", "budget", "ms", "graph_ms", "baseline", "baseline_ms", "vs_baseline", "baseline_graph_ms",
+                   "vs_baseline_graph", "ideal_ms", "vs_ideal"]
 
 
 def _cell(value) -> str:
