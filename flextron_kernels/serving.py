@@ -390,13 +390,16 @@ class Server:
         cuda_graph.replay()
         return logits[:n]
 
+    def _step(self, bucket: int, kwargs):
+        """The decode step over slots ``0..bucket-1``, as a call (run eagerly, or captured)."""
+        return lambda: self.model.decode_step(self.tokens[:bucket], self._slot_views(0, bucket), **kwargs)
+
     def _run_eager(self, bucket: int, kwargs) -> torch.Tensor:
         with skip_width_value_checks():  # the widths were checked when each request was admitted
-            return self.model.decode_step(self.tokens[:bucket], self._slot_views(0, bucket), **kwargs)
+            return self._step(bucket, kwargs)()
 
     def _capture(self, bucket: int, kwargs):
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        captured = capture(lambda: self.model.decode_step(self.tokens[:bucket], self._slot_views(0, bucket), **kwargs),
-                           what=f"decode step for batch bucket {bucket}", pool=self._pool)
+        captured = capture(self._step(bucket, kwargs), what=f"decode step for batch bucket {bucket}", pool=self._pool)
         return captured if captured is not None else False

@@ -24,7 +24,6 @@ os.environ["TRITON_INTERPRET"] = "0"
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton import knobs  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from flextron_kernels.ops import tiles  # noqa: E402
@@ -94,11 +93,13 @@ def machine_code(cubin: bytes) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        try:
+        try:  # Triton's own cuobjdump (its knobs module: Triton 3.4 and later)
+            from triton import knobs
+
             tool = knobs.nvidia.cuobjdump.path
             usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
             sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
-        except (OSError, RuntimeError):
+        except Exception:  # no disassembler: registers and spills unknown
             return dict(regs=None, spill_bytes=None, spill_instructions=None)
     found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
     return dict(regs=int(found[1]) if found else None, spill_bytes=int(found[2]) if found else None,
@@ -173,15 +174,22 @@ def configurations():
     kernels = {"fwd": attention.attention_fwd_kernel, "bwd_dq": attention.attention_bwd_dq_kernel,
                "bwd_dkdv": attention.attention_bwd_dkdv_kernel}
     for kernel, fn in kernels.items():
-        variants = [(variant, "bf16", "tf32", config) for variant, config in tiles.sixteen_bit_variants(f"attention_{kernel}").items()]
-        variants += [("fp32", "fp32", precision, tiles.attention_fp32_tiles(kernel, precision))
-                     for precision in ("tf32", "ieee")]
-        for variant, dtype, precision, config in variants:
-            tile, opts = _split(config)
-            for causal in (True, False):
-                label = f"[{variant}] attention {kernel} {dtype} {precision}"
-                yield label + (", causal" if causal else ""), fn, dtype, dict(
-                    att, **tile, INPUT_PRECISION=precision, CAUSAL=causal), opts
+        for head_dim in (64, 128, 256):
+            wide = head_dim > 128
+            if wide:
+                variants = [("wide head", "bf16", "tf32", tiles.WIDE_HEAD_TILES_16BIT[kernel])]
+            else:
+                variants = [(variant, "bf16", "tf32", config)
+                            for variant, config in tiles.sixteen_bit_variants(f"attention_{kernel}").items()]
+            variants += [("fp32", "fp32", precision, tiles.attention_fp32_tiles(kernel, precision, wide_head=wide))
+                         for precision in ("tf32", "ieee")]
+            for variant, dtype, precision, config in variants:
+                tile, opts = _split(config)
+                for causal in (True, False):
+                    label = f"[{variant}] attention {kernel} {dtype} {precision}, head dim {head_dim}"
+                    yield label + (", causal" if causal else ""), fn, dtype, dict(
+                        att, **tile, HEAD_DIM=head_dim, BLOCK_D=head_dim, INPUT_PRECISION=precision,
+                        CAUSAL=causal), opts
     yield "attention fwd, head dim 96, not causal", attention.attention_fwd_kernel, "bf16", dict(
         att, HEAD_DIM=96, CAUSAL=False, BLOCK_M=128, BLOCK_N=64), dict(num_warps=8, num_stages=2)
     yield "attention bwd delta", attention.attention_bwd_delta_kernel, "bf16", dict(

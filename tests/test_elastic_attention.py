@@ -182,6 +182,7 @@ def _bad_cases():
         (dict(base, k=k.to("meta")), ValueError, "k: expected a tensor on cpu"),
         (dict(base, softmax_scale=-0.5), ValueError, "softmax_scale: expected a finite float > 0, got -0.5"),
         (dict(base, softmax_scale=float("nan")), ValueError, "softmax_scale: expected a finite float > 0, got nan"),
+        (dict(base, softmax_scale="0.1"), TypeError, "softmax_scale: expected a float or None, got str"),
     ]
 
 
@@ -191,6 +192,13 @@ def test_bad_input_gets_a_clear_error(case):
     q, k, v = kwargs.pop("q"), kwargs.pop("k"), kwargs.pop("v")
     with pytest.raises(error, match=message):
         fk.elastic_attention(q, k, v, **kwargs)
+
+
+def test_the_custom_op_checks_the_softmax_scale_too():
+    q, k = torch.randn(6, 4, 16), torch.randn(6, 2, 16)
+    cu = torch.tensor([0, 6], dtype=torch.int32)
+    with pytest.raises(ValueError, match="softmax_scale: expected a finite float > 0, got -1.0"):
+        torch.ops.flextron.elastic_attention_fwd(q, k, k, cu, None, 4, True, -1.0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -213,7 +213,8 @@ def _bad_cases():
         (dict(base, heads=torch.tensor([8, 4, 4])), ValueError, "heads: expected shape \\(2,\\), got \\(3,\\)"),
         (dict(base, heads=torch.tensor([8, 4], device="meta")), ValueError, "heads: expected a tensor on cpu"),
         (dict(base, softmax_scale="0.1"), TypeError, "softmax_scale: expected a float or None, got str"),
-        (dict(base, softmax_scale=float("nan")), ValueError, "softmax_scale: expected a finite number, got nan"),
+        (dict(base, softmax_scale=float("nan")), ValueError, "softmax_scale: expected a finite float > 0, got nan"),
+        (dict(base, softmax_scale=0.0), ValueError, "softmax_scale: expected a finite float > 0, got 0.0"),
     ]
 
 

@@ -176,6 +176,9 @@ def test_prefill_checks_packing_and_caches_once_not_per_layer(monkeypatch):
             model(ids, cu_seqlens=cu, caches=model.new_caches(2, 4))
         with pytest.raises(ValueError, match=r"caches: expected one cache per layer \(2\) with one request per sequence \(2\)"):
             model(ids, cu_seqlens=cu, caches=model.new_caches(3, 8))
+        # [B, S] prompts: the longest is known without reading values (checked even when skipped).
+        with fk.skip_width_value_checks(), pytest.raises(ValueError, match="a sequence of 5 tokens does not fit caches of 3"):
+            model(ids[:5].reshape(1, 5), caches=model.new_caches(1, 3))
 
 
 def test_generation_sampling_and_eos():

@@ -50,6 +50,24 @@ def test_matmul_tiles_follow_the_row_count(fake_gpu):
         assert gated["BLOCK_M"] == config["BLOCK_M"] and gated["BLOCK_N"] == defaults["matmul_gated"]["BLOCK_N"], rows
 
 
+def test_attention_tiles_follow_the_head_dim(fake_gpu):
+    from types import SimpleNamespace
+
+    def config(kernel, head_dim, dtype=torch.bfloat16):
+        t = SimpleNamespace(device=torch.device("cuda", 0), dtype=dtype, shape=(8, 4, head_dim))
+        return tiles.attention_config(t, kernel)
+
+    for kernel in tiles.ATTENTION_KERNELS:
+        wide = tiles.WIDE_HEAD_TILES_16BIT[kernel]
+        assert {k: config(kernel, 256)[k] for k in wide} == wide
+        assert {k: config(kernel, 128)[k] for k in wide} == tiles._DEFAULTS_16BIT[f"attention_{kernel}"]
+        for head_dim in (128, 256):
+            fp32 = tiles.attention_fp32_tiles(kernel, "ieee", wide_head=head_dim > 128)
+            assert config(kernel, head_dim, torch.float32) == dict(fp32, INPUT_PRECISION="ieee")
+    with pytest.raises(ValueError, match="kernel: expected one of fwd, bwd_dq, bwd_dkdv, got 'bwd'"):
+        config("bwd", 128)
+
+
 def test_unreadable_table_gives_the_defaults(fake_gpu):
     fake_gpu.write_text("{not json")
     assert tiles._sixteen_bit("weight_grad", torch.device("cuda", 0)) == tiles._DEFAULTS_16BIT["weight_grad"]

@@ -24,6 +24,8 @@ from typing import Callable
 
 import torch
 
+from flextron_kernels.models.graphs import record
+
 
 def _compile_only() -> bool:
     return os.environ.get("FLEXTRON_BENCH_COMPILE_ONLY", "") not in ("", "0")
@@ -90,9 +92,7 @@ def graph_replay(fn: Callable[[], object]) -> Callable[[], None]:
         for _ in range(2):  # compile kernels and settle the allocator outside the capture
             fn()
     torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    graph, _ = record(fn)
     return graph.replay
 
 

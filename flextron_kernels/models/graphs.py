@@ -1,4 +1,5 @@
-"""Capturing a decode step in a CUDA graph (used by ``generate`` and the serving loop).
+"""Capturing a decode step in a CUDA graph (used by ``generate``, the serving loop and the
+benchmarks).
 
 A decode step issues a few dozen small kernels; replayed from a graph, it costs their GPU
 time instead of the Python and launch time of issuing them one by one.
@@ -14,20 +15,28 @@ import torch
 from flextron_kernels.ops.checks import skip_width_value_checks
 
 
-def capture(fn: Callable[[], torch.Tensor], *, what: str, pool=None) -> Optional[tuple]:
-    """``(graph, output)``: ``fn`` captured in a CUDA graph, whose replays rewrite
-    ``output`` (a tensor ``fn`` returns); None, with a warning naming ``what``, when ``fn``
-    cannot be captured (the caller then runs it eagerly).
+def record(fn: Callable[[], object], *, pool=None) -> tuple:
+    """``(graph, output)``: ``fn`` captured in a CUDA graph on a stream of its own; its
+    replays rewrite ``output`` (what ``fn`` returns). Raises what the capture raises.
 
     ``fn`` must have run eagerly on these inputs before (its kernels compiled), and must
     not depend on host values that change between replays. Width value checks are
     skipped inside the capture (each would be a host sync): the caller checked its
     inputs once."""
     graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    # The outer stream context restores the caller's stream even when the capture fails:
+    # torch.cuda.graph leaves its capture stream current when ending the capture raises.
+    with torch.cuda.stream(stream), skip_width_value_checks(), torch.cuda.graph(graph, pool=pool, stream=stream):
+        output = fn()
+    return graph, output
+
+
+def capture(fn: Callable[[], object], *, what: str, pool=None) -> Optional[tuple]:
+    """:func:`record`, or None with a warning naming ``what`` when ``fn`` cannot be
+    captured (the caller then runs it eagerly)."""
     try:
-        with skip_width_value_checks(), torch.cuda.graph(graph, pool=pool):
-            output = fn()
-    except RuntimeError as err:  # an op that cannot be captured: stay correct, run eagerly
+        return record(fn, pool=pool)
+    except RuntimeError as err:
         warnings.warn(f"{what} runs eagerly: CUDA graph capture failed ({err})")
         return None
-    return graph, output

@@ -24,7 +24,13 @@ from flextron_kernels.models.config import FlextronConfig
 from flextron_kernels.models.graphs import capture
 from flextron_kernels.models.routers import StaticRouter, TokenRouter, encode_budget, select
 from flextron_kernels.nn import ElasticAttention, ElasticMLP, KVCache
-from flextron_kernels.ops.checks import INTEGER_DTYPES, check_tensor, skip_width_value_checks, value_checks_enabled
+from flextron_kernels.ops.checks import (
+    INTEGER_DTYPES,
+    check_cu_seqlens_values,
+    check_tensor,
+    skip_width_value_checks,
+    value_checks_enabled,
+)
 from flextron_kernels.ops.elastic_attention import one_sequence
 
 Budget = Union[None, float, torch.Tensor]
@@ -277,27 +283,29 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
             cu_seqlens = one_sequence(input_ids.numel(), input_ids.device)
         return input_ids, cu_seqlens.to(torch.int32)
 
-    def _check_packing(self, cu: torch.Tensor, num_tokens: int, *, given: bool, caches: Optional[list]) -> None:
+    def _check_packing(self, input_ids: torch.Tensor, cu: torch.Tensor, *, given: bool,
+                       caches: Optional[list]) -> None:
         """``cu_seqlens`` (when the caller gave it) and the caches to fill, checked once
-        for every layer. The value checks are one host sync, skipped where the ops skip
-        theirs (:func:`~flextron_kernels.skip_width_value_checks`, graph capture, compile)."""
-        num_seqs = cu.numel() - 1
-        if caches is not None:
-            if len(caches) != len(self.layers) or any(c.k.shape[0] != num_seqs for c in caches):
-                raise ValueError(
-                    f"caches: expected one cache per layer ({len(self.layers)}) with one request per sequence "
-                    f"({num_seqs}), got {len(caches)} caches of batch {[c.k.shape[0] for c in caches][:4]}"
-                )
-        check_values = value_checks_enabled(cu)
-        if given and check_values:
+        for every layer. Values are read on the host at most once (a sync on a GPU), and
+        not where the ops skip their value checks (:func:`~flextron_kernels.skip_width_value_checks`,
+        graph capture, compile)."""
+        num_seqs, num_tokens = cu.numel() - 1, input_ids.numel()
+        if caches is not None and (len(caches) != len(self.layers) or any(c.k.shape[0] != num_seqs for c in caches)):
+            raise ValueError(
+                f"caches: expected one cache per layer ({len(self.layers)}) with one request per sequence "
+                f"({num_seqs}), got {len(caches)} caches of batch {[c.k.shape[0] for c in caches][:4]}"
+            )
+        if not given:  # [B, S] or one packed sequence: the longest is known on the host
+            longest = input_ids.shape[-1] if input_ids.dim() == 2 else num_tokens
+        elif value_checks_enabled(cu):
             values = cu.tolist()
-            if values[0] != 0 or values[-1] != num_tokens or any(b < a for a, b in zip(values, values[1:])):
-                raise ValueError(f"cu_seqlens: expected non-decreasing offsets from 0 to T={num_tokens}, got {values}")
-        if caches is not None and check_values and num_seqs:
-            longest = int((cu[1:] - cu[:-1]).max())
-            capacity = caches[0].k.shape[2]
-            if longest > capacity:
-                raise ValueError(f"caches: a sequence of {longest} tokens does not fit caches of {capacity} positions")
+            check_cu_seqlens_values(values, num_tokens)
+            longest = max((b - a for a, b in zip(values, values[1:])), default=0)
+        else:
+            return
+        too_short = [c.k.shape[2] for c in (caches or ()) if c.k.shape[2] < longest]
+        if too_short:
+            raise ValueError(f"caches: a sequence of {longest} tokens does not fit caches of {too_short[0]} positions")
 
     def _per_token(self, value, cu_seqlens, num_tokens):
         if not isinstance(value, torch.Tensor):
@@ -319,7 +327,7 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
         num_tokens = ids.numel()
         if isinstance(budget, torch.Tensor) and budget.numel() != cu.numel() - 1:
             raise ValueError(f"budget: expected one value per sequence ({cu.numel() - 1}), got shape {tuple(budget.shape)}")
-        self._check_packing(cu, num_tokens, given=cu_seqlens is not None, caches=caches)
+        self._check_packing(input_ids, cu, given=cu_seqlens is not None, caches=caches)
         seq_ids = torch.bucketize(torch.arange(num_tokens, device=ids.device), cu[1:].to(torch.int64), right=True)
         positions = torch.arange(num_tokens, device=ids.device) - cu.to(torch.int64)[seq_ids]
         h = self.embed(ids)
@@ -415,8 +423,9 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
         float or ``[B]`` tensor (each request its own). ``temperature`` 0 is greedy;
         otherwise sampling with optional ``top_k`` / ``top_p``. After ``eos_token_id`` a
         request keeps emitting it. ``cuda_graph``: the first decode step runs eagerly and
-        is captured in a CUDA graph that the later steps replay (default: on a GPU, unless
-        :attr:`record_token_choices` is set, whose record a replay would not extend).
+        is captured in a CUDA graph that the later steps replay, when at least four
+        follow (default: on a GPU, unless :attr:`record_token_choices` is set, whose
+        record a replay would not extend).
         """
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids: expected [B, S] with S >= 1, got shape {tuple(input_ids.shape)}")
@@ -429,6 +438,8 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
         if self.pos_embed is not None and total > self.config.max_positions:
             raise ValueError(f"max_new_tokens: prompt + new tokens ({total}) exceed max_positions={self.config.max_positions}")
         budget = self.budget if budget is None else budget
+        if isinstance(budget, torch.Tensor):  # on the device once: a captured step cannot copy from the host
+            budget = budget.to(input_ids.device)
         caches = self.new_caches(batch, total)
         logits = self.forward(input_ids, budget=budget, caches=caches)[:, -1]
         if self.token_routers is not None or self.training:  # choices made inside each step
@@ -461,10 +472,16 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
             # lengths within the caches made for `total`): no host sync per layer.
             with skip_width_value_checks():
                 logits = decode_step()
-            if try_capture and step + 2 < max_new_tokens:  # kernels compiled, and a replay to come
+            # Kernels compiled now; a capture (a device sync, a few steps' time) pays off over
+            # several replays.
+            if try_capture and max_new_tokens - step - 2 >= _MIN_GRAPH_REPLAYS:
                 captured = capture(decode_step, what="generate's decode step")
             try_capture = False
         return torch.cat(out, dim=1)
+
+
+# Decode steps that must follow for generate to capture one in a CUDA graph.
+_MIN_GRAPH_REPLAYS = 4
 
 
 @functools.lru_cache(maxsize=None)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 import os
 from typing import Iterator, Optional, Sequence, Union
 
@@ -132,3 +133,22 @@ def check_widths(
         if low_seen < 0 or high_seen > high:
             raise ValueError(f"{name}: expected every width in [0, {high}], got values in [{low_seen}, {high_seen}]")
     return flat, high
+
+
+def softmax_scale_or_default(softmax_scale: object, head_dim: int) -> float:
+    """An attention call's ``softmax_scale``, checked (a finite float > 0: the kernels
+    scale each row's maximum score), or ``head_dim ** -0.5`` when it is None."""
+    if softmax_scale is None:
+        return head_dim**-0.5
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+        raise TypeError(f"softmax_scale: expected a float or None, got {type(softmax_scale).__name__}")
+    if not (math.isfinite(softmax_scale) and softmax_scale > 0):
+        raise ValueError(f"softmax_scale: expected a finite float > 0, got {softmax_scale!r}")
+    return float(softmax_scale)
+
+
+def check_cu_seqlens_values(values: Sequence[int], num_tokens: int) -> None:
+    """``cu_seqlens`` (on the host, as a list) must rise from 0 to ``num_tokens``."""
+    if values[0] != 0 or values[-1] != num_tokens or any(b < a for a, b in zip(values, values[1:])):
+        raise ValueError(f"cu_seqlens: expected non-decreasing offsets from 0 to T={num_tokens}, got {list(values)}")
+

@@ -14,7 +14,6 @@ is meant for CPUs and for checking.
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Union
 
 import torch
@@ -23,10 +22,12 @@ from flextron_kernels.backends import select_backend
 from flextron_kernels.ops.checks import (
     FLOAT_DTYPES,
     INTEGER_DTYPES,
+    check_cu_seqlens_values,
     check_same_dtype,
     check_tensor,
     check_widths,
     new_output,
+    softmax_scale_or_default,
     value_checks_enabled,
 )
 from flextron_kernels.ops.common import dispatch_state, dispatch_state_restored
@@ -180,6 +181,7 @@ def _fwd_op(
     """``q [T, Hq, D]``, ``k, v [T, Hkv, D]``, ``cu_seqlens [B+1]`` int32, ``heads [T]`` (or
     None: ``static_heads`` for every token) -> ``out [T, Hq, D]`` and ``lse [Hq, T]`` fp32
     (natural log; unspecified where the head is unused)."""
+    softmax_scale_or_default(softmax_scale, q.shape[-1])  # the op is public too: the same rule
     impl = _forward_triton if _select(q) == "triton" else _forward_torch
     return impl(q, k, v, cu_seqlens, heads, static_heads, causal, softmax_scale)
 
@@ -287,11 +289,7 @@ def elastic_attention(
         if cu_seqlens.numel() < 2:
             raise ValueError(f"cu_seqlens: expected at least 2 entries (B + 1), got {cu_seqlens.numel()}")
         if value_checks_enabled(cu_seqlens):
-            values = cu_seqlens.tolist()
-            if values[0] != 0 or values[-1] != num_tokens or any(b < a for a, b in zip(values, values[1:])):
-                raise ValueError(
-                    f"cu_seqlens: expected non-decreasing offsets from 0 to T={num_tokens}, got {values}"
-                )
+            check_cu_seqlens_values(cu_seqlens.tolist(), num_tokens)
         cu_seqlens = cu_seqlens.to(torch.int32)
 
     head_counts, static_heads = check_widths("heads", heads, high=q_heads, default=q_heads, token_shape=(num_tokens,), device=q.device)
@@ -305,9 +303,7 @@ def elastic_attention(
                 f"heads: expected multiples of the GQA group {group} (Hq={q_heads}, Hkv={kv_heads}), got {bad[:4].tolist()}"
             )
 
-    scale = float(head_dim**-0.5 if softmax_scale is None else softmax_scale)
-    if not (math.isfinite(scale) and scale > 0):  # the kernels scale each row's maximum
-        raise ValueError(f"softmax_scale: expected a finite float > 0, got {softmax_scale!r}")
+    scale = softmax_scale_or_default(softmax_scale, head_dim)
     if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
         # Inference: no autograd function, nothing saved (one step less on the host).
         return torch.ops.flextron.elastic_attention_fwd(q, k, v, cu_seqlens, head_counts, static_heads, bool(causal),

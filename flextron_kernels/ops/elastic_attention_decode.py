@@ -17,7 +17,6 @@ only when the head count is an int, with an fp32 softmax.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Optional, Union
 
 import torch
@@ -29,6 +28,7 @@ from flextron_kernels.ops.checks import (
     check_tensor,
     check_widths,
     new_output,
+    softmax_scale_or_default,
     value_checks_enabled,
 )
 from flextron_kernels.ops.tiles import input_precision
@@ -163,7 +163,7 @@ def elastic_attention_decode(
         heads: an int or a ``[B]`` integer tensor in ``[0, Hq]``, each a multiple of the
             GQA group ``Hq // Hkv``: request ``b`` uses its first ``heads[b]`` query heads
             (and reads only the KV heads those use).
-        softmax_scale: the score scale, default ``Dh ** -0.5``.
+        softmax_scale: the score scale, a float > 0, default ``Dh ** -0.5``.
 
     Returns:
         ``[B, Hq, Dh]`` in the dtype of ``q``, exactly 0 at heads ``h >= heads[b]`` and for
@@ -222,12 +222,7 @@ def elastic_attention_decode(
                 f"(Hq // Hkv = {q_heads} // {kv_heads}), got {int(heads_per_request[index])} for request {index}"
             )
 
-    if softmax_scale is None:
-        softmax_scale = head_dim**-0.5
-    elif isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
-        raise TypeError(f"softmax_scale: expected a float or None, got {type(softmax_scale).__name__}")
-    elif not math.isfinite(softmax_scale):
-        raise ValueError(f"softmax_scale: expected a finite number, got {softmax_scale}")
+    softmax_scale = softmax_scale_or_default(softmax_scale, head_dim)
 
     return torch.ops.flextron.elastic_attention_decode(
         q, k_cache, v_cache, cache_seqlens, heads_per_request, num_heads, float(softmax_scale)

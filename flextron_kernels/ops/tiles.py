@@ -31,6 +31,7 @@ from flextron_kernels.backends import device_index
 FAMILIES = ("matmul", "matmul_small", "matmul_gated", "matmul_decode", "weight_grad", "attention_fwd", "attention_bwd_dq",
             "attention_bwd_dkdv")
 TUNED_TABLE = Path(__file__).with_name("tuned_tiles.json")
+ATTENTION_KERNELS = ("fwd", "bwd_dq", "bwd_dkdv")
 # Row counts up to this use the decode tiles (``matmul_decode``).
 DECODE_ROWS = 64
 # Row counts up to this (and above DECODE_ROWS) use ``matmul_small``.
@@ -60,14 +61,28 @@ _DEFAULTS_16BIT = {
 }
 
 
-def attention_fp32_tiles(kernel: str, precision: str) -> dict:
+# Head dims above 128 (BLOCK_D 256): the tiles above would pass shared memory (the forward
+# at three stages) or spill registers; these do neither on sm_90. Tuned tables apply up to
+# head dim 128, where they are measured.
+WIDE_HEAD_TILES_16BIT = {
+    "fwd": dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2),
+    "bwd_dq": dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
+    "bwd_dkdv": dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2),
+}
+
+
+def attention_fp32_tiles(kernel: str, precision: str, *, wide_head: bool = False) -> dict:
     """Tiles of an attention kernel (``fwd``, ``bwd_dq``, ``bwd_dkdv``) for fp32 operands,
-    at ``precision`` (``tf32`` or ``ieee``). Twice the bytes of 16-bit ones: smaller tiles
-    keep within shared memory, and 8 warps keep them in registers (at 4 warps every kernel
-    spilled). Exact fp32 runs on the FMA units, where the dk/dv kernel needs short query
-    steps not to spill."""
-    block_m = 16 if (kernel == "bwd_dkdv" and precision == "ieee") else 64
-    return dict(BLOCK_M=block_m, BLOCK_N=32, num_warps=8, num_stages=2)
+    at ``precision`` (``tf32`` or ``ieee``), for head dims up to 128 or above
+    (``wide_head``). Twice the bytes of 16-bit ones: smaller tiles keep within shared
+    memory, and 8 warps keep them in registers (at 4 warps every kernel spilled). Exact
+    fp32 runs on the FMA units, where the dk/dv kernel needs short query steps not to spill."""
+    exact_dkdv = kernel == "bwd_dkdv" and precision == "ieee"
+    if wide_head:
+        block_m, block_n = (16, 32) if exact_dkdv else (32, 16)
+    else:
+        block_m, block_n = (16 if exact_dkdv else 64), 32
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8, num_stages=2)
 
 
 _overrides: contextvars.ContextVar[dict] = contextvars.ContextVar("flextron_tile_overrides", default={})
@@ -169,13 +184,18 @@ def weight_grad_config(t: torch.Tensor) -> dict:
 def attention_config(t: torch.Tensor, kernel: str) -> dict:
     """Tiles for an attention kernel: ``kernel`` is ``"fwd"``, ``"bwd_dq"`` or ``"bwd_dkdv"``
     (``BLOCK_M`` queries and ``BLOCK_N`` keys at a time)."""
+    if kernel not in ATTENTION_KERNELS:
+        raise ValueError(f"kernel: expected one of {', '.join(ATTENTION_KERNELS)}, got {kernel!r}")
     precision = input_precision(t)
     if t.device.type == "cpu":
         # Keys in two query steps: the dk/dv kernel's causal masking over several steps.
         block_n = 32 if kernel == "bwd_dkdv" else 16
         return dict(BLOCK_M=16, BLOCK_N=block_n, INPUT_PRECISION=precision)
+    wide_head = t.shape[-1] > 128
     if t.dtype == torch.float32:
-        return dict(attention_fp32_tiles(kernel, precision), INPUT_PRECISION=precision)
+        return dict(attention_fp32_tiles(kernel, precision, wide_head=wide_head), INPUT_PRECISION=precision)
+    if wide_head:
+        return dict(WIDE_HEAD_TILES_16BIT[kernel], INPUT_PRECISION=precision)
     return dict(_sixteen_bit(f"attention_{kernel}", t.device), INPUT_PRECISION=precision)
 
 
