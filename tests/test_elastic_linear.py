@@ -212,6 +212,20 @@ def test_noncontiguous_and_narrow_inputs(backend, device):
         assert y.shape == (9, 5) and (y == 0).all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inference_at_static_widths(backend, device):
+    # Without autograd, static widths on the torch backend skip the custom op: same results.
+    gen = torch.Generator().manual_seed(21)
+    x = torch.randn(5, 3, 29, generator=gen).to(device)
+    weight, bias = torch.randn(37, 29, generator=gen).to(device), torch.randn(37, generator=gen).to(device)
+    with torch.no_grad(), fk.use_backend(backend):
+        full = fk.elastic_linear(x, weight, bias)
+        narrow = fk.elastic_linear(x[..., :11], weight, bias, out_features=20, in_features=11)
+    torch.testing.assert_close(full, reference.elastic_linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+    want = reference.elastic_linear(x[..., :11], weight, bias, out_features=20, in_features=11)
+    assert narrow.shape == (5, 3, 20) and rel_err(narrow, want) < 1e-5
+
+
 def test_inputs_beyond_width_are_ignored(device):
     """NaN in x past a token's in-width, and NaN in dy past its out-width, never leak."""
     x = torch.randn(4, 10, device=device)

@@ -70,6 +70,15 @@ def _select(t: torch.Tensor, per_token: bool, decode_kernel: bool = False) -> st
     return select_backend("elastic_mlp", t.device, ("triton", "torch"), preferred)
 
 
+def _forward_backend(x, w_up, w_down, w_gate, b_up, b_down, widths, scale, save_for_backward) -> str:
+    """The forward's backend: the fused CUDA decode kernel is a candidate when nothing is
+    saved for a backward and it can run these arguments."""
+    from flextron_kernels.ops.elastic_mlp_decode import cuda_kernel_applies
+
+    decode_kernel = not save_for_backward and cuda_kernel_applies(x, w_up, w_down, w_gate, b_up, b_down, scale)
+    return _select(x, widths is not None, decode_kernel)
+
+
 def _activation_grad_config(t: torch.Tensor) -> dict:
     if t.device.type == "cpu":
         return dict(BLOCK_M=16, BLOCK_F=16)
@@ -253,10 +262,9 @@ def _fwd_op(
     """``x [T, D]`` -> ``out [T, D]``; with ``save_for_backward``, also the
     pre-activations ``up_pre``/``gate_pre [T, width]`` (zeros past each token's width;
     ``[0]`` when not saved). ``widths [T]`` per token, or None for ``width`` everywhere."""
-    from flextron_kernels.ops.elastic_mlp_decode import cuda_kernel_applies, forward_cuda
+    from flextron_kernels.ops.elastic_mlp_decode import forward_cuda
 
-    decode_kernel = not save_for_backward and cuda_kernel_applies(x, w_up, w_down, w_gate, b_up, b_down, scale)
-    backend = _select(x, widths is not None, decode_kernel)
+    backend = _forward_backend(x, w_up, w_down, w_gate, b_up, b_down, widths, scale, save_for_backward)
     if backend == "cuda":
         out = forward_cuda(x, w_up, w_down, w_gate, b_up, b_down, widths, width, activation, scale)
         return out, x.new_empty(0), x.new_empty(0)
@@ -436,8 +444,12 @@ def elastic_mlp(
         # Inference: nothing to save for a backward (inside the autograd function,
         # needs_input_grad would still report parameters that require grad under no_grad),
         # so at most 64 tokens on a GPU take the fused decode kernel.
-        out = torch.ops.flextron.elastic_mlp_fwd(x2d, w_up, w_down, w_gate, b_up, b_down, widths, fw, activation, scale,
-                                                 False)[0]
+        if widths is None and _forward_backend(x2d, w_up, w_down, w_gate, b_up, b_down, None, scale, False) == "torch":
+            # Static width: what the op's torch backend runs, without its dispatch.
+            out = _forward_torch(x2d, w_up, w_down, w_gate, b_up, b_down, None, fw, activation, scale, False)[0]
+        else:
+            out = torch.ops.flextron.elastic_mlp_fwd(x2d, w_up, w_down, w_gate, b_up, b_down, widths, fw, activation,
+                                                     scale, False)[0]
         return out.reshape(x.shape)
     in_place = accumulates_in_place(w_up, w_down, w_gate, b_up, b_down)
     out = _ElasticMLPFunction.apply(x2d, w_up, w_down, w_gate, b_up, b_down, scale, widths, fw, activation, in_place)
