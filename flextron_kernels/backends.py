@@ -42,7 +42,13 @@ def requested_backend() -> str:
     name = _override.get()
     if name is not None:
         return name
-    return _check_name(os.environ.get("FLEXTRON_BACKEND", "auto").strip().lower() or "auto", "FLEXTRON_BACKEND")
+    return _env_backend(os.environ.get("FLEXTRON_BACKEND"))
+
+
+@functools.lru_cache(maxsize=16)
+def _env_backend(value: str | None) -> str:
+    """``FLEXTRON_BACKEND``'s value, checked once per distinct value (every op call reads it)."""
+    return _check_name((value or "auto").strip().lower() or "auto", "FLEXTRON_BACKEND")
 
 
 @contextlib.contextmanager
