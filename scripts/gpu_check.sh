@@ -7,8 +7,10 @@
 #   tests (the GPU tests), op_tests (the CPU suite's op tests, compiled), tune (the tile
 #   sweep, which rewrites the package's tuned table for this GPU: only when named), then
 #   the benchmarks bench_routing bench_linear bench_mlp
-#   bench_attention bench_attention_decode bench_mlp_decode bench_host bench_serving flextron_bench,
-#   then report. Default: everything but tune.
+#   bench_attention bench_attention_decode bench_mlp_decode bench_host bench_serving flextron_bench
+#   bench_kernels (each op's kernels and their GPU time), profile_ncu (the same cases under
+#   Nsight Compute, where it can read the counters; minutes: only when named), then report.
+#   Default: everything but tune and profile_ncu.
 # Each step has a time limit. On an H200 the build takes about 35 s, the side-by-side step
 # (GPU tests, op tests, a compile-only pass over every benchmark to fill the Triton
 # cache) about 2 minutes (140 s at most), the tile sweep 20 s, and the timed benchmarks,
@@ -25,7 +27,7 @@ PY=$(command -v python3 || command -v python)
 OP_TESTS=${OP_TESTS:-"tests/test_routing_metadata.py tests/test_elastic_linear.py tests/test_elastic_mlp.py tests/test_elastic_attention.py"}
 status=0
 step() { echo; echo "== $* ($(date +%T))"; }
-want() { if [[ -z "${ONLY:-}" ]]; then [[ $1 != tune ]]; else [[ " $ONLY " == *" $1 "* ]]; fi; }
+want() { if [[ -z "${ONLY:-}" ]]; then [[ $1 != tune && $1 != profile_ncu ]]; else [[ " $ONLY " == *" $1 "* ]]; fi; }
 # run LIMIT LOG CMD...: run CMD with a time limit, its output in LOG; show the tail.
 run() {
   local limit=$1 log=$2; shift 2
@@ -60,6 +62,8 @@ benchmarks=(
   "bench_host 20 benchmarks/bench_host_overhead.py --out $results/host_overhead_gpu.json"
   "bench_serving 50 benchmarks/bench_serving.py --quick --out $results/serving_gpu.json"
   "flextron_bench 240 -m flextron_kernels.bench --quick --out $results/flextron_bench_gpu --lut $results/flextron_bench_gpu/latency_table.json"
+  "bench_kernels 90 benchmarks/bench_kernel_breakdown.py --out $results/kernel_breakdown_gpu.json"
+  "profile_ncu 480 benchmarks/bench_kernel_breakdown.py --ncu --out $results/kernel_breakdown_ncu_gpu.json"
 )
 xdist() { "$PY" -c "import xdist" 2>/dev/null && echo "-n $1"; }
 

@@ -27,7 +27,8 @@ import torch
 from flextron_kernels.models.graphs import record
 
 
-def _compile_only() -> bool:
+def compile_only() -> bool:
+    """Whether this run only compiles kernels (``FLEXTRON_BENCH_COMPILE_ONLY=1``, see above)."""
     return os.environ.get("FLEXTRON_BENCH_COMPILE_ONLY", "") not in ("", "0")
 
 
@@ -41,7 +42,7 @@ def _untimed(fn: Callable[[], object], calls: int) -> float:
 
 def time_ms(fn: Callable[[], object], *, warmup: int = 25, rep: int = 100) -> float:
     """Median milliseconds per call of ``fn``."""
-    if _compile_only():
+    if compile_only():
         return _untimed(fn, 2)
     if torch.cuda.is_available():
         import triton.testing
@@ -61,7 +62,7 @@ def time_ms(fn: Callable[[], object], *, warmup: int = 25, rep: int = 100) -> fl
 def time_fixed_ms(fn: Callable[[], object], *, calls: int, warmup: int = 3) -> float:
     """Median milliseconds of exactly ``warmup + calls`` calls of ``fn`` (for calls that
     change state, such as a decode step appending to its cache: the count is known)."""
-    if _compile_only():
+    if compile_only():
         return _untimed(fn, warmup + calls)
     for _ in range(warmup):
         fn()
