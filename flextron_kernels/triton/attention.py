@@ -100,16 +100,13 @@ def _key_block(k_ptr, v_ptr, n0, kv_end, kv_head, stride_kt, stride_kh, stride_v
 
 
 @triton.jit
-def _load_query_side(q_ptr, dout_ptr, lse_ptr, delta_ptr, rows64, used, head, num_tokens,
-                     stride_qt, stride_qh, stride_dot, stride_doh, dims, dim_mask):
-    """The backward's per-query inputs for one head: q, dout, lse (base 2) and delta.
-    Rows not ``used`` get ``lse = +inf``: their probabilities ``exp2(s - lse)`` are exact
-    zeros, so the loops need no row mask."""
-    q = _load_head(q_ptr, rows64, used, stride_qt, head, stride_qh, dims, dim_mask)
-    do = _load_head(dout_ptr, rows64, used, stride_dot, head, stride_doh, dims, dim_mask)
+def _query_stats(lse_ptr, delta_ptr, rows64, used, head, num_tokens):
+    """The backward's per-query statistics for one head: lse (base 2) and delta. Rows not
+    ``used`` get ``lse = +inf``: their probabilities ``exp2(s - lse)`` are exact zeros, so
+    the loops need no row mask."""
     lse = tl.load(lse_ptr + head * num_tokens + rows64, mask=used, other=float("inf")) * _LOG2E
     delta = tl.load(delta_ptr + head * num_tokens + rows64, mask=used, other=0.0)
-    return q, do, lse, delta
+    return lse, delta
 
 
 @triton.jit
@@ -196,11 +193,10 @@ def _dkdv_step(dk, dv, k, v, cols, q_ptr, dout_ptr, lse_ptr, delta_ptr, heads_pt
     """Add one block of BLOCK_M queries (from ``m0``) of one head to a key tile's ``dk``
     and ``dv``. Keys past the tile are zeros, which only touch rows never stored.
 
-    Computed transposed (scores ``[keys, queries]``): the key tile's k and v and the
-    probabilities and their gradients, all in registers, are the first operands of every
-    product, and the loaded q and dout the second, read from shared memory, so that no
-    tile is transposed in registers (the untransposed form spilled registers at every
-    tile size)."""
+    Computed transposed (scores ``[keys, queries]``), as flash attention 2's Triton
+    kernels do: the key tile's k and v, and the probabilities and their gradients, are the
+    first operands of every product and the loaded q and dout the second, so that no tile
+    is transposed in registers and the key tile, the larger side, is the products' M."""
     rows = m0 + tl.arange(0, BLOCK_M)
     row_mask = rows < seq_end
     used = row_mask & (head < _head_counts(heads_ptr, rows, row_mask, static_heads, HAS_HEADS))
@@ -208,9 +204,7 @@ def _dkdv_step(dk, dv, k, v, cols, q_ptr, dout_ptr, lse_ptr, delta_ptr, heads_pt
     q_t = tl.load(q_ptr + rows64[None, :] * stride_qt + head * stride_qh + dims[:, None],
                   mask=used[None, :] & dim_mask[:, None], other=0.0)
     do = _load_head(dout_ptr, rows64, used, stride_dot, head, stride_doh, dims, dim_mask)
-    # Queries not used get lse = +inf: their probabilities are exact zeros.
-    lse = tl.load(lse_ptr + head * num_tokens + rows64, mask=used, other=float("inf")) * _LOG2E
-    delta = tl.load(delta_ptr + head * num_tokens + rows64, mask=used, other=0.0)
+    lse, delta = _query_stats(lse_ptr, delta_ptr, rows64, used, head, num_tokens)
     p_t = tl.exp2(tl.dot(k, q_t, input_precision=INPUT_PRECISION) * qk_scale - lse[None, :])
     if CAUSAL_MASK:
         p_t = tl.where(cols[:, None] <= rows[None, :], p_t, 0.0)
@@ -334,10 +328,9 @@ def attention_bwd_dq_kernel(
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     if tl.max(used.to(tl.int32), axis=0) > 0:
         kv_head = head // GROUP
-        q, do, lse, delta = _load_query_side(
-            q_ptr, dout_ptr, lse_ptr, delta_ptr, rows64, used, head, num_tokens,
-            stride_qt, stride_qh, stride_dot, stride_doh, dims, dim_mask,
-        )
+        q = _load_head(q_ptr, rows64, used, stride_qt, head, stride_qh, dims, dim_mask)
+        do = _load_head(dout_ptr, rows64, used, stride_dot, head, stride_doh, dims, dim_mask)
+        lse, delta = _query_stats(lse_ptr, delta_ptr, rows64, used, head, num_tokens)
         qk_scale = softmax_scale * _LOG2E
         # Causal: keys before the tile need no mask (key blocks end at the tile's start).
         kv_end = end if CAUSAL else seq_end
