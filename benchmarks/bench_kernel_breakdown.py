@@ -135,6 +135,7 @@ def ncu_rows(case: str, args) -> tuple[list[dict], str | None]:
     if tool is None:
         return [], "ncu not found"
     command = [tool, "--profile-from-start", "off", "--clock-control", "none", "--csv", "--page", "details",
+               "--print-units", "base",
                "--section", "SpeedOfLight", "--section", "Occupancy", "--section", "LaunchStats",
                sys.executable, os.path.abspath(__file__), "--ncu-case", case] + (["--quick"] if args.quick else [])
     try:
@@ -151,10 +152,8 @@ def ncu_rows(case: str, args) -> tuple[list[dict], str | None]:
             continue
         key = (record.get("ID"), _short(record.get("Kernel Name", "?")))
         value = record.get("Metric Value", "").replace(",", "")
-        try:
-            figures[key][column] = float(value) * (1e-3 if column == "ncu_us" and record.get("Metric Unit") == "nsecond"
-                                                   else 1e3 if column == "ncu_us" and record.get("Metric Unit") == "msecond"
-                                                   else 1.0)
+        try:  # base units: durations in nanoseconds
+            figures[key][column] = float(value) * (1e-3 if column == "ncu_us" else 1.0)
         except ValueError:
             continue
     return [dict(case=case, kernel=name, **values) for (_, name), values in figures.items()], None
@@ -190,6 +189,18 @@ def main(argv=None) -> int:
     if device.type == "cpu":
         print("no GPU: a CPU smoke run (aten ops stand in for kernels; times are not meaningful)", file=sys.stderr)
     rows, ncu_status = [], {}
+    columns = ["case", "kernel", "launches", "us", "share"]
+    if args.ncu and device.type == "cuda":
+        columns += list(NCU_METRICS.values())
+
+    def save():
+        totals = defaultdict(float)
+        for row in rows:
+            totals[row["case"]] += row["us"]
+        summary = {"cases": len(totals), "kernels": len(rows)}
+        return write_results(args.out, dict(benchmark="kernel_breakdown", device_type=device.type, summary=summary,
+                                            gpu_us_per_call=dict(totals), ncu_status=ncu_status, rows=rows))
+
     with fk.skip_width_value_checks():
         for case, call in found.items():
             print(f"  {case}", file=sys.stderr, flush=True)
@@ -197,31 +208,21 @@ def main(argv=None) -> int:
             with grad:
                 kernels = breakdown(call, device, args.calls)
             total = sum(k["us"] for k in kernels) or 1.0
-            for k in sorted(kernels, key=lambda k: -k["us"]):
-                rows.append(dict(case=case, **k, share=k["us"] / total))
+            mine = [dict(case=case, **k, share=k["us"] / total) for k in sorted(kernels, key=lambda k: -k["us"])]
             if args.ncu and device.type == "cuda":
                 extra, ncu_status[case] = ncu_rows(case, args)
-                by_kernel = defaultdict(list)
+                by_kernel = {}
                 for row in extra:
-                    by_kernel[row["kernel"]].append(row)
-                for row in rows:
-                    if row["case"] == case and by_kernel.get(row["kernel"]):
-                        first = by_kernel[row["kernel"]][0]
-                        row.update({c: first.get(c) for c in NCU_METRICS.values()})
-    columns = ["case", "kernel", "launches", "us", "share"]
-    if any("ncu_us" in r for r in rows):
-        columns += list(NCU_METRICS.values())
+                    by_kernel.setdefault(row["kernel"], row)
+                for row in mine:
+                    row.update({c: by_kernel.get(row["kernel"], {}).get(c) for c in NCU_METRICS.values()})
+            rows.extend(mine)
+            save()  # after each case: a run cut short keeps what it measured
     print(format_table(rows, columns))
     for case, status in ncu_status.items():
         if status:
             print(f"ncu, {case}: {status}")
-    totals = defaultdict(float)
-    for row in rows:
-        totals[row["case"]] += row["us"]
-    summary = {"cases": len(totals), "kernels": len(rows)}
-    path = write_results(args.out, dict(benchmark="kernel_breakdown", device_type=device.type, summary=summary,
-                                        gpu_us_per_call=dict(totals), ncu_status=ncu_status, rows=rows))
-    print(f"wrote {path}")
+    print(f"wrote {save()}")
     return 0
 
 

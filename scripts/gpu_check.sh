@@ -13,9 +13,11 @@
 #   Default: everything but tune and profile_ncu.
 # Each step has a time limit. On an H200 the build takes about 35 s, the side-by-side step
 # (GPU tests, op tests, a compile-only pass over every benchmark to fill the Triton
-# cache) about 2 minutes (140 s at most), the tile sweep 20 s, and the timed benchmarks,
-# one at a time, about 3 to 4 minutes: about 7 minutes in all (the limits add up to 13). Within
-# a shorter device budget, run subsets with ONLY.
+# cache) about 2 minutes (140 s at most), and the timed benchmarks, one at a time, about
+# 4 to 5 minutes: about 8 minutes by default (the limits add up to about 15). The tile
+# sweep (nine families) adds about 3 minutes with its compile passes: run it in a call of
+# its own (ONLY="tests op_tests tune"), the benchmarks in another. Within a shorter device
+# budget, run subsets with ONLY.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 results=${1:-benchmarks/results}

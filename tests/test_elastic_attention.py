@@ -151,9 +151,9 @@ def test_softmax_scale_and_noncontiguous(device):
     base = torch.randn(12, 4, 2, 16, generator=gen).to(device)
     q = base[:, :, 0]  # non-contiguous
     kv = torch.randn(12, 16, 2, generator=gen).to(device).transpose(1, 2)  # last dim strided
-    for backend in BACKENDS:
+    for backend, scale in zip(BACKENDS, (0.3, torch.tensor(0.3))):  # any real number: a 0-d tensor too
         with fk.use_backend(backend):
-            out = fk.elastic_attention(q, kv, kv, heads=4, softmax_scale=0.3)
+            out = fk.elastic_attention(q, kv, kv, heads=4, softmax_scale=scale)
         ref = reference.elastic_attention(q.double().cpu(), kv.double().cpu(), kv.double().cpu(), heads=4, softmax_scale=0.3)
         assert rel_err(out, ref) < 1e-5
 
@@ -183,6 +183,7 @@ def _bad_cases():
         (dict(base, softmax_scale=-0.5), ValueError, "softmax_scale: expected a finite float > 0, got -0.5"),
         (dict(base, softmax_scale=float("nan")), ValueError, "softmax_scale: expected a finite float > 0, got nan"),
         (dict(base, softmax_scale="0.1"), TypeError, "softmax_scale: expected a float or None, got str"),
+        (dict(base, softmax_scale=10**400), ValueError, "softmax_scale: expected a finite float > 0"),
     ]
 
 

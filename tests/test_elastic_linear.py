@@ -352,6 +352,18 @@ def test_torch_compile_fullgraph_forward_and_backward(compile_backend, device):
         torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-5)
 
 
+def test_torch_compile_fullgraph_inference_at_static_widths(device):
+    # Eagerly, this path skips the custom op; compiled, it keeps it (no graph break).
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(3, 12, generator=gen).to(device)
+    weight, bias = torch.randn(20, 12, generator=gen).to(device), torch.randn(20, generator=gen).to(device)
+    with torch.no_grad():
+        eager = fk.elastic_linear(x, weight, bias, out_features=6, in_features=12)
+        compiled = torch.compile(lambda x: fk.elastic_linear(x, weight, bias, out_features=6, in_features=12),
+                                 fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(x), eager, rtol=1e-5, atol=1e-5)
+
+
 # --------------------------------------------------------------------------- #
 # GPU: bf16 against fp64, at most 2x PyTorch's own bf16 error
 # --------------------------------------------------------------------------- #

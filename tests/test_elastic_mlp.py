@@ -321,6 +321,17 @@ def test_torch_compile_fullgraph(device):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
 
 
+def test_torch_compile_fullgraph_inference_at_a_static_width(device):
+    # Eagerly, this path skips the custom op; compiled, it keeps it (no graph break).
+    torch.manual_seed(11)
+    mlp = fk.ElasticMLP(12, 32, gated=True, bias=True).to(device)
+    x = torch.randn(2, 5, 12, device=device)
+    with torch.no_grad():
+        eager = mlp(x, width=20)
+        compiled = torch.compile(lambda x: mlp(x, width=20), fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(x), eager, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("gated,activation", [(True, "silu"), (False, "gelu_tanh")])
 @pytest.mark.parametrize("num_tokens,d_model,ffn", [(1, 4096, 11008), (333, 1000, 2750), (2048, 4096, 11008)])

@@ -172,6 +172,8 @@ def test_prefill_checks_packing_and_caches_once_not_per_layer(monkeypatch):
             model(ids, cu_seqlens=torch.tensor([0, 6, 4, 9]))
         with pytest.raises(TypeError, match="cu_seqlens: expected dtype in"):
             model(ids, cu_seqlens=cu.float())
+        with pytest.raises(ValueError, match="cu_seqlens: expected at least 2 entries \\(B \\+ 1\\), got 1"):
+            model(ids, cu_seqlens=cu[:1])
         with pytest.raises(ValueError, match="caches: a sequence of 5 tokens does not fit caches of 4 positions"):
             model(ids, cu_seqlens=cu, caches=model.new_caches(2, 4))
         with pytest.raises(ValueError, match=r"caches: expected one cache per layer \(2\) with one request per sequence \(2\)"):

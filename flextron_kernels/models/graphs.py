@@ -24,10 +24,10 @@ def record(fn: Callable[[], object], *, pool=None) -> tuple:
     skipped inside the capture (each would be a host sync): the caller checked its
     inputs once."""
     graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
+    capturing = torch.cuda.graph(graph, pool=pool)  # its one capture stream: graphs sharing a pool reuse memory
     # The outer stream context restores the caller's stream even when the capture fails:
     # torch.cuda.graph leaves its capture stream current when ending the capture raises.
-    with torch.cuda.stream(stream), skip_width_value_checks(), torch.cuda.graph(graph, pool=pool, stream=stream):
+    with torch.cuda.stream(capturing.capture_stream), skip_width_value_checks(), capturing:
         output = fn()
     return graph, output
 

@@ -323,6 +323,8 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
         shape = input_ids.shape
         if cu_seqlens is not None:
             check_tensor("cu_seqlens", cu_seqlens, dtypes=INTEGER_DTYPES, ndim=1, device=input_ids.device)
+            if cu_seqlens.numel() < 2:
+                raise ValueError(f"cu_seqlens: expected at least 2 entries (B + 1), got {cu_seqlens.numel()}")
         ids, cu = self._pack(input_ids, cu_seqlens)
         num_tokens = ids.numel()
         if isinstance(budget, torch.Tensor) and budget.numel() != cu.numel() - 1:

@@ -140,11 +140,17 @@ def softmax_scale_or_default(softmax_scale: object, head_dim: int) -> float:
     scale each row's maximum score), or ``head_dim ** -0.5`` when it is None."""
     if softmax_scale is None:
         return head_dim**-0.5
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
-        raise TypeError(f"softmax_scale: expected a float or None, got {type(softmax_scale).__name__}")
-    if not (math.isfinite(softmax_scale) and softmax_scale > 0):
+    try:  # any real number (a numpy float, a 0-d tensor), but not a bool or a string
+        if isinstance(softmax_scale, (bool, str, bytes)):
+            raise TypeError
+        value = float(softmax_scale)
+    except (TypeError, ValueError):
+        raise TypeError(f"softmax_scale: expected a float or None, got {type(softmax_scale).__name__}") from None
+    except OverflowError:
+        value = math.inf
+    if not (math.isfinite(value) and value > 0):
         raise ValueError(f"softmax_scale: expected a finite float > 0, got {softmax_scale!r}")
-    return float(softmax_scale)
+    return value
 
 
 def check_cu_seqlens_values(values: Sequence[int], num_tokens: int) -> None:

@@ -316,7 +316,8 @@ def elastic_linear(
     x2d = x.reshape(math.prod(token_shape), kx)
     static = out_widths is None and in_widths is None
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-    if static and not needs_grad and _select("elastic_linear", x, False) == "torch":
+    eager = not torch.compiler.is_compiling()  # compiled code keeps the op (and its run-time choice)
+    if eager and static and not needs_grad and _select("elastic_linear", x, False) == "torch":
         # Inference at static widths: what the op's torch backend runs, without the custom
         # op's dispatch (a few microseconds of host time per call).
         y = F.linear(x2d[:, :k], weight[:n, :k], None if bias is None else bias[:n])

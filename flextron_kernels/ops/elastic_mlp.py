@@ -444,7 +444,9 @@ def elastic_mlp(
         # Inference: nothing to save for a backward (inside the autograd function,
         # needs_input_grad would still report parameters that require grad under no_grad),
         # so at most 64 tokens on a GPU take the fused decode kernel.
-        if widths is None and _forward_backend(x2d, w_up, w_down, w_gate, b_up, b_down, None, scale, False) == "torch":
+        eager = not torch.compiler.is_compiling()  # compiled code keeps the op (and its run-time choice)
+        if eager and widths is None and _forward_backend(x2d, w_up, w_down, w_gate, b_up, b_down, None, scale,
+                                                         False) == "torch":
             # Static width: what the op's torch backend runs, without its dispatch.
             out = _forward_torch(x2d, w_up, w_down, w_gate, b_up, b_down, None, fw, activation, scale, False)[0]
         else:
