@@ -63,11 +63,11 @@ def test_graph_timing_reports_a_capture_that_fails(monkeypatch):
         raise RuntimeError("operation not permitted when stream is capturing")
 
     monkeypatch.setattr(harness, "graph_replay", cannot_capture)
-    assert harness.Harness._graph_ms(on_gpu, lambda: None) is None
+    assert harness.Harness._graph_ms(on_gpu, lambda: None) == (None, "operation not permitted when stream is capturing")
     assert messages == ["    no CUDA graph: operation not permitted when stream is capturing"]
     monkeypatch.setattr(harness, "graph_replay", lambda fn: fn)
     monkeypatch.setattr(harness, "time_ms", lambda fn: 1.5)
-    assert harness.Harness._graph_ms(on_gpu, lambda: None) == 1.5
+    assert harness.Harness._graph_ms(on_gpu, lambda: None) == (1.5, None)
 
 
 def test_a_run_cut_short_keeps_its_rows(tmp_path, monkeypatch):

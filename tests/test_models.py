@@ -136,16 +136,21 @@ def test_generation_with_cache_equals_generation_without(kind, budget):
     assert torch.equal(out, ids)
 
 
+def record_value_checks(monkeypatch, module_name: str) -> list:
+    """Whether each value check (a host sync on a GPU) that ``module_name`` makes runs, in order."""
+    import importlib
+
+    module = importlib.import_module(module_name)
+    seen = []
+    check = module.value_checks_enabled
+    monkeypatch.setattr(module, "value_checks_enabled", lambda t: seen.append(check(t)) or seen[-1])
+    return seen
+
+
 def test_generation_decode_steps_do_not_sync_on_value_checks(monkeypatch):
     # The decode steps' inputs are built by generate itself: their value checks (a host
     # sync per layer on a GPU) are skipped; the prefill's are not.
-    import importlib
-
-    decode_module = importlib.import_module("flextron_kernels.ops.elastic_attention_decode")
-
-    seen = []
-    check = decode_module.value_checks_enabled
-    monkeypatch.setattr(decode_module, "value_checks_enabled", lambda t: seen.append(check(t)) or seen[-1])
+    seen = record_value_checks(monkeypatch, "flextron_kernels.ops.elastic_attention_decode")
     model = FlextronForCausalLM.from_hf(hf_model("llama"), mlp_choices=[[64, 128, 192, 256]] * 2)
     model.generate(torch.randint(0, VOCAB, (2, 4)), budget=0.5, max_new_tokens=3)
     assert seen and not any(seen)
@@ -154,12 +159,7 @@ def test_generation_decode_steps_do_not_sync_on_value_checks(monkeypatch):
 
 
 def test_prefill_checks_packing_and_caches_once_not_per_layer(monkeypatch):
-    import importlib
-
-    attention_module = importlib.import_module("flextron_kernels.ops.elastic_attention")
-    seen = []
-    check = attention_module.value_checks_enabled
-    monkeypatch.setattr(attention_module, "value_checks_enabled", lambda t: seen.append(check(t)) or seen[-1])
+    seen = record_value_checks(monkeypatch, "flextron_kernels.ops.elastic_attention")
     model = FlextronForCausalLM.from_hf(hf_model("llama"), mlp_choices=[[64, 128, 192, 256]] * 2)
     ids = torch.randint(0, VOCAB, (9,))
     cu = torch.tensor([0, 4, 9])

@@ -47,5 +47,7 @@ def test_attention_kernels_do_not_spill_registers_at_16_bit(compiled):
     attention = [r for r in compiled if " attention " in f" {r['kernel']} " and "bf16" in r["kernel"]]
     assert len(attention) >= 6
     if any(r["spill_bytes"] is None for r in attention):
-        pytest.skip("no disassembler to read register use from")
+        # Registers are read with the cuobjdump that Triton bundles (from Triton 3.4 on); the
+        # package supports older Tritons, whose builds this check cannot read.
+        pytest.skip("Triton's bundled cuobjdump is missing: registers and spills cannot be read")
     assert all(r["spill_bytes"] == 0 for r in attention), [(r["kernel"], r["spill_bytes"]) for r in attention]

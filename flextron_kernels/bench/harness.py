@@ -178,21 +178,25 @@ class Harness:
         the Python and launch cost of small calls. ``graph_baseline``: False for a baseline
         that syncs with the host (it cannot be captured)."""
         row = self._row(op, budget, time_ms(ours), time_ms(baseline), baseline_name, ideal=ideal, **extra)
-        row["graph_ms"] = self._graph_ms(ours)
-        row["baseline_graph_ms"] = self._graph_ms(baseline) if graph_baseline else None
+        row["graph_ms"], error = self._graph_ms(ours)
+        row["baseline_graph_ms"] = self._graph_ms(baseline)[0] if graph_baseline else None
+        if error:
+            row["graph_error"] = error
         both = row["graph_ms"] and row["baseline_graph_ms"]
         row["vs_baseline_graph"] = row["graph_ms"] / row["baseline_graph_ms"] if both else None
         return row
 
-    def _graph_ms(self, fn) -> Optional[float]:
-        """``fn`` replayed from a CUDA graph (None on a CPU, or when it cannot be captured)."""
+    def _graph_ms(self, fn, **timing) -> tuple[Optional[float], Optional[str]]:
+        """``fn`` replayed from a CUDA graph: ``(ms, None)``, or ``(None, why)`` when it
+        cannot be captured (``(None, None)`` on a CPU). ``timing``: for :func:`time_ms`."""
         if self.s.device.type != "cuda":
-            return None
+            return None, None
         try:
-            return time_ms(graph_replay(fn))
-        except RuntimeError as error:
-            self.progress(f"    no CUDA graph: {str(error).splitlines()[0] if str(error) else type(error).__name__}")
-            return None
+            return time_ms(graph_replay(fn), **timing), None
+        except RuntimeError as error:  # the row keeps its eager time and says why
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            self.progress(f"    no CUDA graph: {reason}")
+            return None, reason
 
     def _bench_linear(self, budget, _):
         width = self.widths[budget]
@@ -311,12 +315,7 @@ class Harness:
             return model.decode_step(tokens, caches, budget=budget)
 
         ours = time_ms(step, rep=50)
-        graph, graph_error = None, None
-        if self.s.device.type == "cuda":
-            try:
-                graph = time_ms(graph_replay(step), rep=50)
-            except RuntimeError as error:  # a step that cannot be captured still gets its eager row
-                graph_error = str(error).splitlines()[0]
+        graph, graph_error = self._graph_ms(step, rep=50)
         baseline, name = self._dense_decode_ms(model, ids, budget)
         row = self._row("decode", budget, ours, baseline, name, layers=self._layers(), batch=batch, graph_ms=graph)
         if graph_error:
