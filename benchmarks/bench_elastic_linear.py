@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 import flextron_kernels as fk
 from flextron_kernels.bench.measure import copy_bandwidth_tbps, format_table, matmul_tflops, time_ms, write_results
-from flextron_kernels.bench.workloads import FRACTIONS, mixed_widths, width_groups, width_of
+from flextron_kernels.bench.workloads import FRACTIONS, mixed_widths, routed_tile_work, width_groups, width_of
+from flextron_kernels.ops.tiles import matmul_config
 
 SHAPES = {
     # name: (N, K, elastic axis); the elastic axis is the MLP hidden size.
@@ -120,9 +121,12 @@ def per_token_cases(name, n_full, k_full, axis, m, dtype, device):
         t_bucketed = time_ms(lambda: bucketed_forward(x, weight.detach(), widths, axis))
         ideal = t_dense * mean_fraction
         ideal_fb = t_dense_fb * mean_fraction
+        config = matmul_config(x, m)
+        tile_work = routed_tile_work(widths, size, config["BLOCK_M"], config["BLOCK_N" if axis == "out" else "BLOCK_K"])
         rows.append(
             dict(
                 shape=name, m=m, width=mix, kind="per-token", mean_fraction=mean_fraction,
+                fwd_tile_work_vs_ideal=tile_work,
                 fwd_ms=t_ours, ideal_fwd_ms=ideal, fwd_vs_ideal=t_ours / ideal,
                 bucketed_fwd_ms=t_bucketed, fwd_vs_bucketed=t_ours / t_bucketed,
                 fwd_bwd_ms=t_ours_fb, ideal_fwd_bwd_ms=ideal_fb, fwd_bwd_vs_ideal=t_ours_fb / ideal_fb,
@@ -163,7 +167,8 @@ def main(argv=None) -> int:
     routed = [r for r in rows if r["kind"] == "per-token"]
     print(f"ceilings: copy {ceilings['copy_tbps']:.2f} TB/s, matmul {ceilings['matmul_tflops']:.0f} TFLOP/s")
     print(format_table(static, ["shape", "m", "width", "fwd_ms", "fwd_vs_cublas", "bwd_ms", "bwd_vs_cublas", "bwd_extra_mem_vs_used_grad"]))
-    print(format_table(routed, ["shape", "m", "width", "fwd_ms", "fwd_vs_ideal", "fwd_vs_bucketed", "fwd_bwd_vs_ideal"]))
+    print(format_table(routed, ["shape", "m", "width", "fwd_ms", "fwd_vs_ideal", "fwd_tile_work_vs_ideal", "fwd_vs_bucketed",
+                                  "fwd_bwd_vs_ideal"]))
     summary = {
         "static_fwd_vs_cublas_min": min(r["fwd_vs_cublas"] for r in static),
         "static_bwd_vs_cublas_min": min(r["bwd_vs_cublas"] for r in static),

@@ -41,7 +41,7 @@ MAX_SHARED = 232448  # bytes a block may use on sm_90
 DATA = {"a_ptr", "b_ptr", "b2_ptr", "bias_ptr", "c_ptr", "pre_ptr", "pre2_ptr", "dy_ptr", "x_ptr", "grad_weight_ptr",
         "grad_bias_ptr", "grad_h_ptr", "up_ptr", "gate_ptr", "q_ptr", "k_ptr", "v_ptr", "out_ptr", "dout_ptr", "dq_ptr",
         "dk_ptr", "dv_ptr"}
-INDEX = {"sorted_token_idx_ptr", "tile_start_ptr", "tile_end_ptr", "tile_group_ptr", "group_offsets_ptr",
+INDEX = {"sorted_token_idx_ptr", "group_offsets_ptr",
          "boundaries_ptr", "cu_seqlens_ptr", "seqlens_ptr", "seq_heads_ptr"}
 WIDTHS = {"out_widths_ptr", "red_widths_ptr", "in_widths_ptr", "widths_ptr", "heads_ptr"}
 FLOAT_ARGS = {"softmax_scale", "qk_scale"}

@@ -98,6 +98,31 @@ def test_several_width_groups(backend, kind, device):
         assert rel_err(o, r) < TOL[torch.float32], name
 
 
+@pytest.mark.parametrize("axis", ["out", "in"])
+def test_row_tiles_straddling_width_groups(axis, device):
+    """Groups of 5, 18 and 17 tokens (shuffled): under the interpreter's 16-row tiles,
+    tiles hold rows of two groups, computed to the wider width and masked per row."""
+    gen = torch.Generator().manual_seed(11)
+    n_full, k_full = 150, 140
+    size = n_full if axis == "out" else k_full
+    widths = torch.tensor([3] * 5 + [size - 40] * 18 + [size] * 17)[torch.randperm(40, generator=gen)]
+    x = torch.randn(40, k_full, generator=gen).to(device)
+    w = (torch.randn(n_full, k_full, generator=gen) / k_full**0.5).to(device)
+    b = torch.randn(n_full, generator=gen).to(device)
+    grad_y = torch.randn(40, n_full, generator=gen).to(device)
+    kw = dict(out_features=widths) if axis == "out" else dict(in_features=widths)
+    inputs = [t.clone().requires_grad_() for t in (x, w, b)]
+    with fk.use_backend("triton"):
+        y = fk.elastic_linear(*inputs, **{k: v.to(device) for k, v in kw.items()})
+        y.backward(grad_y)
+    inputs64 = [t.double().cpu().requires_grad_() for t in (x, w, b)]
+    y64 = reference.elastic_linear(*inputs64, **kw)
+    y64.backward(grad_y.double().cpu())
+    assert rel_err(y, y64) < 1e-5
+    for name, t, t64 in zip(("dx", "dweight", "dbias"), inputs, inputs64):
+        assert rel_err(t.grad, t64.grad) < 1e-5, name
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["static", "token_out", "token_both"])
 def test_parameters_accumulate_in_place_into_prefix(backend, kind, device):

@@ -95,8 +95,13 @@ def test_cuda_op_is_bit_exact_with_reference(seed, num_tokens, num_groups, block
 
 
 def test_default_boundaries():
-    b = fk.default_boundaries(11008, "cpu")
-    assert b[-1] == 11008 and len(b) <= 32 and (b[:-1] % 64 == 0).all() and (b.diff() > 0).all()
+    from flextron_kernels.ops.routing import MAX_DEFAULT_GROUPS
+
+    b = fk.default_boundaries(11008, "cpu")  # ranges of 64: 172 groups
+    assert b.tolist() == list(range(64, 11008, 64)) + [11008]
+    wide = fk.default_boundaries(100_000, "cpu")
+    assert wide[-1] == 100_000 and len(wide) <= MAX_DEFAULT_GROUPS and (wide[:-1] % 64 == 0).all()
+    assert (wide.diff() > 0).all()
     assert fk.default_boundaries(1, "cpu").tolist() == [1]
     assert fk.default_boundaries(130, "cpu").tolist() == [64, 128, 130]
 

@@ -46,7 +46,7 @@ def test_matmul_tiles_follow_the_row_count(fake_gpu):
         config = tiles.matmul_config(t, rows)
         assert {k: config[k] for k in defaults[family]} == defaults[family], rows
         gated = tiles.matmul_config(t, rows, gated=True)
-        # The gated kernel shares the row tile, so that both MLP kernels use one routing.
+        # The gated kernel takes the row tile of its row count's family.
         assert gated["BLOCK_M"] == config["BLOCK_M"] and gated["BLOCK_N"] == defaults["matmul_gated"]["BLOCK_N"], rows
 
 

@@ -43,3 +43,21 @@ def width_groups(widths: torch.Tensor):
     for width, count in zip(values.tolist(), counts.tolist()):
         yield width, order[start : start + count]
         start += count
+
+
+def routed_tile_work(widths: torch.Tensor, size: int, block_m: int, block: int) -> float:
+    """The work a routed matmul does on per-token ``widths`` (in ``[0, size]``), relative to
+    every token at its own width (1.0: none wasted). Its row tiles are ``block_m``
+    consecutive tokens of the width-sorted order, each run to its largest width rounded up
+    to ``block`` (the output tile, or the reduction step, along the routed axis)."""
+    from flextron_kernels import reference
+    from flextron_kernels.ops.routing import default_boundaries
+
+    widths = widths.reshape(-1).cpu()
+    used = float(widths.sum())
+    if used == 0:
+        return 1.0
+    order = reference.routing_metadata(widths, default_boundaries(max(size, 1), "cpu"), block_m).sorted_token_idx
+    tiles = torch.nn.functional.pad(widths[order.long()], (0, -len(widths) % block_m)).view(-1, block_m)
+    tile_widths = (tiles.amax(dim=1) + block - 1) // block * block
+    return float(tile_widths.sum()) * block_m / used

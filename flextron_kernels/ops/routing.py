@@ -25,10 +25,12 @@ from flextron_kernels.ops.checks import (
 )
 from flextron_kernels.reference import RoutingMetadata
 
-# Per-token widths that are not given as a list of allowed values are grouped into at
-# most this many equal ranges: few enough that empty groups cost almost nothing in the
-# launch grid, enough that the usual handful of distinct widths land in separate groups.
-MAX_DEFAULT_GROUPS = 32
+# Per-token widths are grouped into ranges of 64 (a reduction step of the routed matmul),
+# at most this many (layers up to 16384 wide; wider ones get coarser ranges). The finer the
+# groups, the closer the sort comes to exact widths: a row tile's widths sit closer together
+# (its loops run to its largest), and the weight gradient skips more of the tokens that stop
+# short of each block. Empty groups cost nothing in the kernels' launch grids.
+MAX_DEFAULT_GROUPS = 256
 _GROUP_GRANULE = 64
 
 
@@ -41,7 +43,8 @@ def _default_boundaries_cached(size: int, device: torch.device) -> torch.Tensor:
 
 
 def default_boundaries(size: int, device: torch.device) -> torch.Tensor:
-    """Group upper bounds for widths in ``[0, size]``: multiples of 64, at most 32 groups.
+    """Group upper bounds for widths in ``[0, size]``: multiples of 64, at most
+    ``MAX_DEFAULT_GROUPS`` groups.
 
     Returns an int32 tensor ``[G]``, strictly increasing, ending at ``size``.
     """

@@ -8,7 +8,7 @@ and :func:`override_tiles` replaces either inside a block (that script's sweep).
 Families: ``matmul`` (the routed matmul: linear forward and input gradient, the MLP's
 down projection and input gradient), ``matmul_small`` (the same over at most
 ``SMALL_ROWS`` rows), ``matmul_gated`` (the MLP's fused gate and up projections; it
-shares the ``BLOCK_M`` of ``matmul`` or ``matmul_small``, so both use one routing),
+takes the ``BLOCK_M`` of ``matmul`` or ``matmul_small``),
 ``matmul_decode`` (the routed matmul over at most 64 rows, one row tile), ``weight_grad``
 (the prefix weight gradient), ``attention_fwd``, and the backward's two kernels
 ``attention_bwd_dq`` (a tile of queries over steps of keys) and ``attention_bwd_dkdv``

@@ -14,10 +14,15 @@ One kernel serves:
 - the MLP's fused gate/up/activation (``A = x``, ``B = W_up``, ``B2 = W_gate``) and its
   down projection (``A = h``, ``B = W_down``, row scale, bias).
 
-With routing metadata (``ROUTED``), a program's rows are one tile of tokens grouped
-by width: rows are gathered through ``sorted_token_idx`` on load and scattered on
-store (no permuted copy), and the reduction loop and the output columns stop at the
-tile's own largest widths, so work outside every row's prefix is skipped.
+With routing metadata (``ROUTED``), a program's rows are ``BLOCK_M`` consecutive
+tokens of the width-sorted order: rows are gathered through ``sorted_token_idx`` on
+load and scattered on store (no permuted copy), and the reduction loop and the output
+columns stop at the tile's own largest widths, so work outside every row's prefix is
+skipped. Tiles run on across group boundaries rather than starting afresh at each
+group: a group's last, partly filled tile would cost a whole tile at that group's
+width, whereas a tile that straddles two groups costs its first rows only the
+difference to the next width (with sorted rows, never more tile work in total, and
+no empty tile slots in the launch).
 """
 
 from __future__ import annotations
@@ -59,7 +64,7 @@ def _reduce(acc, acc2, a_ptr, b_ptr, b2_ptr, rows, row_mask, cols64, col_in_b, r
 def routed_matmul_kernel(
     a_ptr, b_ptr, b2_ptr, bias_ptr, row_scale_ptr, c_ptr, pre_ptr, pre2_ptr,
     out_widths_ptr, red_widths_ptr,
-    sorted_token_idx_ptr, tile_start_ptr, tile_end_ptr,
+    sorted_token_idx_ptr,
     num_rows, num_row_blocks, out_size, out_limit, red_limit,
     stride_at, stride_ar,
     stride_bj, stride_br,
@@ -94,17 +99,12 @@ def routed_matmul_kernel(
     group_rows = tl.minimum(num_row_blocks - first_row_block, GROUP_M)
     pid_m = first_row_block + (pid % programs_per_group) % group_rows
     pid_n = (pid % programs_per_group) // group_rows
-    offs = tl.arange(0, BLOCK_M)
+    positions = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = positions < num_rows
     if ROUTED:
-        start = tl.load(tile_start_ptr + pid_m)
-        end = tl.load(tile_end_ptr + pid_m)
-        if start >= end:  # a tile slot past the last tile
-            return
-        row_mask = start + offs < end
-        rows = tl.load(sorted_token_idx_ptr + start + offs, mask=row_mask, other=0).to(tl.int64)
+        rows = tl.load(sorted_token_idx_ptr + positions, mask=row_mask, other=0).to(tl.int64)
     else:
-        rows = (pid_m * BLOCK_M + offs).to(tl.int64)
-        row_mask = rows < num_rows
+        rows = positions.to(tl.int64)
 
     if HAS_OUT_WIDTHS:
         out_w = tl.load(out_widths_ptr + rows, mask=row_mask, other=0).to(tl.int32)
@@ -171,8 +171,8 @@ def routed_matmul(
 
     ``a`` / ``b`` / ``gate`` are tensors addressed with the given strides
     (``b_strides = (stride along j, stride along r)``, so ``W.T`` is ``W`` with its
-    strides swapped). ``routing`` is a RoutingMetadata built with
-    ``block_m = config["BLOCK_M"]``, or None for unrouted (static) rows.
+    strides swapped). ``routing`` is a RoutingMetadata (of any block size: only its
+    token order is used), or None for rows in their own order.
     ``pre_out`` / ``gate_pre_out`` (like ``out``), when given, receive the
     pre-activation values of ``b`` / ``gate``.
     """
@@ -180,7 +180,7 @@ def routed_matmul(
     if num_rows == 0 or out_size == 0:
         return out
     block_m, block_n = config["BLOCK_M"], config["BLOCK_N"]
-    num_row_blocks = routing.tile_start.numel() if routing is not None else triton.cdiv(num_rows, block_m)
+    num_row_blocks = triton.cdiv(num_rows, block_m)
     gated = gate is not None
     if gated:
         assert gate_strides is not None
@@ -197,8 +197,6 @@ def routed_matmul(
         a, b, opt(gate), opt(bias), opt(row_scale), out, opt(pre_out), opt(gate_pre_out),
         opt(out_widths), opt(red_widths),
         routing.sorted_token_idx if routing is not None else out,
-        routing.tile_start if routing is not None else out,
-        routing.tile_end if routing is not None else out,
         num_rows, num_row_blocks, out_size, out_limit, red_limit,
         a_strides[0], a_strides[1],
         b_strides[0], b_strides[1],
