@@ -3,7 +3,8 @@ cases whose speed targets are not met yet (torch.profiler's CUDA activity, per o
 after warm-up), and optionally Nsight Compute's view of the same kernels.
 
 Each row: a case, a kernel (name shortened), launches per op call, microseconds per op
-call, and its share of the case's GPU time. With ``--ncu`` (on a machine whose ``ncu``
+call, and its share of the case's GPU time; a second table sets each case's kernel time
+beside its elapsed time per call (calls back to back), which shows a host-bound case. With ``--ncu`` (on a machine whose ``ncu``
 can read the hardware counters), each case also runs once under Nsight Compute (clocks
 left alone), and the rows gain its throughput, occupancy and stall figures.
 
@@ -19,6 +20,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections import defaultdict
 
 import torch
@@ -49,12 +51,26 @@ def cases(device: torch.device, quick: bool) -> dict:
         return torch.randn(*shape, generator=gen).to(device, dtype)
 
     up = fk.ElasticLinear(d_model, ffn, bias=False, device=device, dtype=dtype).requires_grad_(False)
+    trained_up = fk.ElasticLinear(d_model, ffn, bias=False, device=device, dtype=dtype)
     mlp = fk.ElasticMLP(d_model, ffn, gated=True, device=device, dtype=dtype).requires_grad_(False)
     x = randn(tokens, d_model)
+    x_grad = x.clone().requires_grad_()
+    dy = randn(tokens, ffn)
     small = tokens // 8
     uniform = mixed_widths(ffn, tokens, "uniform", device)
+    skewed = mixed_widths(ffn, tokens, "skewed", device)
+    decode_rows = 16
+
+    def linear_fwd_bwd(rows, widths):
+        trained_up(x_grad[:rows], out_features=widths[:rows]).backward(dy[:rows])
+
     found = {
         f"linear per-token out widths, {tokens} tokens": lambda: up(x, out_features=uniform),
+        # Measured 2.8x the ideal (skewed) and 10-24x (16 tokens) forward and backward.
+        f"linear per-token out widths, skewed, forward and backward, {tokens} tokens": lambda: linear_fwd_bwd(
+            tokens, skewed),
+        f"linear per-token out widths, forward and backward, {decode_rows} tokens": lambda: linear_fwd_bwd(
+            decode_rows, uniform),
         f"mlp uniform mix, {tokens} tokens": lambda: mlp(x, width=uniform),
         f"mlp uniform mix, {small} tokens": lambda: mlp(x[:small], width=uniform[:small]),
     }
@@ -97,6 +113,24 @@ def cases(device: torch.device, quick: bool) -> dict:
 def _short(name: str) -> str:
     name = name.split("(")[0].split("<")[0].strip()
     return name if len(name) <= 60 else name[:57] + "..."
+
+
+def elapsed_us(call, device: torch.device, calls: int) -> float:
+    """Wall time per call over ``calls`` back-to-back calls (CUDA events on a GPU): beside the
+    kernels' own time it shows how long the GPU waits on the host."""
+    if device.type != "cuda":
+        start = time.perf_counter()
+        for _ in range(calls):
+            call()
+        return (time.perf_counter() - start) / calls * 1e6
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    begin.record()
+    for _ in range(calls):
+        call()
+    end.record()
+    torch.cuda.synchronize()
+    return begin.elapsed_time(end) / calls * 1e3
 
 
 def breakdown(call, device: torch.device, calls: int) -> list[dict]:
@@ -193,13 +227,16 @@ def main(argv=None) -> int:
     if args.ncu and device.type == "cuda":
         columns += list(NCU_METRICS.values())
 
+    elapsed = {}
+
     def save():
         totals = defaultdict(float)
         for row in rows:
             totals[row["case"]] += row["us"]
         summary = {"cases": len(totals), "kernels": len(rows)}
         return write_results(args.out, dict(benchmark="kernel_breakdown", device_type=device.type, summary=summary,
-                                            gpu_us_per_call=dict(totals), ncu_status=ncu_status, rows=rows))
+                                            gpu_us_per_call=dict(totals), elapsed_us_per_call=elapsed,
+                                            ncu_status=ncu_status, rows=rows))
 
     with fk.skip_width_value_checks():
         for case, call in found.items():
@@ -207,6 +244,7 @@ def main(argv=None) -> int:
             grad = torch.enable_grad() if "backward" in case else torch.no_grad()
             with grad:
                 kernels = breakdown(call, device, args.calls)
+                elapsed[case] = elapsed_us(call, device, args.calls)
             total = sum(k["us"] for k in kernels) or 1.0
             mine = [dict(case=case, **k, share=k["us"] / total) for k in sorted(kernels, key=lambda k: -k["us"])]
             if args.ncu and device.type == "cuda":
@@ -219,6 +257,12 @@ def main(argv=None) -> int:
             rows.extend(mine)
             save()  # after each case: a run cut short keeps what it measured
     print(format_table(rows, columns))
+    kernel_us = defaultdict(float)
+    for row in rows:
+        kernel_us[row["case"]] += row["us"]
+    # Elapsed well above the kernels' sum: the GPU idles, waiting on the host.
+    print(format_table([dict(case=case, kernels_us=kernel_us[case], elapsed_us=us, kernels_share=kernel_us[case] / us)
+                        for case, us in elapsed.items()], ["case", "kernels_us", "elapsed_us", "kernels_share"]))
     for case, status in ncu_status.items():
         if status:
             print(f"ncu, {case}: {status}")

@@ -64,7 +64,7 @@ benchmarks=(
   "bench_host 20 benchmarks/bench_host_overhead.py --out $results/host_overhead_gpu.json"
   "bench_serving 50 benchmarks/bench_serving.py --quick --out $results/serving_gpu.json"
   "flextron_bench 240 -m flextron_kernels.bench --quick --out $results/flextron_bench_gpu --lut $results/flextron_bench_gpu/latency_table.json"
-  "bench_kernels 90 benchmarks/bench_kernel_breakdown.py --out $results/kernel_breakdown_gpu.json"
+  "bench_kernels 120 benchmarks/bench_kernel_breakdown.py --out $results/kernel_breakdown_gpu.json"
   "profile_ncu 480 benchmarks/bench_kernel_breakdown.py --ncu --out $results/kernel_breakdown_ncu_gpu.json"
 )
 xdist() { "$PY" -c "import xdist" 2>/dev/null && echo "-n $1"; }
