@@ -72,13 +72,15 @@ CANDIDATES = {
         dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3),
         dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4),
     ],
+    # OVERLAP: the softmax of one key block during the next block's scores (more registers).
     "attention_fwd": [
-        dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
-        dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-        dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
-        dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
-        dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
-        dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+        dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2, OVERLAP=True),
+        dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, OVERLAP=True),
+        dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, OVERLAP=False),
+        dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, OVERLAP=False),
+        dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, OVERLAP=False),
+        dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, OVERLAP=False),
+        dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, OVERLAP=True),
     ],
     # Backward candidates: sm_90 builds without register spills, or nearly (see
     # scripts/compile_triton_kernels.py), each timed as the whole forward and backward.

@@ -191,7 +191,7 @@ def configurations():
                         att, **tile, HEAD_DIM=head_dim, BLOCK_D=head_dim, INPUT_PRECISION=precision,
                         CAUSAL=causal), opts
     yield "attention fwd, head dim 96, not causal", attention.attention_fwd_kernel, "bf16", dict(
-        att, HEAD_DIM=96, CAUSAL=False, BLOCK_M=128, BLOCK_N=64), dict(num_warps=8, num_stages=2)
+        att, HEAD_DIM=96, CAUSAL=False, BLOCK_M=128, BLOCK_N=64, OVERLAP=True), dict(num_warps=8, num_stages=2)
     yield "attention bwd delta", attention.attention_bwd_delta_kernel, "bf16", dict(
         HEAD_DIM=128, BLOCK_D=128, BLOCK_T=64), dict(num_warps=4)
 

@@ -84,6 +84,25 @@ def test_head_dims_that_are_not_a_power_of_two(backend, head_dim, device):
         assert rel_err(o, r) < 1e-5, name
 
 
+@pytest.mark.parametrize("overlap", [True, False])
+@pytest.mark.parametrize("causal", [True, False])
+def test_forward_with_and_without_overlapped_softmax(overlap, causal, device, monkeypatch):
+    # Sequences of several key blocks: the overlapped loop's body, its peeled last block,
+    # and a phase of one block (the length 19 sequence's second tile).
+    import importlib
+
+    module = importlib.import_module("flextron_kernels.ops.elastic_attention")
+    default = module.attention_config
+
+    def config(t, kernel):
+        tiles = default(t, kernel)
+        return dict(tiles, OVERLAP=overlap) if kernel == "fwd" else tiles
+
+    monkeypatch.setattr(module, "attention_config", config)
+    got, want = run("triton", [1, 19, 0, 70, 2], 4, 2, "per_token", causal, torch.float32, device, seed=4)
+    assert rel_err(got[0], want[0]) < 1e-5
+
+
 @pytest.mark.parametrize("dkdv_tiles", [(32, 16), (16, 16), (16, 64)])
 @pytest.mark.parametrize("causal", [True, False])
 def test_dkdv_kernel_takes_any_tiles(dkdv_tiles, causal, device, monkeypatch):

@@ -87,6 +87,13 @@ def _load_head(ptr, tokens64, token_mask, stride_t, head, stride_h, dims, dim_ma
 
 
 @triton.jit
+def _token_block(ptr, n0, end, head, stride_t, stride_h, dims, dim_mask, BLOCK: tl.constexpr):
+    """``[BLOCK, BLOCK_D]``: one head's vectors of tokens ``n0 .. n0 + BLOCK`` (zeros from ``end`` on)."""
+    tokens = n0 + tl.arange(0, BLOCK)
+    return _load_head(ptr, tokens.to(tl.int64), tokens < end, stride_t, head, stride_h, dims, dim_mask)
+
+
+@triton.jit
 def _key_block(k_ptr, v_ptr, n0, kv_end, kv_head, stride_kt, stride_kh, stride_vt, stride_vh, dims, dim_mask,
                BLOCK_N: tl.constexpr):
     """Keys ``n0 .. n0 + BLOCK_N`` of one KV head: their positions, which of them are
@@ -97,6 +104,32 @@ def _key_block(k_ptr, v_ptr, n0, kv_end, kv_head, stride_kt, stride_kh, stride_v
     k = _load_head(k_ptr, cols64, col_mask, stride_kt, kv_head, stride_kh, dims, dim_mask)
     v = _load_head(v_ptr, cols64, col_mask, stride_vt, kv_head, stride_vh, dims, dim_mask)
     return cols, col_mask, k, v
+
+
+@triton.jit
+def _softmax_step(acc, m_i, l_i, s, v_ptr, n0, kv_end, rows, kv_head, stride_vt, stride_vh, dims, dim_mask, qk_scale,
+                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The online softmax over one block of keys ``n0 .. n0 + BLOCK_N``: their raw scores
+    ``s [BLOCK_M, BLOCK_N]`` (fp32) update the running row maxima ``m_i`` (scaled, base 2),
+    sums ``l_i`` and output ``acc``. ``MASKED``: keys at or past ``kv_end``, and with
+    ``CAUSAL`` keys after a row's own position, are dropped."""
+    v = _token_block(v_ptr, n0, kv_end, kv_head, stride_vt, stride_vh, dims, dim_mask, BLOCK_N)
+    if MASKED:
+        cols = n0 + tl.arange(0, BLOCK_N)
+        keep = cols[None, :] < kv_end
+        if CAUSAL:
+            keep = keep & (cols[None, :] <= rows[:, None])
+        s = tl.where(keep, s, float("-inf"))
+    # The scale (> 0) goes on the row maxima and into one multiply-add per score, not a
+    # multiply of every score before the maxima.
+    m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
+    # Padding rows past the tile see only -inf: keep their arithmetic finite.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s * qk_scale - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+    return acc, m_new, l_i
 
 
 @triton.jit
@@ -122,10 +155,12 @@ def attention_fwd_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    OVERLAP: tl.constexpr,
 ):
     """``q, out [T, Hq, HEAD_DIM]``, ``k, v [T, Hkv, HEAD_DIM]`` (last dim contiguous;
     ``BLOCK_D``, a power of two >= 16, pads the head dimension), ``lse [Hq, T]``.
-    Grid: (tiles of BLOCK_M query tokens, Hq)."""
+    ``OVERLAP``: each key block's softmax runs while the next block's scores are computed
+    (more registers: for 16-bit tiles that fit them). Grid: (tiles of BLOCK_M query tokens, Hq)."""
     head = tl.program_id(1)
     seq, start, end, seq_start, seq_end, rows, row_mask = _tile(
         cu_seqlens_ptr, num_seqs, _query_tile_order(CAUSAL), BLOCK_M, SEQ_CHUNK
@@ -159,25 +194,29 @@ def attention_fwd_kernel(
     for phase in tl.static_range(2):
         lo = seq_start if phase == 0 else unmasked_end
         hi = unmasked_end if phase == 0 else kv_end
-        for n0 in range(lo, hi, BLOCK_N):
-            cols, col_mask, k, v = _key_block(k_ptr, v_ptr, n0, hi, kv_head, stride_kt, stride_kh, stride_vt,
-                                              stride_vh, dims, dim_mask, BLOCK_N)
-            s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
-            if phase == 1:
-                keep = col_mask[None, :]
-                if CAUSAL:
-                    keep = keep & (cols[None, :] <= rows[:, None])
-                s = tl.where(keep, s, float("-inf"))
-            # The scale (> 0) goes on the row maxima and into one multiply-add per score,
-            # not a multiply of every score before the maxima.
-            m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
-            # Padding rows past the tile see only -inf: keep their arithmetic finite.
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s * qk_scale - m_safe[:, None])
-            alpha = tl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
-            m_i = m_new
+        if OVERLAP:
+            # The next block's scores go to the tensor cores before this block's softmax, so
+            # that the two overlap: in order, the exponentials leave the tensor cores idle.
+            # The last block is peeled off, so no scores are computed past `hi`.
+            if lo < hi:
+                last = lo + (hi - 1 - lo) // BLOCK_N * BLOCK_N
+                k = _token_block(k_ptr, lo, hi, kv_head, stride_kt, stride_kh, dims, dim_mask, BLOCK_N)
+                s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
+                for n0 in range(lo, last, BLOCK_N):
+                    k = _token_block(k_ptr, n0 + BLOCK_N, hi, kv_head, stride_kt, stride_kh, dims, dim_mask, BLOCK_N)
+                    s_next = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
+                    acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v_ptr, n0, hi, rows, kv_head, stride_vt,
+                                                  stride_vh, dims, dim_mask, qk_scale, phase == 1, CAUSAL,
+                                                  INPUT_PRECISION, BLOCK_N)
+                    s = s_next
+                acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v_ptr, last, hi, rows, kv_head, stride_vt, stride_vh,
+                                              dims, dim_mask, qk_scale, phase == 1, CAUSAL, INPUT_PRECISION, BLOCK_N)
+        else:
+            for n0 in range(lo, hi, BLOCK_N):
+                k = _token_block(k_ptr, n0, hi, kv_head, stride_kt, stride_kh, dims, dim_mask, BLOCK_N)
+                s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
+                acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v_ptr, n0, hi, rows, kv_head, stride_vt, stride_vh,
+                                              dims, dim_mask, qk_scale, phase == 1, CAUSAL, INPUT_PRECISION, BLOCK_N)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = tl.where(used[:, None], acc / l_safe[:, None], 0.0)
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & dim_mask[None, :])
