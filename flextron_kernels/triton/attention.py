@@ -244,11 +244,13 @@ def _dkdv_step(dk, dv, k, v, cols, q_ptr, dout_ptr, lse_ptr, delta_ptr, heads_pt
                   mask=used[None, :] & dim_mask[:, None], other=0.0)
     do = _load_head(dout_ptr, rows64, used, stride_dot, head, stride_doh, dims, dim_mask)
     lse, delta = _query_stats(lse_ptr, delta_ptr, rows64, used, head, num_tokens)
-    p_t = tl.exp2(tl.dot(k, q_t, input_precision=INPUT_PRECISION) * qk_scale - lse[None, :])
+    s_t = tl.dot(k, q_t, input_precision=INPUT_PRECISION)
+    # Issued before the exponentials, which then run while it is on the tensor cores.
+    dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
+    p_t = tl.exp2(s_t * qk_scale - lse[None, :])
     if CAUSAL_MASK:
         p_t = tl.where(cols[:, None] <= rows[None, :], p_t, 0.0)
     dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
-    dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
     return tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, input_precision=INPUT_PRECISION), dv
 
