@@ -31,10 +31,8 @@ def _tile(cu_seqlens_ptr, num_seqs, tile, BLOCK: tl.constexpr, SEQ_CHUNK: tl.con
     row mask. Every program reads all of ``cu_seqlens``: B / SEQ_CHUNK steps, one for
     the usual batch, small beside the tile's attention work even for thousands of
     sequences."""
-    seq = -1
-    seq_start = 0
-    seq_end = 0
-    first_tile = 0  # the number of the sequence's first tile
+    seq = 0  # sequences whose tiles all come before `tile`: then the tile's own
+    first_tile = 0  # their tiles: then the number of the sequence's first tile
     tiles_before = 0  # tiles of the sequences before the current chunk
     for chunk in range(0, num_seqs, SEQ_CHUNK):
         ids = chunk + tl.arange(0, SEQ_CHUNK)
@@ -43,12 +41,19 @@ def _tile(cu_seqlens_ptr, num_seqs, tile, BLOCK: tl.constexpr, SEQ_CHUNK: tl.con
         hi = tl.load(cu_seqlens_ptr + ids + 1, mask=valid, other=0).to(tl.int32)
         count = (hi - lo + BLOCK - 1) // BLOCK
         last = tiles_before + tl.cumsum(count, 0)
-        hit = (last - count <= tile) & (tile < last)  # at most one sequence
-        seq = tl.maximum(seq, tl.max(tl.where(hit, ids, -1), 0))
-        seq_start += tl.sum(tl.where(hit, lo, 0), 0)
-        seq_end += tl.sum(tl.where(hit, hi, 0), 0)
-        first_tile += tl.sum(tl.where(hit, last - count, 0), 0)
-        tiles_before += tl.sum(count, 0)
+        before = valid & (last <= tile)
+        # Three sums in one reduction (each would be a pass of its own across the warps,
+        # with its barriers), packed in 64 bits: per chunk at most 64 sequences (7 bits)
+        # and 2^31 / 16 tiles (28 bits each).
+        packed = tl.sum(before.to(tl.int64) | (tl.where(before, count, 0).to(tl.int64) << 7)
+                        | (count.to(tl.int64) << 35), 0)
+        seq += (packed & 127).to(tl.int32)
+        first_tile += ((packed >> 7) & 0xFFFFFFF).to(tl.int32)
+        tiles_before += (packed >> 35).to(tl.int32)
+    found = seq < num_seqs
+    seq_start = tl.load(cu_seqlens_ptr + seq, mask=found, other=0).to(tl.int32)
+    seq_end = tl.load(cu_seqlens_ptr + seq + 1, mask=found, other=0).to(tl.int32)
+    seq = tl.where(found, seq, -1)
     start = seq_start + (tile - first_tile) * BLOCK
     end = tl.minimum(start + BLOCK, seq_end)
     rows = start + tl.arange(0, BLOCK)
