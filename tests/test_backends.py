@@ -118,3 +118,64 @@ def test_backward_on_another_thread_keeps_the_forwards_settings(kind, device, mo
     worker.start()
     worker.join()
     assert seen and set(seen) == {"torch"}
+
+
+def _public_calls():
+    """Each public op once on small inputs, as ``{name: call}``."""
+    gen = torch.Generator().manual_seed(0)
+    x, w, w_down = (torch.randn(*shape, generator=gen) for shape in ((5, 16), (24, 16), (16, 24)))
+    widths = torch.tensor([0, 3, 24, 8, 17])
+    q, k = torch.randn(5, 4, 16, generator=gen), torch.randn(5, 2, 16, generator=gen)
+    cache = torch.randn(2, 2, 7, 16, generator=gen)
+    return {
+        "elastic_linear": lambda: fk.elastic_linear(x, w, out_features=widths.clamp(max=24)),
+        "elastic_mlp": lambda: fk.elastic_mlp(x, w, w_down, width=widths, w_gate=w),
+        "elastic_mlp_decode": lambda: fk.elastic_mlp_decode(x, w, w_down, width=widths, w_gate=w),
+        "elastic_attention": lambda: fk.elastic_attention(q, k, k, heads=torch.tensor([4, 2, 2, 0, 4])),
+        "elastic_attention_decode": lambda: fk.elastic_attention_decode(
+            q[:2], cache, cache, cache_seqlens=torch.tensor([3, 7]), heads=2),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_public_calls()))
+def test_eager_inference_runs_the_implementation_without_the_custom_op(name, monkeypatch):
+    # The dispatcher costs tens of microseconds of host time per call: eager calls with
+    # nothing to record for autograd skip it, and give the op's results.
+    with torch.no_grad():
+        expected = _public_calls()[name]()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the custom op was called")
+
+    for op in ("elastic_linear", "elastic_mlp_fwd", "elastic_attention_fwd", "elastic_attention_decode"):
+        monkeypatch.setattr(torch.ops.flextron, op, refuse)
+    with torch.no_grad():
+        assert torch.equal(_public_calls()[name](), expected)
+
+
+@pytest.mark.parametrize("name", sorted(_public_calls()))
+def test_fake_tensors_go_through_the_custom_ops(name):
+    # Under a dispatch mode (here fake tensors, as tracing uses) the ops' registrations are
+    # needed: the implementation is not called directly.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with torch.no_grad():
+        expected = _public_calls()[name]()
+    with FakeTensorMode(), torch.no_grad(), fk.skip_width_value_checks():
+        fake = _public_calls()[name]()
+    assert type(fake).__name__ == "FakeTensor" and fake.shape == expected.shape and fake.dtype == expected.dtype
+
+
+def test_calls_that_record_autograd_go_through_the_custom_op(monkeypatch):
+    # With plain tensors that require grad, the op's registered autograd formula is used.
+    calls = []
+    original = torch.ops.flextron.elastic_linear
+
+    def spy(*args):
+        calls.append(args)
+        return original(*args)
+
+    monkeypatch.setattr(torch.ops.flextron, "elastic_linear", spy)
+    x = torch.randn(3, 8, requires_grad=True)
+    fk.elastic_linear(x, torch.randn(6, 8), out_features=torch.tensor([1, 6, 3])).sum().backward()
+    assert len(calls) == 1 and x.grad is not None

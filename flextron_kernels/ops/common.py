@@ -72,6 +72,30 @@ def dispatch_state_restored(state: Optional[tuple]) -> Iterator[None]:
             setting.reset(token)
 
 
+def _plain(t: torch.Tensor) -> bool:
+    functorch = getattr(torch._C, "_functorch", None)
+    wrapped = functorch is not None and functorch.is_functorch_wrapped_tensor(t)
+    return type(t) in (torch.Tensor, torch.nn.Parameter) and not wrapped
+
+
+def call_op(op, impl, *args):
+    """``op(*args)``, a custom op, or ``impl(*args)``, its implementation, where the two
+    are the same but for the dispatcher's host time (tens of microseconds a call, which
+    small batches and decode steps feel): in eager mode, with no gradient to record, on
+    plain tensors and with no dispatch mode (fake tensors, tracing) that needs the op's
+    registrations. ``torch.compile`` always sees the op."""
+    if torch.compiler.is_compiling():
+        return op(*args)
+    stack_len = getattr(torch._C, "_len_torch_dispatch_stack", None)
+    if stack_len is None or stack_len() > 0:
+        return op(*args)
+    grad = torch.is_grad_enabled()
+    for arg in args:
+        if isinstance(arg, torch.Tensor) and (not _plain(arg) or (grad and arg.requires_grad)):
+            return op(*args)
+    return impl(*args)
+
+
 def grad_buffer(param: torch.Tensor) -> torch.Tensor:
     """``param.grad``, allocated as zeros on first use."""
     if param.grad is None:

@@ -30,7 +30,7 @@ from flextron_kernels.ops.checks import (
     softmax_scale_or_default,
     value_checks_enabled,
 )
-from flextron_kernels.ops.common import dispatch_state, dispatch_state_restored
+from flextron_kernels.ops.common import call_op, dispatch_state, dispatch_state_restored
 from flextron_kernels.ops.tiles import attention_config
 
 
@@ -182,6 +182,11 @@ def _fwd_op(
     None: ``static_heads`` for every token) -> ``out [T, Hq, D]`` and ``lse [Hq, T]`` fp32
     (natural log; unspecified where the head is unused)."""
     softmax_scale_or_default(softmax_scale, q.shape[-1])  # the op is public too: the same rule
+    return _forward_impl(q, k, v, cu_seqlens, heads, static_heads, causal, softmax_scale)
+
+
+def _forward_impl(q, k, v, cu_seqlens, heads, static_heads, causal, softmax_scale):
+    """The implementation of :func:`_fwd_op` (``softmax_scale`` already checked)."""
     impl = _forward_triton if _select(q) == "triton" else _forward_torch
     return impl(q, k, v, cu_seqlens, heads, static_heads, causal, softmax_scale)
 
@@ -206,6 +211,11 @@ def _bwd_op(
     softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(dq, dk, dv)`` of :func:`_fwd_op` (``dq`` zero at unused heads)."""
+    return _backward_impl(dout, q, k, v, out, lse, cu_seqlens, heads, static_heads, causal, softmax_scale)
+
+
+def _backward_impl(dout, q, k, v, out, lse, cu_seqlens, heads, static_heads, causal, softmax_scale):
+    """The implementation of :func:`_bwd_op`."""
     impl = _backward_triton if _select(q) == "triton" else _backward_torch
     return impl(dout, q, k, v, out, lse, cu_seqlens, heads, static_heads, causal, softmax_scale)
 
@@ -218,7 +228,8 @@ def _(dout, q, k, v, out, lse, cu_seqlens, heads, static_heads, causal, softmax_
 class _ElasticAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, heads, static_heads, causal, softmax_scale):
-        out, lse = torch.ops.flextron.elastic_attention_fwd(q, k, v, cu_seqlens, heads, static_heads, causal, softmax_scale)
+        out, lse = call_op(torch.ops.flextron.elastic_attention_fwd, _forward_impl, q, k, v, cu_seqlens, heads,
+                           static_heads, causal, softmax_scale)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, heads)
         ctx.static_heads, ctx.causal, ctx.softmax_scale = static_heads, causal, softmax_scale
         ctx.dispatch = dispatch_state()
@@ -228,9 +239,9 @@ class _ElasticAttentionFunction(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, lse, cu_seqlens, heads = ctx.saved_tensors
         with dispatch_state_restored(ctx.dispatch):
-            dq, dk, dv = torch.ops.flextron.elastic_attention_bwd(
-                dout, q, k, v, out, lse, cu_seqlens, heads, ctx.static_heads, ctx.causal, ctx.softmax_scale
-            )
+            dq, dk, dv = call_op(torch.ops.flextron.elastic_attention_bwd, _backward_impl,
+                                 dout, q, k, v, out, lse, cu_seqlens, heads, ctx.static_heads, ctx.causal,
+                                 ctx.softmax_scale)
         return dq, dk, dv, None, None, None, None, None
 
 
@@ -306,8 +317,8 @@ def elastic_attention(
     scale = softmax_scale_or_default(softmax_scale, head_dim)
     if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
         # Inference: no autograd function, nothing saved (one step less on the host).
-        return torch.ops.flextron.elastic_attention_fwd(q, k, v, cu_seqlens, head_counts, static_heads, bool(causal),
-                                                       scale)[0]
+        return call_op(torch.ops.flextron.elastic_attention_fwd, _forward_impl, q, k, v, cu_seqlens, head_counts,
+                       static_heads, bool(causal), scale)[0]
     if v is k:  # torch.compile cannot trace one tensor passed twice to an autograd.Function
         v = v.view(v.shape)
     return _ElasticAttentionFunction.apply(q, k, v, cu_seqlens, head_counts, static_heads, bool(causal), scale)

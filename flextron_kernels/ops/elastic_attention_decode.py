@@ -31,6 +31,7 @@ from flextron_kernels.ops.checks import (
     softmax_scale_or_default,
     value_checks_enabled,
 )
+from flextron_kernels.ops.common import call_op
 from flextron_kernels.ops.tiles import input_precision
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -130,6 +131,11 @@ def _decode_op(
     """``q [B, Hq, Dh]`` against ``k_cache, v_cache [B, Hkv, S_max, Dh]`` -> ``out [B, Hq, Dh]``
     (contiguous). Request ``b`` uses its first ``heads_per_request[b]`` query heads (None:
     ``heads`` for every request) and cache positions ``< cache_seqlens[b]``; zeros elsewhere."""
+    return _forward_impl(q, k_cache, v_cache, cache_seqlens, heads_per_request, heads, softmax_scale)
+
+
+def _forward_impl(q, k_cache, v_cache, cache_seqlens, heads_per_request, heads, softmax_scale):
+    """The implementation of :func:`_decode_op`."""
     impl = _forward_triton if _select(q) == "triton" else _forward_torch
     return impl(q, k_cache, v_cache, cache_seqlens, heads_per_request, heads, softmax_scale)
 
@@ -224,6 +230,5 @@ def elastic_attention_decode(
 
     softmax_scale = softmax_scale_or_default(softmax_scale, head_dim)
 
-    return torch.ops.flextron.elastic_attention_decode(
-        q, k_cache, v_cache, cache_seqlens, heads_per_request, num_heads, float(softmax_scale)
-    )
+    return call_op(torch.ops.flextron.elastic_attention_decode, _forward_impl,
+                   q, k_cache, v_cache, cache_seqlens, heads_per_request, num_heads, float(softmax_scale))

@@ -43,6 +43,7 @@ from flextron_kernels.ops.checks import (
 )
 from flextron_kernels.ops.common import (
     accumulates_in_place,
+    call_op,
     dispatch_state,
     dispatch_state_restored,
     grad_buffer,
@@ -205,9 +206,11 @@ def _backward(dy, x, weight, out_widths, in_widths, k, need_input_grad, grad_wei
     given gradient buffers."""
     dx = None
     if need_input_grad:
-        dx = torch.ops.flextron.elastic_linear_grad_input(dy, weight, out_widths, in_widths, k, x.shape[1])
+        dx = call_op(torch.ops.flextron.elastic_linear_grad_input, _grad_input_impl, dy, weight, out_widths, in_widths,
+                     k, x.shape[1])
     if grad_weight is not None or grad_bias is not None:
-        torch.ops.flextron.elastic_linear_grad_weight_(grad_weight, grad_bias, dy, x, out_widths, in_widths, k)
+        call_op(torch.ops.flextron.elastic_linear_grad_weight_, _grad_weight_impl_, grad_weight, grad_bias, dy, x,
+                out_widths, in_widths, k)
     return dx
 
 
@@ -242,7 +245,7 @@ class _PrefixGradAccumulation(torch.autograd.Function):
         ctx.params = (weight, bias)
         ctx.k = k
         ctx.dispatch = dispatch_state()
-        return torch.ops.flextron.elastic_linear(x, weight, bias, out_widths, in_widths, n, k)
+        return call_op(torch.ops.flextron.elastic_linear, _forward_impl, x, weight, bias, out_widths, in_widths, n, k)
 
     @staticmethod
     def backward(ctx, dy):
@@ -314,15 +317,8 @@ def elastic_linear(
     )
 
     x2d = x.reshape(math.prod(token_shape), kx)
-    static = out_widths is None and in_widths is None
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-    eager = not torch.compiler.is_compiling()  # compiled code keeps the op (and its run-time choice)
-    if eager and static and not needs_grad and _select("elastic_linear", x, False) == "torch":
-        # Inference at static widths: what the op's torch backend runs, without the custom
-        # op's dispatch (a few microseconds of host time per call).
-        y = F.linear(x2d[:, :k], weight[:n, :k], None if bias is None else bias[:n])
-    elif weight.requires_grad and accumulates_in_place(weight, bias):
+    if weight.requires_grad and accumulates_in_place(weight, bias):
         y = _PrefixGradAccumulation.apply(x2d, weight, bias, out_widths, in_widths, n, k)
     else:
-        y = torch.ops.flextron.elastic_linear(x2d, weight, bias, out_widths, in_widths, n, k)
+        y = call_op(torch.ops.flextron.elastic_linear, _forward_impl, x2d, weight, bias, out_widths, in_widths, n, k)
     return y.reshape(*token_shape, n)

@@ -41,6 +41,7 @@ from flextron_kernels.ops.checks import (
 )
 from flextron_kernels.ops.common import (
     accumulates_in_place,
+    call_op,
     dispatch_state,
     dispatch_state_restored,
     grad_buffer,
@@ -262,6 +263,11 @@ def _fwd_op(
     """``x [T, D]`` -> ``out [T, D]``; with ``save_for_backward``, also the
     pre-activations ``up_pre``/``gate_pre [T, width]`` (zeros past each token's width;
     ``[0]`` when not saved). ``widths [T]`` per token, or None for ``width`` everywhere."""
+    return forward_impl(x, w_up, w_down, w_gate, b_up, b_down, widths, width, activation, scale, save_for_backward)
+
+
+def forward_impl(x, w_up, w_down, w_gate, b_up, b_down, widths, width, activation, scale, save_for_backward):
+    """The implementation of :func:`_fwd_op` (the decode op shares it)."""
     from flextron_kernels.ops.elastic_mlp_decode import forward_cuda
 
     backend = _forward_backend(x, w_up, w_down, w_gate, b_up, b_down, widths, scale, save_for_backward)
@@ -306,6 +312,13 @@ def _bwd_op(
     buffer; overwrites ``up_pre``/``gate_pre`` (the saved pre-activations). Returns
     ``dx [T, D]`` (``[0]`` unless ``need_dx``) and ``dscale [T]`` fp32 (``[0]`` without
     a scale)."""
+    return _backward_impl(grad_w_up, grad_w_down, grad_w_gate, grad_b_up, grad_b_down, dout, x, w_up, w_down, w_gate,
+                     widths, width, activation, scale, up_pre, gate_pre, need_dx)
+
+
+def _backward_impl(grad_w_up, grad_w_down, grad_w_gate, grad_b_up, grad_b_down, dout, x, w_up, w_down, w_gate, widths,
+              width, activation, scale, up_pre, gate_pre, need_dx):
+    """The implementation of :func:`_bwd_op`."""
     impl = _backward_triton if _select(dout, widths is not None) == "triton" else _backward_torch
     grads = (grad_w_up, grad_w_down, grad_w_gate, grad_b_up, grad_b_down)
     dx, dscale = impl(grads, dout, x, w_up, w_down, w_gate, widths, width, activation, scale, up_pre, gate_pre, need_dx)
@@ -323,9 +336,8 @@ class _ElasticMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_up, w_down, w_gate, b_up, b_down, scale, widths, width, activation, in_place):
         save = any(ctx.needs_input_grad[:7])
-        out, up_pre, gate_pre = torch.ops.flextron.elastic_mlp_fwd(
-            x, w_up, w_down, w_gate, b_up, b_down, widths, width, activation, scale, save
-        )
+        out, up_pre, gate_pre = call_op(torch.ops.flextron.elastic_mlp_fwd, forward_impl,
+                                        x, w_up, w_down, w_gate, b_up, b_down, widths, width, activation, scale, save)
         ctx.save_for_backward(x, w_up, w_down, w_gate, widths, scale, up_pre, gate_pre if w_gate is not None else None)
         ctx.params = (w_up, w_down, w_gate, b_up, b_down)
         ctx.width, ctx.activation, ctx.in_place = width, activation, in_place
@@ -347,7 +359,8 @@ class _ElasticMLPFunction(torch.autograd.Function):
             else:
                 buffers.append(grad_buffer(param) if ctx.in_place else torch.zeros_like(param))
         with dispatch_state_restored(ctx.dispatch):
-            dx, dscale = torch.ops.flextron.elastic_mlp_bwd_(
+            dx, dscale = call_op(
+                torch.ops.flextron.elastic_mlp_bwd_, _backward_impl,
                 *buffers, dout, x, w_up, w_down, w_gate, widths, ctx.width, ctx.activation, scale, up_pre, gate_pre,
                 needs[0],
             )
@@ -444,14 +457,8 @@ def elastic_mlp(
         # Inference: nothing to save for a backward (inside the autograd function,
         # needs_input_grad would still report parameters that require grad under no_grad),
         # so at most 64 tokens on a GPU take the fused decode kernel.
-        eager = not torch.compiler.is_compiling()  # compiled code keeps the op (and its run-time choice)
-        if eager and widths is None and _forward_backend(x2d, w_up, w_down, w_gate, b_up, b_down, None, scale,
-                                                         False) == "torch":
-            # Static width: what the op's torch backend runs, without its dispatch.
-            out = _forward_torch(x2d, w_up, w_down, w_gate, b_up, b_down, None, fw, activation, scale, False)[0]
-        else:
-            out = torch.ops.flextron.elastic_mlp_fwd(x2d, w_up, w_down, w_gate, b_up, b_down, widths, fw, activation,
-                                                     scale, False)[0]
+        out = call_op(torch.ops.flextron.elastic_mlp_fwd, forward_impl, x2d, w_up, w_down, w_gate, b_up, b_down, widths, fw,
+                      activation, scale, False)[0]
         return out.reshape(x.shape)
     in_place = accumulates_in_place(w_up, w_down, w_gate, b_up, b_down)
     out = _ElasticMLPFunction.apply(x2d, w_up, w_down, w_gate, b_up, b_down, scale, widths, fw, activation, in_place)

@@ -29,7 +29,8 @@ import torch
 from flextron_kernels import reference
 from flextron_kernels.backends import device_index, extension, extension_has_cuda
 from flextron_kernels.ops.checks import new_output
-from flextron_kernels.ops.elastic_mlp import check_mlp_arguments
+from flextron_kernels.ops.common import call_op
+from flextron_kernels.ops.elastic_mlp import check_mlp_arguments, forward_impl
 
 MAX_TOKENS = 64
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}
@@ -133,7 +134,7 @@ def elastic_mlp_decode(
             "elastic_mlp_decode: has no backward, but an input requires grad; run it under "
             "torch.no_grad() or use elastic_mlp"
         )
-    out = torch.ops.flextron.elastic_mlp_fwd(
-        x.reshape(num_tokens, d_model), w_up, w_down, w_gate, b_up, b_down, widths, fw, activation, scale, False
-    )[0]
+    out = call_op(torch.ops.flextron.elastic_mlp_fwd, forward_impl,
+                  x.reshape(num_tokens, d_model), w_up, w_down, w_gate, b_up, b_down, widths, fw, activation, scale,
+                  False)[0]
     return out.reshape(x.shape)
