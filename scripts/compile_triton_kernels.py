@@ -156,7 +156,8 @@ def configurations():
 
     wg = prefix_weight_grad.prefix_weight_grad_kernel
     wflags = dict(stride_dyj=1, stride_xc=1, stride_gwc=1, ROUTED=True, SORT_BY_OUT=True, HAS_OUT_WIDTHS=True,
-                  HAS_IN_WIDTHS=False, HAS_BIAS=False, K_BLOCK_OFFSET=0, INPUT_PRECISION="tf32", GROUPS_POW2=32)
+                  HAS_IN_WIDTHS=False, HAS_BIAS=False, K_BLOCK_OFFSET=0, INPUT_PRECISION="tf32",
+                  GROUPS_POW2=256)  # the default groups of a layer up to 16384 wide
     for variant, config in tiles.sixteen_bit_variants("weight_grad").items():
         tile, opts = _split(config)
         yield f"[{variant}] weight grad, bias column", wg, "bf16", dict(wflags, **tile, HAS_BIAS=True), opts

@@ -31,6 +31,8 @@ def _tile(cu_seqlens_ptr, num_seqs, tile, BLOCK: tl.constexpr, SEQ_CHUNK: tl.con
     row mask. Every program reads all of ``cu_seqlens``: B / SEQ_CHUNK steps, one for
     the usual batch, small beside the tile's attention work even for thousands of
     sequences."""
+    tl.static_assert(SEQ_CHUNK < 128, "the packed sums below count sequences in 7 bits")
+    tl.static_assert(BLOCK >= 16, "the packed sums below count tiles (< 2^31 / BLOCK) in 28 bits")
     seq = 0  # sequences whose tiles all come before `tile`: then the tile's own
     first_tile = 0  # their tiles: then the number of the sequence's first tile
     tiles_before = 0  # tiles of the sequences before the current chunk
