@@ -9,7 +9,8 @@ Families are swept in order, each with the winners of the ones before it:
 from a CUDA graph), ``weight_grad`` (per-token linear forward and backward),
 ``attention_fwd``, ``attention_bwd_dq`` and ``attention_bwd_dkdv`` (B=8, S=2048, Hq=32,
 Hkv=8, Dh=128, causal, a per-token head mix; the backward families timed as forward and
-backward).
+backward), ``attention_decode`` (one request over 32768 cached positions at 16 of 32
+heads, and 16 requests over 4096, replayed from a CUDA graph).
 
 Usage: ``python benchmarks/tune_tiles.py [--families matmul,...] [--out FILE.json]
 [--write-table]`` (``--write-table`` merges the winners into the package's
@@ -91,6 +92,16 @@ CANDIDATES = {
         dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
         dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3),
     ],
+    # Decode attention: shorter splits in more programs, or longer ones streamed deeper.
+    "attention_decode": [
+        dict(BLOCK_N=64, PROGRAMS_PER_SM=8, num_warps=4, num_stages=2),
+        dict(BLOCK_N=64, PROGRAMS_PER_SM=4, num_warps=4, num_stages=2),
+        dict(BLOCK_N=64, PROGRAMS_PER_SM=4, num_warps=4, num_stages=3),
+        dict(BLOCK_N=64, PROGRAMS_PER_SM=2, num_warps=4, num_stages=4),
+        dict(BLOCK_N=128, PROGRAMS_PER_SM=4, num_warps=4, num_stages=2),
+        dict(BLOCK_N=32, PROGRAMS_PER_SM=8, num_warps=4, num_stages=3),
+        dict(BLOCK_N=64, PROGRAMS_PER_SM=16, num_warps=4, num_stages=2),
+    ],
     "attention_bwd_dkdv": [
         dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3),
         dict(BLOCK_M=16, BLOCK_N=128, num_warps=8, num_stages=3),
@@ -119,6 +130,18 @@ def linear_workloads(device, dtype, tokens, d_model, ffn, backward):
             y_down.backward(dy_down)
 
     return run
+
+
+def decode_attention_workload(device, dtype, cases, q_heads, kv_heads, head_dim):
+    """Decode attention over each ``(batch, cache length, active heads)`` case, full caches."""
+    calls = []
+    for batch, kv_len, heads in cases:
+        q = torch.randn(batch, q_heads, head_dim, device=device, dtype=dtype)
+        cache = torch.randn(batch, kv_heads, kv_len, head_dim, device=device, dtype=dtype)
+        lens = torch.full((batch,), kv_len, device=device, dtype=torch.int32)
+        calls.append(lambda q=q, cache=cache, lens=lens, heads=heads: fk.elastic_attention_decode(
+            q, cache, cache, cache_seqlens=lens, heads=heads))
+    return lambda: [call() for call in calls]
 
 
 def mlp_workload(device, dtype, tokens, d_model, ffn):
@@ -169,6 +192,11 @@ def workload(family, device, dtype, smoke):
         return linear_workloads(device, dtype, 16, d_model, ffn, backward=False)
     if family == "weight_grad":
         return linear_workloads(device, dtype, tokens, d_model, ffn, backward=True)
+    if family == "attention_decode":
+        # The issue's cases furthest from the target: one request over a long cache (64 MiB of
+        # KV at half the heads), and a batch of 16 over 4096 positions.
+        cases = ((1, 64, 2), (2, 32, 4)) if smoke else ((1, 32768, 16), (16, 4096, 32))
+        return decode_attention_workload(device, dtype, cases, *((4, 2, 16) if smoke else (32, 8, 128)))
     return attention_workload(device, dtype, *attn, backward=family.startswith("attention_bwd"))
 
 
@@ -198,7 +226,7 @@ def main(argv=None) -> int:
             with tiles.override_tiles(**winners, **{family: config}), fk.skip_width_value_checks():
                 try:
                     # Decode-sized calls take microseconds: timed as CUDA graph replays.
-                    ms = time_ms(graph_replay(run) if family == "matmul_decode" else run)
+                    ms = time_ms(graph_replay(run) if family in ("matmul_decode", "attention_decode") else run)
                 except Exception as error:  # a configuration the compiler rejects (resources)
                     print(f"    failed: {type(error).__name__}: {str(error)[:200]}", file=sys.stderr)
                     ms = math.inf

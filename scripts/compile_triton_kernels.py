@@ -197,10 +197,12 @@ def configurations():
         HEAD_DIM=128, BLOCK_D=128, BLOCK_T=64), dict(num_warps=4)
 
     dec = attention_decode.attention_decode_split_kernel
-    # Unit strides along the head dimension, as Triton specialises them at launch.
-    yield "decode split, GQA 4", dec, "bf16", dict(stride_qd=1, stride_kd=1, stride_vd=1, GROUP=4, HAS_HEADS=True,
-                                                   HEAD_DIM=128, INPUT_PRECISION="tf32", BLOCK_G=16, BLOCK_N=64,
-                                                   BLOCK_D=128), dict(num_warps=4, num_stages=2)
+    for variant, config in tiles.sixteen_bit_variants("attention_decode").items():
+        tile, opts = _split({k: v for k, v in config.items() if k != "PROGRAMS_PER_SM"})  # a launch-grid setting
+        # Unit strides along the head dimension, as Triton specialises them at launch.
+        yield f"[{variant}] decode split, GQA 4", dec, "bf16", dict(
+            stride_qd=1, stride_kd=1, stride_vd=1, GROUP=4, HAS_HEADS=True, HEAD_DIM=128, INPUT_PRECISION="tf32",
+            BLOCK_G=16, BLOCK_D=128, **tile), opts
     yield "decode combine", attention_decode.attention_decode_combine_kernel, "bf16", dict(
         stride_od=1, HAS_HEADS=True, HEAD_DIM=128, BLOCK_S=128, CHUNK_S=64, BLOCK_D=128), dict(num_warps=8)
 

@@ -15,7 +15,7 @@
 # (GPU tests, op tests, a compile-only pass over every benchmark to fill the Triton
 # cache) about 2 minutes (140 s at most), and the timed benchmarks, one at a time, about
 # 4 to 5 minutes: about 8 minutes by default (the limits add up to about 15). The tile
-# sweep (nine families) adds about 3 minutes with its compile passes: run it in a call of
+# sweep (ten families) adds about 3 minutes with its compile passes: run it in a call of
 # its own (ONLY="tests op_tests tune"), the benchmarks in another. Within a shorter device
 # budget, run subsets with ONLY.
 set -uo pipefail
@@ -96,7 +96,7 @@ wait_benchmarks() {
   done
   return 0
 }
-families="matmul matmul_small matmul_gated matmul_decode weight_grad attention_fwd attention_bwd_dq attention_bwd_dkdv"
+families="matmul matmul_small matmul_gated matmul_decode weight_grad attention_fwd attention_bwd_dq attention_bwd_dkdv attention_decode"
 
 if want tests || want op_tests || want tune; then
   step "side by side, those asked for: the GPU tests (bf16 against fp64, the CUDA kernels, CUDA graphs), the op tests compiled (fp32/fp16), a compile-only pass over the tile sweep (with tune) or else over the benchmarks"
@@ -131,7 +131,7 @@ fi
 
 if want tune; then
   step "tile sweep (timed), the winners written to the tuned table"
-  run 90 "$results/tune_tiles.log" "$PY" benchmarks/tune_tiles.py --out "$results/tune_tiles_gpu.json" --write-table
+  run 120 "$results/tune_tiles.log" "$PY" benchmarks/tune_tiles.py --out "$results/tune_tiles_gpu.json" --write-table
   step "compile-only pass over the benchmarks, side by side, with the tuned tiles"
   compile_benchmarks
   wait_benchmarks

@@ -105,3 +105,26 @@ def test_attention_rejects_tiles_whose_key_blocks_miss_the_query_tiles():
     with pytest.raises(ValueError, match="BLOCK_N must divide BLOCK_M, got 16 and 32"):
         attention_fwd(q, q, q, q, None, None, 2, None, causal=True, softmax_scale=1.0,
                       config=dict(BLOCK_M=16, BLOCK_N=32))
+
+
+def test_decode_attention_takes_its_family_tiles(fake_gpu, monkeypatch):
+    from types import SimpleNamespace
+
+    import importlib
+
+    decode = importlib.import_module("flextron_kernels.ops.elastic_attention_decode")
+    monkeypatch.setattr(decode, "_num_sms", lambda index: 132)
+    cuda = torch.device("cuda", 0)
+
+    def config(dtype=torch.bfloat16, head_dim=128, kv_len=32768, batch=1):
+        q = SimpleNamespace(device=cuda, dtype=dtype, shape=(batch, 32, head_dim), element_size=lambda: dtype.itemsize)
+        return decode.decode_config(q, SimpleNamespace(shape=(batch, 8, kv_len, head_dim)), active_kv_heads=8)
+
+    default = config()
+    assert default["BLOCK_N"] == 64 and default["num_stages"] == 2
+    assert default["num_splits"] == 8 * 132 // 8  # PROGRAMS_PER_SM programs per SM over 8 (request, head) pairs
+    with tiles.override_tiles(attention_decode=dict(PROGRAMS_PER_SM=2, BLOCK_N=128, num_stages=4)):
+        tuned = config()
+        assert tuned["BLOCK_N"] == 128 and tuned["num_stages"] == 4 and tuned["num_splits"] == 2 * 132 // 8
+        # fp32 and head dims past the family's range keep their own tiles.
+        assert config(torch.float32)["BLOCK_N"] == 32 and config(head_dim=256)["num_warps"] == 8

@@ -32,7 +32,7 @@ from flextron_kernels.ops.checks import (
     value_checks_enabled,
 )
 from flextron_kernels.ops.common import call_op
-from flextron_kernels.ops.tiles import input_precision
+from flextron_kernels.ops.tiles import attention_decode_tiles, input_precision
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
@@ -57,23 +57,29 @@ def decode_config(q: torch.Tensor, k_cache: torch.Tensor, active_kv_heads: int) 
     if q.device.type == "cpu":  # the Triton interpreter: small blocks, two per split, so the combine has work
         return dict(BLOCK_N=16, num_splits=max(-(-num_blocks(16) // 2), 1), INPUT_PRECISION=precision)
     block_d = max(1 << (q.shape[-1] - 1).bit_length(), 16)
+    block_g = max(1 << (q.shape[1] // k_cache.shape[1] - 1).bit_length(), 16)
     # 16 KiB K and V tiles (64 positions of a bf16 head of 128): 16-byte vector loads, and two
     # pipeline stages of K and V stay within 64 KiB of shared memory.
     block_n = max(16, min(64, 16384 // (block_d * q.element_size())))
-    # Splits: decode reads each KV byte once, so the aim is only enough programs to keep every
-    # SM streaming and balanced across unequal caches: about two resident waves (a program takes
-    # ~128 registers x 4 warps, so 4 fit per SM) over the (request, active KV head) pairs, but no
-    # split under 2 blocks, below which the fp32 partials a split writes and the combine re-reads
-    # (G*Dh*8 bytes) stop being small next to the K/V bytes it reads (2*split_len*Dh*2).
-    target = 8 * _num_sms(device_index(q.device))
-    pairs = max(q.shape[0] * active_kv_heads, 1)
-    splits = min(-(-target // pairs), max(-(-num_blocks(block_n) // 2), 1), 256)
+    programs_per_sm, num_stages = 8, 2
     # 4 warps for the usual G <= 16, Dh <= 128; beyond, or for fp32 without tensor cores,
     # 8 warps keep the accumulator and operand tiles in registers (no spills with ptxas, sm_90).
-    block_g = max(1 << (q.shape[1] // k_cache.shape[1] - 1).bit_length(), 16)
     num_warps = 8 if block_g * block_d > 2048 or precision == "ieee" else 4
+    if q.element_size() == 2 and block_g * block_d <= 2048:  # the tuned family's range
+        tiles = attention_decode_tiles(q)
+        block_n, programs_per_sm = tiles["BLOCK_N"], tiles["PROGRAMS_PER_SM"]
+        num_warps, num_stages = tiles["num_warps"], tiles["num_stages"]
+    # Splits: decode reads each KV byte once, so the aim is only enough programs to keep every
+    # SM streaming and balanced across unequal caches, over the (request, active KV head)
+    # pairs, but no split under 2 blocks, below which the fp32 partials a split writes and the
+    # combine re-reads (G*Dh*8 bytes) stop being small next to the K/V bytes it reads
+    # (2*split_len*Dh*2).
+    target = programs_per_sm * _num_sms(device_index(q.device))
+    pairs = max(q.shape[0] * active_kv_heads, 1)
+    splits = min(-(-target // pairs), max(-(-num_blocks(block_n) // 2), 1), 256)
     return dict(
-        BLOCK_N=block_n, num_splits=max(splits, 1), INPUT_PRECISION=precision, num_warps=num_warps, num_stages=2
+        BLOCK_N=block_n, num_splits=max(splits, 1), INPUT_PRECISION=precision, num_warps=num_warps,
+        num_stages=num_stages,
     )
 
 

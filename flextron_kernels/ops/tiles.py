@@ -12,7 +12,8 @@ takes the ``BLOCK_M`` of ``matmul`` or ``matmul_small``),
 ``matmul_decode`` (the routed matmul over at most 64 rows, one row tile), ``weight_grad``
 (the prefix weight gradient), ``attention_fwd``, and the backward's two kernels
 ``attention_bwd_dq`` (a tile of queries over steps of keys) and ``attention_bwd_dkdv``
-(a tile of keys over steps of queries).
+(a tile of keys over steps of queries), and ``attention_decode`` (the split-KV decode
+kernel).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 from flextron_kernels.backends import device_index
 
 FAMILIES = ("matmul", "matmul_small", "matmul_gated", "matmul_decode", "weight_grad", "attention_fwd", "attention_bwd_dq",
-            "attention_bwd_dkdv")
+            "attention_bwd_dkdv", "attention_decode")
 TUNED_TABLE = Path(__file__).with_name("tuned_tiles.json")
 ATTENTION_KERNELS = ("fwd", "bwd_dq", "bwd_dkdv")
 # Row counts up to this use the decode tiles (``matmul_decode``).
@@ -59,6 +60,11 @@ _DEFAULTS_16BIT = {
     # (scripts/compile_triton_kernels.py reports them).
     "attention_bwd_dq": dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3),
     "attention_bwd_dkdv": dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3),
+    # Decode attention's split kernel (head dims up to 128): BLOCK_N cache positions per
+    # step, and splits enough for PROGRAMS_PER_SM programs per SM over the (request, KV
+    # head) pairs (a program takes ~128 registers x 4 warps, so 4 fit per SM: 8 is about
+    # two resident waves).
+    "attention_decode": dict(BLOCK_N=64, PROGRAMS_PER_SM=8, num_warps=4, num_stages=2),
 }
 
 
@@ -201,6 +207,11 @@ def attention_config(t: torch.Tensor, kernel: str) -> dict:
     if wide_head:
         return dict(WIDE_HEAD_TILES_16BIT[kernel], INPUT_PRECISION=precision)
     return dict(_sixteen_bit(f"attention_{kernel}", t.device), INPUT_PRECISION=precision)
+
+
+def attention_decode_tiles(t: torch.Tensor) -> dict:
+    """The ``attention_decode`` family's configuration for 16-bit data on ``t``'s GPU."""
+    return _sixteen_bit("attention_decode", t.device)
 
 
 def sixteen_bit_variants(family: str) -> dict:
