@@ -215,9 +215,9 @@ def test_elastic_mlp_saves_nothing_for_backward_under_no_grad(monkeypatch):
     saves = []
     original = module.forward_impl  # what the op runs; eager calls run it directly
 
-    def spy(*args):
+    def spy(*args, **kwargs):
         saves.append(args[-1])
-        return original(*args)
+        return original(*args, **kwargs)
 
     monkeypatch.setattr(module, "forward_impl", spy)
     mlp = fk.ElasticMLP(16, 24)

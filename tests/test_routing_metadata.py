@@ -126,3 +126,33 @@ def test_bad_input():
         fk.routing_metadata(w, torch.tensor([4, 4]), 4)
     with pytest.raises(ValueError, match="block_m: expected an int in"):
         fk.routing_metadata(w, b, 0)
+
+
+@pytest.mark.parametrize("op", ["linear", "mlp"])
+def test_one_grouping_per_forward_and_backward(op, device, monkeypatch):
+    # The forward and every backward kernel of one call share the tokens' grouping (the
+    # routing metadata) instead of computing it again.
+    from flextron_kernels.ops import common
+
+    calls = []
+    original = common.compute_routing_metadata
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(common, "compute_routing_metadata", counted)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 24, generator=gen).to(device).requires_grad_()
+    widths = torch.randint(0, 33, (40,), generator=gen).to(device)
+    with fk.use_backend("triton"):
+        if op == "linear":
+            layer = fk.ElasticLinear(24, 32).to(device)
+            layer(x, out_features=widths).sum().backward()
+            grads = (x.grad, layer.weight.grad)
+        else:
+            layer = fk.ElasticMLP(24, 32).to(device)
+            layer(x, width=widths).sum().backward()
+            grads = (x.grad, layer.w_up.grad, layer.w_down.grad)
+    assert len(calls) == 1
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)

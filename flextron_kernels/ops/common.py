@@ -78,22 +78,26 @@ def _plain(t: torch.Tensor) -> bool:
     return type(t) in (torch.Tensor, torch.nn.Parameter) and not wrapped
 
 
-def call_op(op, impl, *args):
-    """``op(*args)``, a custom op, or ``impl(*args)``, its implementation, where the two
-    are the same but for the dispatcher's host time (tens of microseconds a call, which
-    small batches and decode steps feel): in eager mode, with no gradient to record, on
-    plain tensors and with no dispatch mode (fake tensors, tracing) that needs the op's
+def runs_directly(*args) -> bool:
+    """Whether a custom op called with ``args`` and its implementation called with them are
+    the same but for the dispatcher's host time (tens of microseconds a call, which small
+    batches and decode steps feel): in eager mode, with no gradient to record, on plain
+    tensors and with no dispatch mode (fake tensors, tracing) that needs the op's
     registrations. ``torch.compile`` always sees the op."""
     if torch.compiler.is_compiling():
-        return op(*args)
+        return False
     stack_len = getattr(torch._C, "_len_torch_dispatch_stack", None)
     if stack_len is None or stack_len() > 0:
-        return op(*args)
+        return False
     grad = torch.is_grad_enabled()
-    for arg in args:
-        if isinstance(arg, torch.Tensor) and (not _plain(arg) or (grad and arg.requires_grad)):
-            return op(*args)
-    return impl(*args)
+    return not any(isinstance(a, torch.Tensor) and (not _plain(a) or (grad and a.requires_grad)) for a in args)
+
+
+def call_op(op, impl, *args, **impl_only):
+    """``impl(*args, **impl_only)`` where :func:`runs_directly`, else the custom op
+    ``op(*args)``. ``impl_only``: what the implementation may take ready-made instead of
+    computing it (an autograd function's token grouping, shared by its forward and backward)."""
+    return impl(*args, **impl_only) if runs_directly(*args) else op(*args)
 
 
 def grad_buffer(param: torch.Tensor) -> torch.Tensor:

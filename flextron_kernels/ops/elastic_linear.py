@@ -50,6 +50,7 @@ from flextron_kernels.ops.common import (
     group_tokens,
     mask_columns,
     matmul_routing,
+    runs_directly,
 )
 from flextron_kernels.ops.tiles import matmul_config, weight_grad_config
 
@@ -67,7 +68,18 @@ def _select(op: str, t: torch.Tensor, per_token: bool) -> str:
     return select_backend(op, t.device, ("triton", "torch"), preferred)
 
 
-def _forward_impl(x, weight, bias, out_widths, in_widths, n, k):
+def _token_grouping(x, out_widths, in_widths, n, k):
+    """The token grouping (``group_tokens``) that the Triton kernels of one forward and its
+    backward can share (each would otherwise compute it again), or None where they would
+    not group: static widths, or the torch backend."""
+    if (out_widths is None and in_widths is None) or _select("elastic_linear", x, True) != "triton":
+        return None
+    widths, size, _ = _grouping(out_widths, in_widths, n, k)
+    return group_tokens(widths, size, matmul_config(x, x.shape[0])["BLOCK_M"])
+
+
+def _forward_impl(x, weight, bias, out_widths, in_widths, n, k, *, grouping=None):
+    """``grouping``: :func:`_token_grouping` of these widths, if at hand."""
     per_token = out_widths is not None or in_widths is not None
     if _select("elastic_linear", x, per_token) == "torch":
         xs = mask_columns(x[:, :k], in_widths)
@@ -78,7 +90,7 @@ def _forward_impl(x, weight, bias, out_widths, in_widths, n, k):
 
     config = matmul_config(x, x.shape[0])
     widths, size, _ = _grouping(out_widths, in_widths, n, k)
-    routing = matmul_routing(widths, size, x.shape[0], config["BLOCK_M"])
+    routing = matmul_routing(widths, size, x.shape[0], config["BLOCK_M"], grouped=grouping[0] if grouping else None)
     y = new_output((x.shape[0], n), dtype=x.dtype, device=x.device)
     return routed_matmul(
         x, x.stride(), weight, weight.stride(), bias, y,
@@ -86,7 +98,7 @@ def _forward_impl(x, weight, bias, out_widths, in_widths, n, k):
     )
 
 
-def _grad_input_impl(dy, weight, out_widths, in_widths, k, kx):
+def _grad_input_impl(dy, weight, out_widths, in_widths, k, kx, *, grouping=None):
     num_rows, n = dy.shape
     per_token = out_widths is not None or in_widths is not None
     if _select("elastic_linear", dy, per_token) == "torch":
@@ -101,7 +113,7 @@ def _grad_input_impl(dy, weight, out_widths, in_widths, k, kx):
 
     config = matmul_config(dy, num_rows)
     widths, size, _ = _grouping(out_widths, in_widths, n, k)
-    routing = matmul_routing(widths, size, num_rows, config["BLOCK_M"])
+    routing = matmul_routing(widths, size, num_rows, config["BLOCK_M"], grouped=grouping[0] if grouping else None)
     dx = new_output((num_rows, kx), dtype=dy.dtype, device=dy.device)
     w_strides = weight.stride()
     return routed_matmul(
@@ -110,7 +122,7 @@ def _grad_input_impl(dy, weight, out_widths, in_widths, k, kx):
     )
 
 
-def _grad_weight_impl_(grad_weight, grad_bias, dy, x, out_widths, in_widths, k):
+def _grad_weight_impl_(grad_weight, grad_bias, dy, x, out_widths, in_widths, k, *, grouping=None):
     n = dy.shape[1]
     per_token = out_widths is not None or in_widths is not None
     backend = _select("elastic_linear", dy, per_token)
@@ -131,7 +143,7 @@ def _grad_weight_impl_(grad_weight, grad_bias, dy, x, out_widths, in_widths, k):
 
     config = weight_grad_config(dy)
     widths, size, sort_by_out = _grouping(out_widths, in_widths, n, k)
-    routing, boundaries = group_tokens(widths, size, config["BLOCK_M"])
+    routing, boundaries = grouping or group_tokens(widths, size, config["BLOCK_M"])
     prefix_weight_grad_(
         grad_weight, grad_bias, dy, x, out_widths=out_widths, in_widths=in_widths, in_limit=k,
         routing=routing, boundaries=boundaries, sort_by_out=sort_by_out, config=config,
@@ -201,16 +213,16 @@ def _(grad_weight, grad_bias, dy, x, out_widths, in_widths, k):
     return None
 
 
-def _backward(dy, x, weight, out_widths, in_widths, k, need_input_grad, grad_weight, grad_bias):
+def _backward(dy, x, weight, out_widths, in_widths, k, need_input_grad, grad_weight, grad_bias, grouping=None):
     """Shared by both autograd paths: returns ``dx`` (or None) and accumulates into the
-    given gradient buffers."""
+    given gradient buffers. ``grouping``: the forward's :func:`_token_grouping`, if any."""
     dx = None
     if need_input_grad:
         dx = call_op(torch.ops.flextron.elastic_linear_grad_input, _grad_input_impl, dy, weight, out_widths, in_widths,
-                     k, x.shape[1])
+                     k, x.shape[1], grouping=grouping)
     if grad_weight is not None or grad_bias is not None:
         call_op(torch.ops.flextron.elastic_linear_grad_weight_, _grad_weight_impl_, grad_weight, grad_bias, dy, x,
-                out_widths, in_widths, k)
+                out_widths, in_widths, k, grouping=grouping)
     return dx
 
 
@@ -245,7 +257,10 @@ class _PrefixGradAccumulation(torch.autograd.Function):
         ctx.params = (weight, bias)
         ctx.k = k
         ctx.dispatch = dispatch_state()
-        return call_op(torch.ops.flextron.elastic_linear, _forward_impl, x, weight, bias, out_widths, in_widths, n, k)
+        args = (x, weight, bias, out_widths, in_widths, n, k)
+        # Grouped once, here, for the forward and both backward kernels.
+        ctx.grouping = _token_grouping(x, out_widths, in_widths, n, k) if runs_directly(*args) else None
+        return call_op(torch.ops.flextron.elastic_linear, _forward_impl, *args, grouping=ctx.grouping)
 
     @staticmethod
     def backward(ctx, dy):
@@ -255,7 +270,7 @@ class _PrefixGradAccumulation(torch.autograd.Function):
         grad_weight = grad_buffer(weight_param) if need_w else None
         grad_bias = grad_buffer(bias_param) if (need_b and bias_param is not None) else None
         with dispatch_state_restored(ctx.dispatch):
-            dx = _backward(dy, x, weight, out_widths, in_widths, ctx.k, need_x, grad_weight, grad_bias)
+            dx = _backward(dy, x, weight, out_widths, in_widths, ctx.k, need_x, grad_weight, grad_bias, ctx.grouping)
         return dx, None, None, None, None, None, None
 
 

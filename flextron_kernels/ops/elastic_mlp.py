@@ -48,6 +48,7 @@ from flextron_kernels.ops.common import (
     group_tokens,
     mask_columns,
     matmul_routing,
+    runs_directly,
 )
 from flextron_kernels.ops.tiles import has_tuned_tiles, matmul_config, weight_grad_config
 
@@ -78,6 +79,15 @@ def _forward_backend(x, w_up, w_down, w_gate, b_up, b_down, widths, scale, save_
 
     decode_kernel = not save_for_backward and cuda_kernel_applies(x, w_up, w_down, w_gate, b_up, b_down, scale)
     return _select(x, widths is not None, decode_kernel)
+
+
+def token_grouping(x: torch.Tensor, widths: Optional[torch.Tensor], width_limit: int):
+    """The token grouping (``group_tokens``) that the Triton kernels of one forward and its
+    backward can share (each would otherwise compute it again), or None where they would
+    not group: a static width, or the torch backend."""
+    if widths is None or _select(x, True) != "triton":
+        return None
+    return group_tokens(widths, width_limit, matmul_config(x, x.shape[0])["BLOCK_M"])
 
 
 def _activation_grad_config(t: torch.Tensor) -> dict:
@@ -165,12 +175,12 @@ def _backward_torch(grads, dout, x, w_up, w_down, w_gate, widths, fw, activation
 # --------------------------------------------------------------------------- #
 # Triton backend
 # --------------------------------------------------------------------------- #
-def _forward_triton(x, w_up, w_down, w_gate, b_up, b_down, widths, fw, activation, scale, save):
+def _forward_triton(x, w_up, w_down, w_gate, b_up, b_down, widths, fw, activation, scale, save, grouping=None):
     from flextron_kernels.triton.routed_matmul import routed_matmul
 
     num_rows, d_model = x.shape
     config = matmul_config(x, num_rows)
-    routing = matmul_routing(widths, fw, num_rows, config["BLOCK_M"])
+    routing = matmul_routing(widths, fw, num_rows, config["BLOCK_M"], grouped=grouping[0] if grouping else None)
     first_config = matmul_config(x, num_rows, gated=True) if w_gate is not None else config
     hidden = new_output((num_rows, fw), dtype=x.dtype, device=x.device)
     up_pre = new_output((num_rows, fw), dtype=x.dtype, device=x.device) if save else None
@@ -190,7 +200,8 @@ def _forward_triton(x, w_up, w_down, w_gate, b_up, b_down, widths, fw, activatio
     return out, up_pre, gate_pre
 
 
-def _backward_triton(grads, dout, x, w_up, w_down, w_gate, widths, fw, activation, scale, up_pre, gate_pre, need_dx):
+def _backward_triton(grads, dout, x, w_up, w_down, w_gate, widths, fw, activation, scale, up_pre, gate_pre, need_dx,
+                     grouping=None):
     from flextron_kernels.triton.mlp_activation_grad import mlp_activation_grad_
     from flextron_kernels.triton.prefix_weight_grad import prefix_weight_grad_
     from flextron_kernels.triton.routed_matmul import routed_matmul
@@ -198,7 +209,7 @@ def _backward_triton(grads, dout, x, w_up, w_down, w_gate, widths, fw, activatio
     grad_w_up, grad_w_down, grad_w_gate, grad_b_up, grad_b_down = grads
     num_rows, d_model = dout.shape
     config = matmul_config(dout, num_rows)
-    grouped, boundaries = group_tokens(widths, fw, config["BLOCK_M"])
+    grouped, boundaries = grouping or group_tokens(widths, fw, config["BLOCK_M"])
     routing = matmul_routing(widths, fw, num_rows, config["BLOCK_M"], grouped=grouped)
     grad_h = new_output((num_rows, fw), dtype=dout.dtype, device=dout.device)
     routed_matmul(
@@ -266,16 +277,22 @@ def _fwd_op(
     return forward_impl(x, w_up, w_down, w_gate, b_up, b_down, widths, width, activation, scale, save_for_backward)
 
 
-def forward_impl(x, w_up, w_down, w_gate, b_up, b_down, widths, width, activation, scale, save_for_backward):
-    """The implementation of :func:`_fwd_op` (the decode op shares it)."""
+def forward_impl(x, w_up, w_down, w_gate, b_up, b_down, widths, width, activation, scale, save_for_backward, *,
+                 grouping=None):
+    """The implementation of :func:`_fwd_op` (the decode op shares it). ``grouping``:
+    :func:`token_grouping` of these widths, if at hand."""
     from flextron_kernels.ops.elastic_mlp_decode import forward_cuda
 
     backend = _forward_backend(x, w_up, w_down, w_gate, b_up, b_down, widths, scale, save_for_backward)
     if backend == "cuda":
         out = forward_cuda(x, w_up, w_down, w_gate, b_up, b_down, widths, width, activation, scale)
         return out, x.new_empty(0), x.new_empty(0)
-    impl = _forward_triton if backend == "triton" else _forward_torch
-    out, up_pre, gate_pre = impl(x, w_up, w_down, w_gate, b_up, b_down, widths, width, activation, scale, save_for_backward)
+    if backend == "triton":
+        out, up_pre, gate_pre = _forward_triton(x, w_up, w_down, w_gate, b_up, b_down, widths, width, activation,
+                                                scale, save_for_backward, grouping)
+    else:
+        out, up_pre, gate_pre = _forward_torch(x, w_up, w_down, w_gate, b_up, b_down, widths, width, activation,
+                                               scale, save_for_backward)
     return out, up_pre if up_pre is not None else x.new_empty(0), gate_pre if gate_pre is not None else x.new_empty(0)
 
 
@@ -317,11 +334,14 @@ def _bwd_op(
 
 
 def _backward_impl(grad_w_up, grad_w_down, grad_w_gate, grad_b_up, grad_b_down, dout, x, w_up, w_down, w_gate, widths,
-              width, activation, scale, up_pre, gate_pre, need_dx):
-    """The implementation of :func:`_bwd_op`."""
-    impl = _backward_triton if _select(dout, widths is not None) == "triton" else _backward_torch
+                   width, activation, scale, up_pre, gate_pre, need_dx, *, grouping=None):
+    """The implementation of :func:`_bwd_op`; ``grouping``: the forward's, if any."""
     grads = (grad_w_up, grad_w_down, grad_w_gate, grad_b_up, grad_b_down)
-    dx, dscale = impl(grads, dout, x, w_up, w_down, w_gate, widths, width, activation, scale, up_pre, gate_pre, need_dx)
+    args = (grads, dout, x, w_up, w_down, w_gate, widths, width, activation, scale, up_pre, gate_pre, need_dx)
+    if _select(dout, widths is not None) == "triton":
+        dx, dscale = _backward_triton(*args, grouping)
+    else:
+        dx, dscale = _backward_torch(*args)
     return (dx if dx is not None else dout.new_empty(0)), (dscale if dscale is not None else dout.new_empty(0, dtype=torch.float32))
 
 
@@ -336,8 +356,10 @@ class _ElasticMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_up, w_down, w_gate, b_up, b_down, scale, widths, width, activation, in_place):
         save = any(ctx.needs_input_grad[:7])
-        out, up_pre, gate_pre = call_op(torch.ops.flextron.elastic_mlp_fwd, forward_impl,
-                                        x, w_up, w_down, w_gate, b_up, b_down, widths, width, activation, scale, save)
+        args = (x, w_up, w_down, w_gate, b_up, b_down, widths, width, activation, scale, save)
+        # Grouped once, here, for the forward's and the backward's kernels.
+        ctx.grouping = token_grouping(x, widths, width) if runs_directly(*args) else None
+        out, up_pre, gate_pre = call_op(torch.ops.flextron.elastic_mlp_fwd, forward_impl, *args, grouping=ctx.grouping)
         ctx.save_for_backward(x, w_up, w_down, w_gate, widths, scale, up_pre, gate_pre if w_gate is not None else None)
         ctx.params = (w_up, w_down, w_gate, b_up, b_down)
         ctx.width, ctx.activation, ctx.in_place = width, activation, in_place
@@ -362,7 +384,7 @@ class _ElasticMLPFunction(torch.autograd.Function):
             dx, dscale = call_op(
                 torch.ops.flextron.elastic_mlp_bwd_, _backward_impl,
                 *buffers, dout, x, w_up, w_down, w_gate, widths, ctx.width, ctx.activation, scale, up_pre, gate_pre,
-                needs[0],
+                needs[0], grouping=ctx.grouping,
             )
         param_grads = [None] * 5 if ctx.in_place else buffers
         return (
