@@ -272,6 +272,24 @@ def test_bf16_error_within_twice_torch(kv_heads, heads_kind):
         assert ours_err <= 2 * torch_err + 1e-6, (name, ours_err, torch_err)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("overlap", [True, False])
+def test_bf16_forward_both_loop_schedules(overlap):
+    # The forward's overlapped and sequential key loops (the tile sweep may pick either).
+    from flextron_kernels.ops.tiles import override_tiles
+
+    device = torch.device("cuda")
+    tensors, grad, heads, cu = make_inputs([700, 1, 300], 32, 8, "per_token", torch.bfloat16, device, seed=8,
+                                           head_dim=128)
+    packing = dict(heads=heads.to(device), cu_seqlens=cu.to(device))
+    with override_tiles(attention_fwd=dict(OVERLAP=overlap)):
+        out = fk.elastic_attention(*tensors, **packing)
+    torch_bf16 = reference.elastic_attention(*tensors, **packing)
+    exact = reference.elastic_attention(*[t.double() for t in tensors], **packing)
+    assert torch.isfinite(out).all()
+    assert (out.double() - exact).abs().max() <= 2 * (torch_bf16.double() - exact).abs().max() + 1e-6
+
+
 def test_one_sequence_default_is_built_on_the_device(device):
     from flextron_kernels.ops.elastic_attention import one_sequence
 

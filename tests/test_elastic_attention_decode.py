@@ -286,6 +286,25 @@ def test_bf16_error_within_twice_torch(heads_kind, batch, kv_len):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("tiles", [dict(BLOCK_N=128, PROGRAMS_PER_SM=4, num_stages=2),
+                                   dict(BLOCK_N=32, PROGRAMS_PER_SM=2, num_stages=4)])
+def test_bf16_other_decode_tiles(tiles):
+    # The tile sweep's other candidates: longer or shorter blocks, fewer splits.
+    from flextron_kernels.ops.tiles import override_tiles
+
+    device = torch.device("cuda")
+    q, k, v = make(3, 32, 8, 5000, 128, dtype=torch.bfloat16, device=device, seed=13)
+    cache_seqlens = torch.tensor([5000, 1, 3333], device=device)
+    heads = torch.tensor([32, 8, 16], device=device)
+    with override_tiles(attention_decode=tiles):
+        ours = fk.elastic_attention_decode(q, k, v, cache_seqlens=cache_seqlens, heads=heads)
+    torch_bf16 = reference.elastic_attention_decode(q, k, v, cache_seqlens=cache_seqlens, heads=heads)
+    want = reference.elastic_attention_decode(q.double(), k.double(), v.double(), cache_seqlens=cache_seqlens, heads=heads)
+    assert torch.isfinite(ours).all()
+    assert (ours.double() - want).abs().max() <= 2 * (torch_bf16.double() - want).abs().max() + 1e-6
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("heads_kind", ["per_request", "int"])
 def test_cuda_graph_capture_and_replay(heads_kind):
     device = torch.device("cuda")
