@@ -90,7 +90,7 @@ def cases(device: torch.device, quick: bool) -> dict:
         fk.elastic_attention(q, k, v, heads=heads_q, cu_seqlens=cu).backward(dout)
 
     kv_len = 32768 if gpu else 64
-    cache = randn(1, heads_kv, kv_len, head_dim)
+    k_cache, v_cache = randn(1, heads_kv, kv_len, head_dim), randn(1, heads_kv, kv_len, head_dim)
     q1 = randn(1, heads_q, head_dim)
     lens = torch.full((1,), kv_len, device=device, dtype=torch.int32)
     x1 = x[:1]
@@ -98,7 +98,7 @@ def cases(device: torch.device, quick: bool) -> dict:
     found.update({
         f"attention forward and backward, {batch}x{seq} tokens": attention_fwd_bwd,
         f"decode attention, 1 request, {kv_len} cached": lambda: fk.elastic_attention_decode(
-            q1, cache, cache, cache_seqlens=lens, heads=heads_q),
+            q1, k_cache, v_cache, cache_seqlens=lens, heads=heads_q),
     })
     backends = ("cuda", "triton") if gpu and fk.build_info()["backends"]["cuda"] else ("triton",) if gpu else ("torch",)
     for backend in backends:

@@ -137,10 +137,11 @@ def decode_attention_workload(device, dtype, cases, q_heads, kv_heads, head_dim)
     calls = []
     for batch, kv_len, heads in cases:
         q = torch.randn(batch, q_heads, head_dim, device=device, dtype=dtype)
-        cache = torch.randn(batch, kv_heads, kv_len, head_dim, device=device, dtype=dtype)
+        # K and V apart: one tensor for both would serve each V block from L2.
+        k, v = (torch.randn(batch, kv_heads, kv_len, head_dim, device=device, dtype=dtype) for _ in range(2))
         lens = torch.full((batch,), kv_len, device=device, dtype=torch.int32)
-        calls.append(lambda q=q, cache=cache, lens=lens, heads=heads: fk.elastic_attention_decode(
-            q, cache, cache, cache_seqlens=lens, heads=heads))
+        calls.append(lambda q=q, k=k, v=v, lens=lens, heads=heads: fk.elastic_attention_decode(
+            q, k, v, cache_seqlens=lens, heads=heads))
     return lambda: [call() for call in calls]
 
 

@@ -179,3 +179,30 @@ def test_calls_that_record_autograd_go_through_the_custom_op(monkeypatch):
     x = torch.randn(3, 8, requires_grad=True)
     fk.elastic_linear(x, torch.randn(6, 8), out_features=torch.tensor([1, 6, 3])).sum().backward()
     assert len(calls) == 1 and x.grad is not None
+
+
+@pytest.mark.parametrize("name", sorted(_public_calls()))
+def test_meta_tensors_go_through_the_custom_ops(name):
+    # Shape inference on the meta device (deferred initialisation): the ops' fake results.
+    with torch.no_grad():
+        expected = _public_calls()[name]()
+    with torch.device("meta"), torch.no_grad(), fk.skip_width_value_checks():
+        meta = _public_calls()[name]()
+    assert meta.is_meta and meta.shape == expected.shape and meta.dtype == expected.dtype
+
+
+def test_profiled_calls_go_through_the_custom_ops():
+    # Profiles name the ops.
+    x, w = torch.randn(3, 8), torch.randn(6, 8)
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        fk.elastic_linear(x, w, out_features=torch.tensor([1, 6, 3]))
+    assert any("flextron::elastic_linear" in event.key for event in prof.key_averages())
+
+
+def test_in_place_gradient_kernels_bump_version_counters(device):
+    layer = fk.ElasticLinear(8, 6).to(device)
+    layer(torch.randn(5, 8, device=device), out_features=torch.tensor([1, 6, 3, 0, 2], device=device)).sum().backward()
+    before = layer.weight.grad._version
+    with fk.use_backend("triton"):
+        layer(torch.randn(5, 8, device=device), out_features=torch.tensor([1, 6, 3, 0, 2], device=device)).sum().backward()
+    assert layer.weight.grad._version > before

@@ -82,15 +82,25 @@ def runs_directly(*args) -> bool:
     """Whether a custom op called with ``args`` and its implementation called with them are
     the same but for the dispatcher's host time (tens of microseconds a call, which small
     batches and decode steps feel): in eager mode, with no gradient to record, on plain
-    tensors and with no dispatch mode (fake tensors, tracing) that needs the op's
-    registrations. ``torch.compile`` always sees the op."""
-    if torch.compiler.is_compiling():
+    tensors off the meta device and with no dispatch mode (fake tensors, tracing) that
+    needs the op's registrations. ``torch.compile``, ``torch.jit.trace`` and the profiler
+    (whose traces name the ops) always see the op."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.autograd.profiler._is_profiler_enabled:
         return False
     stack_len = getattr(torch._C, "_len_torch_dispatch_stack", None)
     if stack_len is None or stack_len() > 0:
         return False
     grad = torch.is_grad_enabled()
-    return not any(isinstance(a, torch.Tensor) and (not _plain(a) or (grad and a.requires_grad)) for a in args)
+    return not any(isinstance(a, torch.Tensor) and (not _plain(a) or a.is_meta or (grad and a.requires_grad))
+                   for a in args)
+
+
+def mark_written(*tensors: Optional[torch.Tensor]) -> None:
+    """Bump the version counters of tensors a kernel wrote in place (through raw pointers,
+    which autograd does not see), as the custom ops' ``mutates_args`` would."""
+    for t in tensors:
+        if t is not None:
+            torch.autograd.graph.increment_version(t)
 
 
 def call_op(op, impl, *args, **impl_only):

@@ -48,6 +48,7 @@ from flextron_kernels.ops.common import (
     dispatch_state_restored,
     grad_buffer,
     group_tokens,
+    mark_written,
     mask_columns,
     matmul_routing,
     runs_directly,
@@ -148,6 +149,7 @@ def _grad_weight_impl_(grad_weight, grad_bias, dy, x, out_widths, in_widths, k, 
         grad_weight, grad_bias, dy, x, out_widths=out_widths, in_widths=in_widths, in_limit=k,
         routing=routing, boundaries=boundaries, sort_by_out=sort_by_out, config=config,
     )
+    mark_written(grad_weight, grad_bias)
 
 
 # --------------------------------------------------------------------------- #

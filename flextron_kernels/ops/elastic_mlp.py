@@ -46,6 +46,7 @@ from flextron_kernels.ops.common import (
     dispatch_state_restored,
     grad_buffer,
     group_tokens,
+    mark_written,
     mask_columns,
     matmul_routing,
     runs_directly,
@@ -251,6 +252,8 @@ def _backward_triton(grads, dout, x, w_up, w_down, w_gate, widths, fw, activatio
                 out_widths=None, red_widths=widths, out_limit=d_model, red_limit=fw, routing=routing,
                 config=config, accumulate=i > 0,
             )
+    # The kernels wrote these in place (the pre-activations now hold their gradients).
+    mark_written(grad_w_up, grad_w_down, grad_w_gate, grad_b_up, up_pre, gate_pre)
     return dx, dscale
 
 
@@ -386,6 +389,7 @@ class _ElasticMLPFunction(torch.autograd.Function):
                 *buffers, dout, x, w_up, w_down, w_gate, widths, ctx.width, ctx.activation, scale, up_pre, gate_pre,
                 needs[0], grouping=ctx.grouping,
             )
+        ctx.grouping = None  # the backward runs once: free it now
         param_grads = [None] * 5 if ctx.in_place else buffers
         return (
             dx if needs[0] else None,
