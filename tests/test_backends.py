@@ -206,3 +206,38 @@ def test_in_place_gradient_kernels_bump_version_counters(device):
     with fk.use_backend("triton"):
         layer(torch.randn(5, 8, device=device), out_features=torch.tensor([1, 6, 3, 0, 2], device=device)).sum().backward()
     assert layer.weight.grad._version > before
+
+
+@pytest.mark.parametrize("backend,dtype", [("torch", torch.bfloat16), ("triton", torch.float16)])
+@pytest.mark.parametrize("name", sorted(_public_calls()))
+def test_autocast_runs_the_ops_in_its_dtype(name, backend, dtype):
+    # As autocast runs F.linear and scaled_dot_product_attention: floating inputs cast to
+    # its dtype, output in it, on either backend (the interpreter's bf16 is wrong: fp16 there).
+    if name == "elastic_mlp_decode" and backend == "triton":
+        backend = "auto"  # the decode op's own choice among its backends
+    with torch.no_grad():
+        full = _public_calls()[name]()
+        with fk.use_backend(backend), torch.autocast("cpu", dtype=dtype):
+            low = _public_calls()[name]()
+    assert low.dtype == dtype
+    assert (low.float() - full).norm() <= 2e-2 * full.norm() + 1e-6
+
+
+@pytest.mark.parametrize("backend,dtype", [("torch", torch.bfloat16), ("triton", torch.float16)])
+def test_autocast_training_gives_full_precision_gradients(backend, dtype):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(20, 16, generator=gen)
+    widths = torch.randint(0, 25, (20,), generator=gen)
+    torch.manual_seed(0)
+    linear, mlp = fk.ElasticLinear(16, 24), fk.ElasticMLP(24, 32)
+    with fk.use_backend(backend):
+        with torch.autocast("cpu", dtype=dtype):
+            loss = mlp(linear(x, out_features=widths), width=widths).float().square().mean()
+        loss.backward()
+        grads = [p.grad for p in (*linear.parameters(), *mlp.parameters())]
+        for p in (*linear.parameters(), *mlp.parameters()):
+            p.grad = None
+        mlp(linear(x, out_features=widths), width=widths).square().mean().backward()
+    for grad, p in zip(grads, (*linear.parameters(), *mlp.parameters())):
+        assert grad is not None and grad.dtype == torch.float32
+        assert (grad - p.grad).norm() <= 5e-2 * p.grad.norm() + 1e-6

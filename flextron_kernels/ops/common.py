@@ -110,6 +110,22 @@ def call_op(op, impl, *args, **impl_only):
     return impl(*args, **impl_only) if runs_directly(*args) else op(*args)
 
 
+def autocast_dtype(t: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype ``torch.autocast`` runs matmuls in on ``t``'s device, or None outside it.
+    The public ops then cast their floating inputs to it and run with autocast off, as
+    autocast treats ``F.linear`` and ``F.scaled_dot_product_attention`` (so both backends,
+    and the ops' fake results, agree on the output dtype)."""
+    device_type = t.device.type
+    if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def autocast_cast(dtype: torch.dtype, *tensors: Optional[torch.Tensor]) -> tuple:
+    """``tensors`` with the floating ones in ``dtype`` (None and integer tensors as they are)."""
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)
+
+
 def grad_buffer(param: torch.Tensor) -> torch.Tensor:
     """``param.grad``, allocated as zeros on first use."""
     if param.grad is None:

@@ -30,7 +30,13 @@ from flextron_kernels.ops.checks import (
     softmax_scale_or_default,
     value_checks_enabled,
 )
-from flextron_kernels.ops.common import call_op, dispatch_state, dispatch_state_restored
+from flextron_kernels.ops.common import (
+    autocast_cast,
+    autocast_dtype,
+    call_op,
+    dispatch_state,
+    dispatch_state_restored,
+)
 from flextron_kernels.ops.tiles import attention_config
 
 
@@ -280,6 +286,12 @@ def elastic_attention(
         ``[T, Hq, Dh]``, exactly zero at heads a token does not use.
     """
     check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=3)
+    dtype = autocast_dtype(q)
+    if dtype is not None:  # cast as autocast casts scaled_dot_product_attention's, then run without it
+        q, k, v = autocast_cast(dtype, q, k, v)
+        with torch.autocast(q.device.type, enabled=False):
+            return elastic_attention(q, k, v, heads=heads, cu_seqlens=cu_seqlens, causal=causal,
+                                     softmax_scale=softmax_scale)
     num_tokens, q_heads, head_dim = q.shape
     check_tensor("k", k, device=q.device, ndim=3)
     check_same_dtype("k", k, q.dtype, "q")

@@ -31,7 +31,7 @@ from flextron_kernels.ops.checks import (
     softmax_scale_or_default,
     value_checks_enabled,
 )
-from flextron_kernels.ops.common import call_op
+from flextron_kernels.ops.common import autocast_cast, autocast_dtype, call_op
 from flextron_kernels.ops.tiles import attention_decode_tiles, input_precision
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -182,6 +182,12 @@ def elastic_attention_decode(
         a request with an empty cache.
     """
     check_tensor("q", q, dtypes=DTYPES, ndim=3)
+    dtype = autocast_dtype(q)
+    if dtype is not None:  # cast as autocast casts scaled_dot_product_attention's, then run without it
+        q, k_cache, v_cache = autocast_cast(dtype, q, k_cache, v_cache)
+        with torch.autocast(q.device.type, enabled=False):
+            return elastic_attention_decode(q, k_cache, v_cache, cache_seqlens=cache_seqlens, heads=heads,
+                                            softmax_scale=softmax_scale)
     batch, q_heads, head_dim = q.shape
     check_tensor("k_cache", k_cache, ndim=4, device=q.device)
     check_same_dtype("k_cache", k_cache, q.dtype, "q")

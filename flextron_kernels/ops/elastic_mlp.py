@@ -41,6 +41,8 @@ from flextron_kernels.ops.checks import (
 )
 from flextron_kernels.ops.common import (
     accumulates_in_place,
+    autocast_cast,
+    autocast_dtype,
     call_op,
     dispatch_state,
     dispatch_state_restored,
@@ -475,6 +477,12 @@ def elastic_mlp(
     Returns:
         ``[..., D]``, the dtype of ``x``.
     """
+    dtype = autocast_dtype(x) if isinstance(x, torch.Tensor) else None
+    if dtype is not None:  # cast as autocast casts F.linear's operands, then run without it
+        x, w_up, w_down, w_gate, b_up, b_down = autocast_cast(dtype, x, w_up, w_down, w_gate, b_up, b_down)
+        with torch.autocast(x.device.type, enabled=False):
+            return elastic_mlp(x, w_up, w_down, width=width, w_gate=w_gate, b_up=b_up, b_down=b_down,
+                               activation=activation, scale=scale, max_width=max_width)
     widths, fw, scale = check_mlp_arguments(x, w_up, w_down, width, w_gate, b_up, b_down, activation, scale, max_width)
     token_shape, d_model = x.shape[:-1], x.shape[-1]
     x2d = x.reshape(math.prod(token_shape), d_model)
