@@ -85,7 +85,8 @@ def runs_directly(*args) -> bool:
     tensors off the meta device and with no dispatch mode (fake tensors, tracing) that
     needs the op's registrations. ``torch.compile``, ``torch.jit.trace`` and the profiler
     (whose traces name the ops) always see the op."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.autograd.profiler._is_profiler_enabled:
+    profiling = getattr(torch.autograd.profiler, "_is_profiler_enabled", True)  # unknown: take the op
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or profiling:
         return False
     stack_len = getattr(torch._C, "_len_torch_dispatch_stack", None)
     if stack_len is None or stack_len() > 0:
