@@ -335,7 +335,7 @@ def _bwd_op(
     ``dx [T, D]`` (``[0]`` unless ``need_dx``) and ``dscale [T]`` fp32 (``[0]`` without
     a scale)."""
     return _backward_impl(grad_w_up, grad_w_down, grad_w_gate, grad_b_up, grad_b_down, dout, x, w_up, w_down, w_gate,
-                     widths, width, activation, scale, up_pre, gate_pre, need_dx)
+                          widths, width, activation, scale, up_pre, gate_pre, need_dx)
 
 
 def _backward_impl(grad_w_up, grad_w_down, grad_w_gate, grad_b_up, grad_b_down, dout, x, w_up, w_down, w_gate, widths,
@@ -491,8 +491,8 @@ def elastic_mlp(
         # Inference: nothing to save for a backward (inside the autograd function,
         # needs_input_grad would still report parameters that require grad under no_grad),
         # so at most 64 tokens on a GPU take the fused decode kernel.
-        out = call_op(torch.ops.flextron.elastic_mlp_fwd, forward_impl, x2d, w_up, w_down, w_gate, b_up, b_down, widths, fw,
-                      activation, scale, False)[0]
+        out = call_op(torch.ops.flextron.elastic_mlp_fwd, forward_impl, x2d, w_up, w_down, w_gate, b_up, b_down,
+                      widths, fw, activation, scale, False)[0]
         return out.reshape(x.shape)
     in_place = accumulates_in_place(w_up, w_down, w_gate, b_up, b_down)
     out = _ElasticMLPFunction.apply(x2d, w_up, w_down, w_gate, b_up, b_down, scale, widths, fw, activation, in_place)
