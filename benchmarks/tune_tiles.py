@@ -92,6 +92,13 @@ CANDIDATES = {
         dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
         dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3),
     ],
+    "attention_bwd_dkdv": [
+        dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3),
+        dict(BLOCK_M=16, BLOCK_N=128, num_warps=8, num_stages=3),
+        dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=3),
+        dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
+        dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=3),
+    ],
     # Decode attention: shorter splits in more programs, or longer ones streamed deeper.
     "attention_decode": [
         dict(BLOCK_N=64, PROGRAMS_PER_SM=8, num_warps=4, num_stages=2),
@@ -101,13 +108,6 @@ CANDIDATES = {
         dict(BLOCK_N=128, PROGRAMS_PER_SM=4, num_warps=4, num_stages=2),
         dict(BLOCK_N=32, PROGRAMS_PER_SM=8, num_warps=4, num_stages=3),
         dict(BLOCK_N=64, PROGRAMS_PER_SM=16, num_warps=4, num_stages=2),
-    ],
-    "attention_bwd_dkdv": [
-        dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3),
-        dict(BLOCK_M=16, BLOCK_N=128, num_warps=8, num_stages=3),
-        dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=3),
-        dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
-        dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=3),
     ],
 }
 
