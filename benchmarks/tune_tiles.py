@@ -33,38 +33,49 @@ from flextron_kernels.bench.workloads import mixed_widths
 from flextron_kernels.ops import tiles
 
 CANDIDATES = {
-    # The first candidate of each family is its current default.
+    # The first candidate of each family is its current default. The kernels' options (B_TMA:
+    # the routed matmul's weight tiles through TMA descriptors; OVERLAP, KV_TMA: see
+    # attention_fwd) are stated in each, as a tuned table may hold either setting.
     "matmul": [
-        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
-        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4),
-        dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3),
-        dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4),
-        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4),
-        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3),
-        dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, num_warps=4, num_stages=4),
+        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3, B_TMA=False),
+        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4, B_TMA=False),
+        dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, B_TMA=False),
+        dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4, B_TMA=False),
+        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4, B_TMA=False),
+        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3, B_TMA=False),
+        dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, num_warps=4, num_stages=4, B_TMA=False),
+        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3, B_TMA=True),
+        dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, B_TMA=True),
+        dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4, B_TMA=True),
     ],
     # Measured at 512 tokens (see SMALL_TOKENS).
     "matmul_small": [
-        dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4),
-        dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3),
-        dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4),
-        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
-        dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4),
+        dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4, B_TMA=False),
+        dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3, B_TMA=False),
+        dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4, B_TMA=False),
+        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3, B_TMA=False),
+        dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4, B_TMA=False),
+        dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4, B_TMA=True),
     ],
     "matmul_gated": [
-        dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
-        dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4),
-        dict(BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4),
-        dict(BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=4),
-        dict(BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=2),
+        dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3, B_TMA=False),
+        dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4, B_TMA=False),
+        dict(BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4, B_TMA=False),
+        dict(BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=4, B_TMA=False),
+        dict(BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=2, B_TMA=False),
+        dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3, B_TMA=True),
+        dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4, B_TMA=True),
     ],
     "matmul_decode": [
-        dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
-        dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4),
-        dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=4),
-        dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=3),
-        dict(BLOCK_N=16, BLOCK_K=256, num_warps=4, num_stages=4),
-        dict(BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=6),
+        dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3, B_TMA=False),
+        dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4, B_TMA=False),
+        dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=4, B_TMA=False),
+        dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=3, B_TMA=False),
+        dict(BLOCK_N=16, BLOCK_K=256, num_warps=4, num_stages=4, B_TMA=False),
+        dict(BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=6, B_TMA=False),
+        dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3, B_TMA=True),
+        dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=3, B_TMA=True),
+        dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4, B_TMA=True),
     ],
     "weight_grad": [
         dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3),
@@ -73,15 +84,19 @@ CANDIDATES = {
         dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3),
         dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4),
     ],
-    # OVERLAP: the softmax of one key block during the next block's scores (more registers).
+    # OVERLAP: the softmax of one key block during the next block's scores (more registers);
+    # KV_TMA: keys and values through TMA descriptors.
     "attention_fwd": [
-        dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2, OVERLAP=True),
-        dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, OVERLAP=True),
-        dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, OVERLAP=False),
-        dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, OVERLAP=False),
-        dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, OVERLAP=False),
-        dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, OVERLAP=False),
-        dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, OVERLAP=True),
+        dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2, OVERLAP=True, KV_TMA=False),
+        dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, OVERLAP=True, KV_TMA=False),
+        dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, OVERLAP=False, KV_TMA=False),
+        dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, OVERLAP=False, KV_TMA=False),
+        dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, OVERLAP=False, KV_TMA=False),
+        dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, OVERLAP=False, KV_TMA=False),
+        dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, OVERLAP=True, KV_TMA=False),
+        dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2, OVERLAP=True, KV_TMA=True),
+        dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, OVERLAP=True, KV_TMA=True),
+        dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, OVERLAP=False, KV_TMA=True),
     ],
     # Backward candidates: sm_90 builds without register spills, or nearly (see
     # scripts/compile_triton_kernels.py), each timed as the whole forward and backward.

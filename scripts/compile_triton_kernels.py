@@ -5,7 +5,7 @@ the ops can launch on a GPU (the defaults and each tuned GPU's, from
 Triton's own ptxas builds the cubin, so this runs on any machine with triton installed.
 It catches compile errors, and shared memory beyond what an H100/H200 block may use,
 before a GPU run, and reports whether the GEMM loops got asynchronous (pipelined) copies
-and tensor-core instructions, and, from the machine code (Triton's own cuobjdump),
+(per thread, ``async_copies``, or TMA bulk copies, ``tma_copies``) and tensor-core instructions, and, from the machine code (Triton's own cuobjdump),
 registers per thread and register spills (``spill_bytes``: the stack frame they use,
 ``spill_instructions``: local loads and stores). Usage: ``TRITON_INTERPRET=0 python scripts/compile_triton_kernels.py``
 (prints one JSON object per kernel configuration; exit status 1 if any failed).
@@ -45,6 +45,17 @@ INDEX = {"sorted_token_idx_ptr", "group_offsets_ptr",
          "boundaries_ptr", "cu_seqlens_ptr", "seqlens_ptr", "seq_heads_ptr"}
 WIDTHS = {"out_widths_ptr", "red_widths_ptr", "in_widths_ptr", "widths_ptr", "heads_ptr"}
 FLOAT_ARGS = {"softmax_scale", "qk_scale"}
+
+
+def descriptor_block(name: str, constexprs: dict):
+    """The block shape of a TMA descriptor argument (None for other arguments): the routed
+    matmul's B operands with B_TMA, the attention forward's keys and values with KV_TMA."""
+    if constexprs.get("B_TMA") and name in ("b_ptr", "b2_ptr"):
+        tile = [constexprs["BLOCK_N"], constexprs["BLOCK_K"]]
+        return tile[::-1] if constexprs["B_TRANSPOSED"] else tile
+    if constexprs.get("KV_TMA") and name in ("k_ptr", "v_ptr"):
+        return [constexprs["BLOCK_N"], constexprs["BLOCK_D"]]
+    return None
 LIMITS = {"out_size", "out_limit", "red_limit", "in_limit", "width_limit"}
 
 
@@ -53,6 +64,9 @@ def signature(fn, dtype: str, constexprs: dict) -> dict:
     for name in fn.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
+        elif descriptor_block(name, constexprs):
+            block = descriptor_block(name, constexprs)
+            sig[name] = f"tensordesc<{dtype}[{block[0]}, {block[1]}]>"
         elif name in DATA:
             sig[name] = "*" + dtype
         elif name in INDEX:
@@ -72,9 +86,11 @@ def compile_one(label, fn, dtype, constexprs, options):
     fn = getattr(fn, "fn", fn) if not hasattr(fn, "arg_names") else fn
     # Pointers, strides and sizes divisible by 16, as Triton specialises them at launch for
     # the usual shapes (a mask against such a size keeps loads vectorised).
+    sig = signature(fn, dtype, constexprs)
     aligned = [n for n in fn.arg_names if n.endswith("_ptr") or n.startswith("stride") or n in LIMITS]
-    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned if n not in constexprs}
-    src = ASTSource(fn, signature(fn, dtype, constexprs), constexprs=constexprs, attrs=attrs)
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned if sig[n] not in ("constexpr",)
+             and not sig[n].startswith("tensordesc")}
+    src = ASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
     try:
         kernel = triton.compile(src, target=HOPPER, options=options)
     except Exception as err:  # report every failure, not only the first
@@ -83,6 +99,7 @@ def compile_one(label, fn, dtype, constexprs, options):
     shared = kernel.metadata.shared
     return dict(kernel=label, ok=shared <= MAX_SHARED, shared=shared, **machine_code(kernel.asm["cubin"]),
                 async_copies=len(re.findall(r"cp\.async\.c", ptx)),
+                tma_copies=ptx.count("cp.async.bulk.tensor"),
                 tensor_core_ops=ptx.count("wgmma.mma_async") + ptx.count("mma.sync"),
                 error=None if shared <= MAX_SHARED else f"shared memory {shared} > {MAX_SHARED}")
 
@@ -112,46 +129,61 @@ def _split(config: dict) -> tuple[dict, dict]:
     return {k: v for k, v in config.items() if k not in options}, options
 
 
+def _with_and_without_tma(config: dict):
+    """``(label suffix, config)`` for B through pointers and through TMA descriptors."""
+    yield "", dict(config, B_TMA=False)
+    yield ", B through TMA", dict(config, B_TMA=True)
+
+
 def configurations():
     # Unit strides are what Triton specialises on at launch for contiguous tensors.
     rm = routed_matmul.routed_matmul_kernel
     flags = dict(stride_ar=1, stride_br=1, stride_b2r=1, stride_cj=1, ROUTED=True, HAS_OUT_WIDTHS=False,
                  HAS_RED_WIDTHS=False, HAS_BIAS=False, HAS_ROW_SCALE=False, GATED=False, ACTIVATION="none",
-                 STORE_PRE=False, ACCUMULATE=False, INPUT_PRECISION="tf32", GROUP_M=8)
+                 STORE_PRE=False, ACCUMULATE=False, INPUT_PRECISION="tf32", GROUP_M=8, B_TRANSPOSED=False)
     dgrad = {k: v for k, v in flags.items() if k not in ("stride_br", "stride_b2r")}
-    # Every 16-bit tile configuration the package can launch: the defaults and each tuned GPU's.
+    dgrad.update(stride_bj=1, B_TRANSPOSED=True)
+    # Every 16-bit tile configuration the package can launch (the defaults and each tuned
+    # GPU's), with B through pointers and through TMA.
     for variant, config in [(f"{name}, {family}", config) for family in ("matmul", "matmul_small")
                             for name, config in tiles.sixteen_bit_variants(family).items()]:
-        tile, big = _split(config)
-        yield f"[{variant}] linear fwd, per-token out widths", rm, "bf16", dict(flags, **tile, HAS_OUT_WIDTHS=True,
-                                                                                  HAS_BIAS=True), big
-        yield f"[{variant}] linear dgrad, per-token in+out widths", rm, "bf16", dict(
-            dgrad, **tile, stride_bj=1, HAS_OUT_WIDTHS=True, HAS_RED_WIDTHS=True), big
-        yield f"[{variant}] mlp up+gelu_tanh, bias", rm, "fp16", dict(flags, **tile, HAS_OUT_WIDTHS=True, HAS_BIAS=True,
-                                                                       ACTIVATION="gelu_tanh"), big
-        yield f"[{variant}] mlp down, scale + bias", rm, "bf16", dict(flags, **tile, HAS_RED_WIDTHS=True, HAS_BIAS=True,
-                                                                       HAS_ROW_SCALE=True), big
-        yield f"[{variant}] mlp dx, accumulate", rm, "bf16", dict(dgrad, **tile, stride_bj=1, HAS_RED_WIDTHS=True,
-                                                                   ACCUMULATE=True), big
+        for how, config in _with_and_without_tma(config):
+            tile, big = _split(config)
+            yield f"[{variant}] linear fwd, per-token out widths{how}", rm, "bf16", dict(
+                flags, **tile, HAS_OUT_WIDTHS=True, HAS_BIAS=True), big
+            yield f"[{variant}] linear dgrad, per-token in+out widths{how}", rm, "bf16", dict(
+                dgrad, **tile, HAS_OUT_WIDTHS=True, HAS_RED_WIDTHS=True), big
+            yield f"[{variant}] mlp up+gelu_tanh, bias{how}", rm, "fp16", dict(
+                flags, **tile, HAS_OUT_WIDTHS=True, HAS_BIAS=True, ACTIVATION="gelu_tanh"), big
+            yield f"[{variant}] mlp down, scale + bias{how}", rm, "bf16", dict(
+                flags, **tile, HAS_RED_WIDTHS=True, HAS_BIAS=True, HAS_ROW_SCALE=True), big
+            yield f"[{variant}] mlp dx, accumulate{how}", rm, "bf16", dict(
+                dgrad, **tile, HAS_RED_WIDTHS=True, ACCUMULATE=True), big
     # The gated kernel takes the row tile of matmul (large batches) or matmul_small.
     row_tiles = {tiles.sixteen_bit_variants(f)["default"]["BLOCK_M"] for f in ("matmul", "matmul_small")}
     for variant, config in tiles.sixteen_bit_variants("matmul_gated").items():
-        tile, big = _split(config)
-        for block_m in sorted(row_tiles):
-            yield f"[{variant}] mlp gate+up+silu, saving pre-activations, {block_m} rows", rm, "bf16", dict(
-                flags, BLOCK_M=block_m, **tile, HAS_OUT_WIDTHS=True, GATED=True, ACTIVATION="silu", STORE_PRE=True), big
+        for how, config in _with_and_without_tma(config):
+            tile, big = _split(config)
+            for block_m in sorted(row_tiles):
+                yield f"[{variant}] mlp gate+up+silu, saving pre-activations, {block_m} rows{how}", rm, "bf16", dict(
+                    flags, BLOCK_M=block_m, **tile, HAS_OUT_WIDTHS=True, GATED=True, ACTIVATION="silu",
+                    STORE_PRE=True), big
     for variant, config in tiles.sixteen_bit_variants("matmul_decode").items():
-        tile, small = _split(config)
-        for block_m in (16, 64):
-            yield f"[{variant}] mlp gate+up+silu, decode tile of {block_m}", rm, "bf16", dict(
-                flags, **tile, BLOCK_M=block_m, ROUTED=False, HAS_OUT_WIDTHS=True, GATED=True, ACTIVATION="silu"), small
-            yield f"[{variant}] linear fwd, static, decode tile of {block_m}", rm, "bf16", dict(
-                flags, **tile, BLOCK_M=block_m, ROUTED=False), small
+        for how, config in _with_and_without_tma(config):
+            tile, small = _split(config)
+            for block_m in (16, 64):
+                yield f"[{variant}] mlp gate+up+silu, decode tile of {block_m}{how}", rm, "bf16", dict(
+                    flags, **tile, BLOCK_M=block_m, ROUTED=False, HAS_OUT_WIDTHS=True, GATED=True,
+                    ACTIVATION="silu"), small
+                yield f"[{variant}] linear fwd, static, decode tile of {block_m}{how}", rm, "bf16", dict(
+                    flags, **tile, BLOCK_M=block_m, ROUTED=False), small
     big = dict(num_warps=8, num_stages=3)
     yield "mlp gate+up fp32 tf32", rm, "fp32", dict(flags, HAS_OUT_WIDTHS=True, GATED=True, ACTIVATION="silu",
-                                                   STORE_PRE=True, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32), big
+                                                   STORE_PRE=True, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32,
+                                                   B_TMA=False), big
     yield "mlp gate+up fp32 ieee", rm, "fp32", dict(flags, HAS_OUT_WIDTHS=True, GATED=True, ACTIVATION="silu",
-                                                   INPUT_PRECISION="ieee", BLOCK_M=64, BLOCK_N=64, BLOCK_K=32), \
+                                                   INPUT_PRECISION="ieee", BLOCK_M=64, BLOCK_N=64, BLOCK_K=32,
+                                                   B_TMA=False), \
         dict(num_warps=4, num_stages=2)
 
     wg = prefix_weight_grad.prefix_weight_grad_kernel
@@ -184,6 +216,11 @@ def configurations():
                             for variant, config in tiles.sixteen_bit_variants(f"attention_{kernel}").items()]
             variants += [("fp32", "fp32", precision, tiles.attention_fp32_tiles(kernel, precision, wide_head=wide))
                          for precision in ("tf32", "ieee")]
+            if kernel == "fwd":  # keys and values through pointers, and through TMA where launched
+                variants = [(name, dtype, precision, dict(config, KV_TMA=False))
+                            for name, dtype, precision, config in variants]
+                variants += [(f"{name}, K and V through TMA", dtype, precision, dict(config, KV_TMA=True))
+                             for name, dtype, precision, config in variants if dtype == "bf16" and not wide]
             for variant, dtype, precision, config in variants:
                 tile, opts = _split(config)
                 for causal in (True, False):
@@ -192,7 +229,8 @@ def configurations():
                         att, **tile, HEAD_DIM=head_dim, BLOCK_D=head_dim, INPUT_PRECISION=precision,
                         CAUSAL=causal), opts
     yield "attention fwd, head dim 96, not causal", attention.attention_fwd_kernel, "bf16", dict(
-        att, HEAD_DIM=96, CAUSAL=False, BLOCK_M=128, BLOCK_N=64, OVERLAP=True), dict(num_warps=8, num_stages=2)
+        att, HEAD_DIM=96, CAUSAL=False, BLOCK_M=128, BLOCK_N=64, OVERLAP=True, KV_TMA=False), \
+        dict(num_warps=8, num_stages=2)
     yield "attention bwd delta", attention.attention_bwd_delta_kernel, "bf16", dict(
         HEAD_DIM=128, BLOCK_D=128, BLOCK_T=64), dict(num_warps=4)
 

@@ -13,7 +13,7 @@
 #   Default: everything but tune and profile_ncu.
 # Each step has a time limit. On an H200 the build takes about 35 s, the side-by-side step
 # (GPU tests, op tests, a compile-only pass over every benchmark to fill the Triton
-# cache) about 2 minutes (140 s at most), and the timed benchmarks, one at a time, about
+# cache) about 2 minutes (180 s at most), and the timed benchmarks, one at a time, about
 # 4 to 5 minutes: about 8 minutes by default (the limits add up to about 15). The tile
 # sweep (ten families) adds about 3 minutes with its compile passes: run it in a call of
 # its own (ONLY="tests op_tests tune"), the benchmarks in another. Within a shorter device
@@ -103,7 +103,7 @@ if want tests || want op_tests || want tune; then
   pids=()
   if want tests; then
     # shellcheck disable=SC2046
-    timeout 140 "$PY" -m pytest -q -p no:cacheprovider $(xdist 8) -m gpu tests/ >"$results/gpu_tests.log" 2>&1 &
+    timeout 180 "$PY" -m pytest -q -p no:cacheprovider $(xdist 8) -m gpu tests/ >"$results/gpu_tests.log" 2>&1 &
     pids+=($!)
   fi
   if want op_tests; then

@@ -103,6 +103,40 @@ def test_forward_with_and_without_overlapped_softmax(overlap, causal, device, mo
     assert rel_err(got[0], want[0]) < 1e-5
 
 
+# The scores of the infinite keys are nan before they are masked out.
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")
+@pytest.mark.parametrize("overlap", [True, False])
+@pytest.mark.parametrize("causal", [True, False])
+def test_forward_reads_keys_and_values_through_tma_descriptors(overlap, causal, device, monkeypatch):
+    """KV_TMA: key and value blocks through descriptors, which read past a sequence's end
+    into the next sequence's tokens. Those must get no weight, even when they hold inf
+    (here the last sequence's keys and values): the other sequences stay exact."""
+    from flextron_kernels.ops.tiles import override_tiles
+    from flextron_kernels.triton import attention
+
+    made = []
+    descriptor = attention._heads_descriptor
+    monkeypatch.setattr(attention, "_heads_descriptor", lambda *args: made.append(args[0].shape) or descriptor(*args))
+    lengths = [1, 19, 0, 70, 2]
+    (q, k, v), _, heads, cu = make_inputs(lengths, 4, 2, "per_token", torch.float32, device, seed=6)
+    packing = dict(heads=heads.to(device), cu_seqlens=cu.to(device), causal=causal)
+    exact = reference.elastic_attention(q.double(), k.double(), v.double(), **packing)
+    k[-2:], v[-2:] = float("inf"), float("inf")
+    with override_tiles(attention_fwd=dict(KV_TMA=True, OVERLAP=overlap)), fk.use_backend("triton"):
+        out = fk.elastic_attention(q, k, v, **packing)
+    assert made == [k.shape, v.shape]
+    assert rel_err(out[:-2], exact[:-2]) < 1e-5
+
+
+def test_keys_and_values_take_tma_only_in_whole_heads():
+    from flextron_kernels.triton.attention import _heads_descriptor
+
+    assert _heads_descriptor(torch.randn(5, 2, 16), 16) is not None
+    assert _heads_descriptor(torch.randn(5, 2, 24), 16) is None  # a head padded to 32 would reach the next one's
+    assert _heads_descriptor(torch.randn(5, 4, 16)[:, :2], 16) is not None  # a slice of the heads: rows of 64
+    assert _heads_descriptor(torch.randn(5, 16, 2).transpose(1, 2), 16) is None  # heads not contiguous
+
+
 @pytest.mark.parametrize("dkdv_tiles", [(32, 16), (16, 16), (16, 64)])
 @pytest.mark.parametrize("causal", [True, False])
 def test_dkdv_kernel_takes_any_tiles(dkdv_tiles, causal, device, monkeypatch):
@@ -273,16 +307,18 @@ def test_bf16_error_within_twice_torch(kv_heads, heads_kind):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("overlap", [True, False])
-def test_bf16_forward_both_loop_schedules(overlap):
-    # The forward's overlapped and sequential key loops (the tile sweep may pick either).
+@pytest.mark.parametrize("overlap,kv_tma,head_dim", [(True, False, 128), (False, False, 128), (True, True, 128),
+                                                     (False, True, 128), (True, True, 64)])
+def test_bf16_forward_both_loop_schedules(overlap, kv_tma, head_dim):
+    # The forward's overlapped and sequential key loops, keys and values through pointers
+    # or TMA (the tile sweep may pick any of them).
     from flextron_kernels.ops.tiles import override_tiles
 
     device = torch.device("cuda")
     tensors, grad, heads, cu = make_inputs([700, 1, 300], 32, 8, "per_token", torch.bfloat16, device, seed=8,
-                                           head_dim=128)
+                                           head_dim=head_dim)
     packing = dict(heads=heads.to(device), cu_seqlens=cu.to(device))
-    with override_tiles(attention_fwd=dict(OVERLAP=overlap)):
+    with override_tiles(attention_fwd=dict(OVERLAP=overlap, KV_TMA=kv_tma)):
         out = fk.elastic_attention(*tensors, **packing)
     torch_bf16 = reference.elastic_attention(*tensors, **packing)
     exact = reference.elastic_attention(*[t.double() for t in tensors], **packing)

@@ -123,6 +123,26 @@ def test_row_tiles_straddling_width_groups(axis, device):
         assert rel_err(t.grad, t64.grad) < 1e-5, name
 
 
+@pytest.mark.parametrize("kind", ["token_out", "token_in", "token_both"])
+@pytest.mark.parametrize("k_full,expect_descriptors", [(40, True), (29, False)])
+def test_weight_tiles_through_tma_descriptors(kind, k_full, expect_descriptors, device, monkeypatch):
+    """The routed matmul's B_TMA option on every matmul family: the forward reads W and the
+    input gradient W.T through descriptors where the weight's rows are 16-byte aligned
+    (40 fp32 columns), through pointers where not (29), with the same results."""
+    from flextron_kernels.ops.tiles import MATMUL_FAMILIES, override_tiles
+    from flextron_kernels.triton import routed_matmul
+
+    made = []
+    descriptor = routed_matmul._b_descriptor
+    monkeypatch.setattr(routed_matmul, "_b_descriptor", lambda *args: made.append(args[1]) or descriptor(*args))
+    with override_tiles(**{family: dict(B_TMA=True) for family in MATMUL_FAMILIES}):
+        out, ref = run_case("triton", kind, torch.float32, device, lead=(45,), n_full=150, k_full=k_full, seed=3)
+    for name, o, r in zip(("y", "dx", "dweight", "dbias"), out, ref):
+        assert rel_err(o, r) < TOL[torch.float32], name
+    # The forward's B is W (strides (k_full, 1)); the input gradient's is W.T ((1, k_full)).
+    assert made == ([(k_full, 1), (1, k_full)] if expect_descriptors else [])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["static", "token_out", "token_both"])
 def test_parameters_accumulate_in_place_into_prefix(backend, kind, device):
@@ -396,6 +416,22 @@ def test_torch_compile_fullgraph_inference_at_static_widths(device):
 @pytest.mark.parametrize("kind", ["static", "token_out", "token_in", "token_both"])
 @pytest.mark.parametrize("lead,n_full,k_full", [((1,), 4096, 4096), ((37,), 1000, 777), ((513,), 11008, 4096)])
 def test_bf16_error_within_twice_torch(kind, lead, n_full, k_full):
+    _check_bf16_error(kind, lead, n_full, k_full)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["token_out", "token_in", "token_both"])
+@pytest.mark.parametrize("lead,n_full,k_full", [((16,), 4096, 4096), ((200,), 1000, 776), ((1100,), 11008, 4096)])
+def test_bf16_weight_tiles_through_tma(kind, lead, n_full, k_full):
+    # The weight tiles through TMA descriptors (B_TMA) on the decode, small and large
+    # row families (the tile sweep may pick it for any of them).
+    from flextron_kernels.ops.tiles import MATMUL_FAMILIES, override_tiles
+
+    with override_tiles(**{family: dict(B_TMA=True) for family in MATMUL_FAMILIES}):
+        _check_bf16_error(kind, lead, n_full, k_full)
+
+
+def _check_bf16_error(kind, lead, n_full, k_full):
     gen = torch.Generator().manual_seed(9)
     device = torch.device("cuda")
     x = torch.randn(*lead, k_full, generator=gen).to(device, torch.bfloat16)

@@ -105,6 +105,28 @@ def test_matches_reference_fp32(backend, gated, activation, bias, width_kind, de
     check(got, want, 1e-5)
 
 
+@pytest.mark.parametrize("gated,activation,bias", [(True, "silu", True), (False, "gelu_tanh", False)])
+def test_weight_tiles_through_tma_descriptors(gated, activation, bias, device, monkeypatch):
+    """The routed matmul's B_TMA option on every matmul family: each weight (and its
+    transpose, in the input gradients) goes through a descriptor, with the same results."""
+    from flextron_kernels.ops.tiles import MATMUL_FAMILIES, override_tiles
+    from flextron_kernels.triton import routed_matmul
+
+    made = []
+    descriptor = routed_matmul._b_descriptor
+    monkeypatch.setattr(routed_matmul, "_b_descriptor", lambda *args: made.append(args[1]) or descriptor(*args))
+    d_model, ffn = 20, 44  # fp32 rows of 80 and 176 bytes: 16-byte aligned
+    tensors, gen = make(23, d_model, ffn, gated=gated, bias=bias, dtype=torch.float32, device=device, seed=5)
+    width = torch.randint(0, ffn + 1, (23,), generator=gen)
+    with override_tiles(**{family: dict(B_TMA=True) for family in MATMUL_FAMILIES}):
+        got, want = run("triton", tensors, width, activation, use_scale=True, gen=gen)
+    check(got, want, TOL[torch.float32])
+    # Forward: up (and gate), down; backward: down.T (hidden gradient), up.T (and gate.T) (dx).
+    up, down = (d_model, 1), (ffn, 1)
+    expected = [up, up, down, down[::-1], up[::-1], up[::-1]] if gated else [up, down, down[::-1], up[::-1]]
+    assert made == expected
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("gated,activation,bias", [(True, "silu", True), (False, "relu", False)])
 def test_max_width_bounds_the_hidden_width(backend, gated, activation, bias, device):
@@ -336,6 +358,20 @@ def test_torch_compile_fullgraph_inference_at_a_static_width(device):
 @pytest.mark.parametrize("gated,activation", [(True, "silu"), (False, "gelu_tanh")])
 @pytest.mark.parametrize("num_tokens,d_model,ffn", [(1, 4096, 11008), (333, 1000, 2750), (2048, 4096, 11008)])
 def test_bf16_error_within_twice_torch(gated, activation, num_tokens, d_model, ffn):
+    _check_bf16_error(gated, activation, num_tokens, d_model, ffn)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_tokens", [1, 2048])
+def test_bf16_weight_tiles_through_tma(num_tokens):
+    # Every weight tile through TMA descriptors (B_TMA), on the decode and large row families.
+    from flextron_kernels.ops.tiles import MATMUL_FAMILIES, override_tiles
+
+    with override_tiles(**{family: dict(B_TMA=True) for family in MATMUL_FAMILIES}):
+        _check_bf16_error(True, "silu", num_tokens, 4096, 11008)
+
+
+def _check_bf16_error(gated, activation, num_tokens, d_model, ffn):
     device = torch.device("cuda")
     tensors, gen = make(num_tokens, d_model, ffn, gated=gated, bias=True, dtype=torch.bfloat16, device=device, seed=11)
     fractions = torch.tensor([0.25, 0.5, 0.75, 1.0])

@@ -31,6 +31,8 @@ from flextron_kernels.backends import device_index
 
 FAMILIES = ("matmul", "matmul_small", "matmul_gated", "matmul_decode", "weight_grad", "attention_fwd", "attention_bwd_dq",
             "attention_bwd_dkdv", "attention_decode")
+# The families of the routed matmul kernel (they share its options, such as B_TMA).
+MATMUL_FAMILIES = ("matmul", "matmul_small", "matmul_gated", "matmul_decode")
 TUNED_TABLE = Path(__file__).with_name("tuned_tiles.json")
 ATTENTION_KERNELS = ("fwd", "bwd_dq", "bwd_dkdv")
 # Row counts up to this use the decode tiles (``matmul_decode``).
@@ -41,19 +43,23 @@ SMALL_ROWS = 1024
 # Defaults for 16-bit data on Hopper: 128x128 output tiles with 64-wide reduction steps
 # keep three pipeline stages of both operands within shared memory.
 _DEFAULTS_16BIT = {
-    "matmul": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+    # B_TMA: the weight tiles through TMA descriptors (not yet timed: off unless the tile
+    # sweep picks it).
+    "matmul": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, B_TMA=False),
     # Few rows: 128x256 tiles would leave SMs idle (512 rows x a 4096-wide output is 64
     # of them) and a group of tokens just over a tile would pay for a second, nearly
     # empty one; 64x128 tiles give 512 programs there.
-    "matmul_small": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
-    "matmul_gated": dict(BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+    "matmul_small": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4, B_TMA=False),
+    "matmul_gated": dict(BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, B_TMA=False),
     # BLOCK_M follows the row count (16, 32 or 64).
-    "matmul_decode": dict(BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+    "matmul_decode": dict(BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, B_TMA=False),
     "weight_grad": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3),
     # BLOCK_N must divide BLOCK_M in the forward and dq kernels: they rely on key blocks
     # ending at query-tile starts. OVERLAP (the next key block's scores computed during this
     # block's softmax) takes up to 254 registers at head dim 128 and spills none on sm_90.
-    "attention_fwd": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2, OVERLAP=True),
+    # KV_TMA: keys and values through TMA descriptors (not yet timed: off unless the tile
+    # sweep picks it).
+    "attention_fwd": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2, OVERLAP=True, KV_TMA=False),
     # Backward, as flash attention 2's Triton kernels: a large tile of the accumulated side
     # (queries for dq, keys for dk/dv) and short steps of the other. For head dim 128 in
     # bf16 these are the largest sm_90 builds without register spills
@@ -69,10 +75,10 @@ _DEFAULTS_16BIT = {
 
 
 # Head dims above 128 (BLOCK_D 256): the tiles above would pass shared memory (the forward
-# at three stages) or spill registers; these do neither on sm_90. Tuned tables apply up to
-# head dim 128, where they are measured.
+# at three stages) or spill registers; these do neither on sm_90 (the forward would, a
+# little, with KV_TMA). Tuned tables apply up to head dim 128, where they are measured.
 WIDE_HEAD_TILES_16BIT = {
-    "fwd": dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2, OVERLAP=False),
+    "fwd": dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2, OVERLAP=False, KV_TMA=False),
     "bwd_dq": dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
     "bwd_dkdv": dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2),
 }
@@ -101,7 +107,9 @@ _overrides: contextvars.ContextVar[dict] = contextvars.ContextVar("flextron_tile
 def override_tiles(**families: dict) -> Iterator[None]:
     """Inside the block, ``family=config`` updates that family's GPU tiles for 16-bit
     data (whatever the tuned table holds), e.g.
-    ``override_tiles(matmul=dict(BLOCK_N=256, num_stages=4))``."""
+    ``override_tiles(matmul=dict(BLOCK_N=256, num_stages=4))``. On the CPU (the Triton
+    interpreter) the overrides of the matmul and attention families apply too, over its
+    small tiles."""
     unknown = set(families) - set(FAMILIES)
     if unknown:
         raise ValueError(f"override_tiles: expected families among {', '.join(FAMILIES)}, got {sorted(unknown)}")
@@ -156,12 +164,23 @@ def _row_tile(num_rows: int) -> int:
     return 16 if num_rows <= 16 else 32 if num_rows <= 32 else 64
 
 
+def _matmul_family(num_rows: int) -> str:
+    return "matmul_decode" if num_rows <= DECODE_ROWS else "matmul_small" if num_rows <= SMALL_ROWS else "matmul"
+
+
 def matmul_config(t: torch.Tensor, num_rows: int, *, gated: bool = False) -> dict:
     """Tiles for :func:`~flextron_kernels.triton.routed_matmul.routed_matmul` over
     ``num_rows`` rows of ``t``'s dtype; ``gated``: the MLP's fused gate and up projections."""
     precision = input_precision(t)
-    if t.device.type == "cpu":  # the Triton interpreter: small tiles keep it quick
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=4, INPUT_PRECISION=precision)
+    if t.device.type == "cpu":
+        # The Triton interpreter: small tiles keep it quick; overrides apply to them (so that
+        # tests can run the kernel's options).
+        family = _matmul_family(num_rows)
+        config = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=4)
+        config.update(_overrides.get().get(family, {}))
+        if gated and family != "matmul_decode":
+            config.update(_overrides.get().get("matmul_gated", {}))
+        return dict(config, INPUT_PRECISION=precision)
     if t.dtype == torch.float32:
         block_m = _row_tile(num_rows)
         # fp32 tiles are twice the bytes: the gated kernel's two B tiles would not fit in
@@ -172,9 +191,10 @@ def matmul_config(t: torch.Tensor, num_rows: int, *, gated: bool = False) -> dic
                         num_warps=4, num_stages=2)
         return dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, INPUT_PRECISION=precision,
                     num_warps=8, num_stages=3)
-    if num_rows <= DECODE_ROWS:
-        return dict(_sixteen_bit("matmul_decode", t.device), BLOCK_M=_row_tile(num_rows), INPUT_PRECISION=precision)
-    config = _sixteen_bit("matmul_small" if num_rows <= SMALL_ROWS else "matmul", t.device)
+    family = _matmul_family(num_rows)
+    if family == "matmul_decode":
+        return dict(_sixteen_bit(family, t.device), BLOCK_M=_row_tile(num_rows), INPUT_PRECISION=precision)
+    config = _sixteen_bit(family, t.device)
     if gated:
         config = {**_sixteen_bit("matmul_gated", t.device), "BLOCK_M": config["BLOCK_M"]}
     return dict(config, INPUT_PRECISION=precision)
@@ -199,8 +219,10 @@ def attention_config(t: torch.Tensor, kernel: str) -> dict:
     if t.device.type == "cpu":
         # Keys in two query steps: the dk/dv kernel's causal masking over several steps.
         block_n = 32 if kernel == "bwd_dkdv" else 16
-        overlap = dict(OVERLAP=True) if kernel == "fwd" else {}
-        return dict(BLOCK_M=16, BLOCK_N=block_n, INPUT_PRECISION=precision, **overlap)
+        options = dict(OVERLAP=True, KV_TMA=False) if kernel == "fwd" else {}
+        config = dict(BLOCK_M=16, BLOCK_N=block_n, **options)
+        config.update(_overrides.get().get(f"attention_{kernel}", {}))
+        return dict(config, INPUT_PRECISION=precision)
     wide_head = t.shape[-1] > 128
     if t.dtype == torch.float32:
         return dict(attention_fp32_tiles(kernel, precision, wide_head=wide_head), INPUT_PRECISION=precision)

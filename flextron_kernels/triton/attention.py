@@ -16,6 +16,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from flextron_kernels.triton.tma import TensorDescriptor, tma_ready
+
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
 
@@ -94,10 +96,17 @@ def _load_head(ptr, tokens64, token_mask, stride_t, head, stride_h, dims, dim_ma
 
 
 @triton.jit
-def _token_block(ptr, n0, end, head, stride_t, stride_h, dims, dim_mask, BLOCK: tl.constexpr):
-    """``[BLOCK, BLOCK_D]``: one head's vectors of tokens ``n0 .. n0 + BLOCK`` (zeros from ``end`` on)."""
-    tokens = n0 + tl.arange(0, BLOCK)
-    return _load_head(ptr, tokens.to(tl.int64), tokens < end, stride_t, head, stride_h, dims, dim_mask)
+def _token_block(ptr, n0, end, head, stride_t, stride_h, dims, dim_mask, BLOCK: tl.constexpr, TMA: tl.constexpr):
+    """``[BLOCK, BLOCK_D]``: one head's vectors of tokens ``n0 .. n0 + BLOCK``, zeros from
+    ``end`` on. ``TMA``: ``ptr`` is a descriptor over ``[T, heads * BLOCK_D]`` (blocks
+    ``[BLOCK, BLOCK_D]``), whose tokens from ``end`` on (up to ``T``) are read as they are:
+    for callers that mask them."""
+    if TMA:
+        block = ptr.load([n0, head * dims.shape[0]])
+    else:
+        tokens = n0 + tl.arange(0, BLOCK)
+        block = _load_head(ptr, tokens.to(tl.int64), tokens < end, stride_t, head, stride_h, dims, dim_mask)
+    return block
 
 
 @triton.jit
@@ -115,18 +124,22 @@ def _key_block(k_ptr, v_ptr, n0, kv_end, kv_head, stride_kt, stride_kh, stride_v
 
 @triton.jit
 def _softmax_step(acc, m_i, l_i, s, v_ptr, n0, kv_end, rows, kv_head, stride_vt, stride_vh, dims, dim_mask, qk_scale,
-                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, KV_TMA: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
     """The online softmax over one block of keys ``n0 .. n0 + BLOCK_N``: their raw scores
     ``s [BLOCK_M, BLOCK_N]`` (fp32) update the running row maxima ``m_i`` (scaled, base 2),
     sums ``l_i`` and output ``acc``. ``MASKED``: keys at or past ``kv_end``, and with
     ``CAUSAL`` keys after a row's own position, are dropped."""
-    v = _token_block(v_ptr, n0, kv_end, kv_head, stride_vt, stride_vh, dims, dim_mask, BLOCK_N)
+    v = _token_block(v_ptr, n0, kv_end, kv_head, stride_vt, stride_vh, dims, dim_mask, BLOCK_N, KV_TMA)
     if MASKED:
         cols = n0 + tl.arange(0, BLOCK_N)
         keep = cols[None, :] < kv_end
         if CAUSAL:
             keep = keep & (cols[None, :] <= rows[:, None])
         s = tl.where(keep, s, float("-inf"))
+        if KV_TMA:
+            # Values past kv_end (another sequence's) get zero weight, but 0 * inf is NaN.
+            v = tl.where((cols < kv_end)[:, None], v, 0.0)
     # The scale (> 0) goes on the row maxima and into one multiply-add per score, not a
     # multiply of every score before the maxima.
     m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
@@ -163,11 +176,14 @@ def attention_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     OVERLAP: tl.constexpr,
+    KV_TMA: tl.constexpr,
 ):
     """``q, out [T, Hq, HEAD_DIM]``, ``k, v [T, Hkv, HEAD_DIM]`` (last dim contiguous;
     ``BLOCK_D``, a power of two >= 16, pads the head dimension), ``lse [Hq, T]``.
     ``OVERLAP``: each key block's softmax runs while the next block's scores are computed
-    (more registers: for 16-bit tiles that fit them). Grid: (tiles of BLOCK_M query tokens, Hq)."""
+    (more registers: for 16-bit tiles that fit them). ``KV_TMA``: ``k_ptr`` and ``v_ptr``
+    are TMA descriptors over ``k`` and ``v`` as ``[T, Hkv * HEAD_DIM]`` (``HEAD_DIM ==
+    BLOCK_D``), blocks ``[BLOCK_N, HEAD_DIM]``. Grid: (tiles of BLOCK_M query tokens, Hq)."""
     head = tl.program_id(1)
     seq, start, end, seq_start, seq_end, rows, row_mask = _tile(
         cu_seqlens_ptr, num_seqs, _query_tile_order(CAUSAL), BLOCK_M, SEQ_CHUNK
@@ -207,23 +223,26 @@ def attention_fwd_kernel(
             # The last block is peeled off, so no scores are computed past `hi`.
             if lo < hi:
                 last = lo + (hi - 1 - lo) // BLOCK_N * BLOCK_N
-                k = _token_block(k_ptr, lo, hi, kv_head, stride_kt, stride_kh, dims, dim_mask, BLOCK_N)
+                k = _token_block(k_ptr, lo, hi, kv_head, stride_kt, stride_kh, dims, dim_mask, BLOCK_N, KV_TMA)
                 s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
                 for n0 in range(lo, last, BLOCK_N):
-                    k = _token_block(k_ptr, n0 + BLOCK_N, hi, kv_head, stride_kt, stride_kh, dims, dim_mask, BLOCK_N)
+                    k = _token_block(k_ptr, n0 + BLOCK_N, hi, kv_head, stride_kt, stride_kh, dims, dim_mask, BLOCK_N,
+                                     KV_TMA)
                     s_next = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
                     acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v_ptr, n0, hi, rows, kv_head, stride_vt,
-                                                  stride_vh, dims, dim_mask, qk_scale, phase == 1, CAUSAL,
+                                                  stride_vh, dims, dim_mask, qk_scale, phase == 1, CAUSAL, KV_TMA,
                                                   INPUT_PRECISION, BLOCK_N)
                     s = s_next
                 acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v_ptr, last, hi, rows, kv_head, stride_vt, stride_vh,
-                                              dims, dim_mask, qk_scale, phase == 1, CAUSAL, INPUT_PRECISION, BLOCK_N)
+                                              dims, dim_mask, qk_scale, phase == 1, CAUSAL, KV_TMA, INPUT_PRECISION,
+                                              BLOCK_N)
         else:
             for n0 in range(lo, hi, BLOCK_N):
-                k = _token_block(k_ptr, n0, hi, kv_head, stride_kt, stride_kh, dims, dim_mask, BLOCK_N)
+                k = _token_block(k_ptr, n0, hi, kv_head, stride_kt, stride_kh, dims, dim_mask, BLOCK_N, KV_TMA)
                 s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
                 acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v_ptr, n0, hi, rows, kv_head, stride_vt, stride_vh,
-                                              dims, dim_mask, qk_scale, phase == 1, CAUSAL, INPUT_PRECISION, BLOCK_N)
+                                              dims, dim_mask, qk_scale, phase == 1, CAUSAL, KV_TMA, INPUT_PRECISION,
+                                              BLOCK_N)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = tl.where(used[:, None], acc / l_safe[:, None], 0.0)
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & dim_mask[None, :])
@@ -434,20 +453,41 @@ def attention_bwd_delta(out, dout, delta, *, block_t):
     return delta
 
 
+def _heads_descriptor(t, block_tokens):
+    """A TMA descriptor over ``t [T, H, D]`` as ``[T, H * D]``, blocks of one head's
+    vectors of ``block_tokens`` tokens; None where TMA cannot read it so (heads not
+    contiguous within a token, ``D`` not a power of two, or misaligned)."""
+    num_tokens, num_heads, head_dim = t.shape
+    if t.stride(2) != 1 or (num_heads > 1 and t.stride(1) != head_dim) or head_dim != triton.next_power_of_2(head_dim):
+        return None
+    if not tma_ready(t, (t.stride(0), 1)):
+        return None
+    return TensorDescriptor(t, [num_tokens, num_heads * head_dim], [t.stride(0), 1], [block_tokens, head_dim])
+
+
 def attention_fwd(q, k, v, out, lse, heads, static_heads, cu_seqlens, *, causal, softmax_scale, config):
     """Launch the forward: writes every element of ``out [T, Hq, D]`` and ``lse [Hq, T]``;
-    ``cu_seqlens [B + 1]`` int32."""
+    ``cu_seqlens [B + 1]`` int32. ``config``: the tiles, and ``KV_TMA`` (optional): read
+    ``k`` and ``v`` through TMA descriptors where they allow it (:func:`_heads_descriptor`),
+    with pointers otherwise."""
     num_tokens, q_heads, head_dim = q.shape
     _check_tiles(config)
     if num_tokens == 0:
         return
     num_seqs = cu_seqlens.numel() - 1
+    tiles = {key: value for key, value in config.items() if key != "KV_TMA"}
+    k_arg, v_arg = k, v
+    if config.get("KV_TMA", False) and head_dim >= 16:
+        k_desc, v_desc = (_heads_descriptor(t, config["BLOCK_N"]) for t in (k, v))
+        if k_desc is not None and v_desc is not None:
+            k_arg, v_arg = k_desc, v_desc
     grid = (num_tile_slots(num_tokens, num_seqs, config["BLOCK_M"]), q_heads)
     attention_fwd_kernel[grid](
-        q, k, v, out, lse, heads if heads is not None else cu_seqlens, cu_seqlens,
+        q, k_arg, v_arg, out, lse, heads if heads is not None else cu_seqlens, cu_seqlens,
         num_tokens, num_seqs, static_heads, softmax_scale,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        GROUP=q_heads // k.shape[1], HAS_HEADS=heads is not None, CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), **config,
+        GROUP=q_heads // k.shape[1], HAS_HEADS=heads is not None, CAUSAL=causal, HEAD_DIM=head_dim,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), KV_TMA=k_arg is not k, **tiles,
     )
 
 

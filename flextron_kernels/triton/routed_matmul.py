@@ -23,6 +23,10 @@ group: a group's last, partly filled tile would cost a whole tile at that group'
 width, whereas a tile that straddles two groups costs its first rows only the
 difference to the next width (with sorted rows, never more tile work in total, and
 no empty tile slots in the launch).
+
+``B`` (and ``B2``) can come as TMA tensor descriptors (``B_TMA``, Hopper and later):
+one thread's bulk copy per tile instead of every thread's 16-byte copies and their
+address arithmetic. ``A``'s rows are gathered, so they keep per-thread copies.
 """
 
 from __future__ import annotations
@@ -31,12 +35,32 @@ import triton
 import triton.language as tl
 
 from flextron_kernels.triton.activations import apply_activation
+from flextron_kernels.triton.tma import TensorDescriptor, tma_ready
 
 
 @triton.jit
-def _reduce(acc, acc2, a_ptr, b_ptr, b2_ptr, rows, row_mask, cols64, col_in_b, red_w, red_start, red_end, red_limit,
-            stride_at, stride_ar, stride_bj, stride_br, stride_b2j, stride_b2r,
-            MASK_ROW_WIDTHS: tl.constexpr, GATED: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+def _load_b_tile(b, col0, cols64, col_in_b, r0, r, red_limit, stride_bj, stride_br,
+                 B_TMA: tl.constexpr, B_TRANSPOSED: tl.constexpr):
+    """``B[col0 : col0 + BLOCK_N, r0 : r0 + BLOCK_K].T``, a ``[BLOCK_K, BLOCK_N]`` tile, zeros
+    past ``out_limit`` and ``red_limit`` (a descriptor's shape, or the masks). ``b``: a
+    pointer, or with ``B_TMA`` a descriptor over B's storage, ``[out_limit, red_limit]``
+    or, ``B_TRANSPOSED`` (B is a matrix's transpose), ``[red_limit, out_limit]``."""
+    if B_TMA:
+        if B_TRANSPOSED:
+            tile = b.load([r0, col0])
+        else:
+            tile = tl.trans(b.load([col0, r0]))
+    else:
+        tile = tl.trans(tl.load(b + cols64[:, None] * stride_bj + r[None, :] * stride_br,
+                                mask=col_in_b[:, None] & (r[None, :] < red_limit), other=0.0))
+    return tile
+
+
+@triton.jit
+def _reduce(acc, acc2, a_ptr, b_ptr, b2_ptr, rows, row_mask, col0, cols64, col_in_b, red_w, red_start, red_end,
+            red_limit, stride_at, stride_ar, stride_bj, stride_br, stride_b2j, stride_b2r,
+            MASK_ROW_WIDTHS: tl.constexpr, GATED: tl.constexpr, B_TMA: tl.constexpr, B_TRANSPOSED: tl.constexpr,
+            INPUT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
     """``acc += A[rows, r] @ B[cols, r].T`` (and ``acc2`` with ``B2`` when gated) over
     ``red_start <= r < red_end``; with ``MASK_ROW_WIDTHS``, ``A[t, r]`` counts only for
     ``r < red_w[t]``."""
@@ -51,12 +75,12 @@ def _reduce(acc, acc2, a_ptr, b_ptr, b2_ptr, rows, row_mask, cols64, col_in_b, r
         )
         if MASK_ROW_WIDTHS:
             a = tl.where(r[None, :] < red_w[:, None], a, 0.0)
-        b_mask = col_in_b[:, None] & (r[None, :] < red_limit)
-        b = tl.load(b_ptr + cols64[:, None] * stride_bj + r[None, :] * stride_br, mask=b_mask, other=0.0)
-        acc = tl.dot(a, tl.trans(b), acc, input_precision=INPUT_PRECISION)
+        b = _load_b_tile(b_ptr, col0, cols64, col_in_b, r0, r, red_limit, stride_bj, stride_br, B_TMA, B_TRANSPOSED)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
         if GATED:
-            b2 = tl.load(b2_ptr + cols64[:, None] * stride_b2j + r[None, :] * stride_b2r, mask=b_mask, other=0.0)
-            acc2 = tl.dot(a, tl.trans(b2), acc2, input_precision=INPUT_PRECISION)
+            b2 = _load_b_tile(b2_ptr, col0, cols64, col_in_b, r0, r, red_limit, stride_b2j, stride_b2r, B_TMA,
+                              B_TRANSPOSED)
+            acc2 = tl.dot(a, b2, acc2, input_precision=INPUT_PRECISION)
     return acc, acc2
 
 
@@ -84,11 +108,15 @@ def routed_matmul_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    B_TMA: tl.constexpr,
+    B_TRANSPOSED: tl.constexpr,
 ):
     """Shapes: ``A [num_rows, >= red]``, ``B`` and ``B2 [>= out_limit, >= red]`` (any
     strides), ``C [num_rows, out_size]`` and, with ``STORE_PRE``, ``pre`` (``B``'s
     pre-activation) and ``pre2`` (``B2``'s) laid out like ``C``. ``out_limit <= out_size``
     bounds every ``out_t``, ``red_limit`` every ``red_t``. Widths are integer ``[num_rows]``.
+    With ``B_TMA``, ``b_ptr`` and ``b2_ptr`` are tensor descriptors (see :func:`_load_b_tile`)
+    with blocks ``[BLOCK_N, BLOCK_K]`` (``[BLOCK_K, BLOCK_N]`` when ``B_TRANSPOSED``).
     One-dimensional grid of ``num_row_blocks * cdiv(out_size, BLOCK_N)`` programs.
     """
     # Consecutive programs sweep GROUP_M row tiles per column block, so that the row
@@ -131,13 +159,14 @@ def routed_matmul_kernel(
             common_red = tl.min(tl.where(row_mask, red_w, tile_red), axis=0) // BLOCK_K * BLOCK_K
         else:
             common_red = tile_red
-        acc, acc2 = _reduce(acc, acc2, a_ptr, b_ptr, b2_ptr, rows, row_mask, cols64, col_in_b, red_w,
+        col0 = pid_n * BLOCK_N
+        acc, acc2 = _reduce(acc, acc2, a_ptr, b_ptr, b2_ptr, rows, row_mask, col0, cols64, col_in_b, red_w,
                             0, common_red, red_limit, stride_at, stride_ar, stride_bj, stride_br, stride_b2j,
-                            stride_b2r, False, GATED, INPUT_PRECISION, BLOCK_K)
+                            stride_b2r, False, GATED, B_TMA, B_TRANSPOSED, INPUT_PRECISION, BLOCK_K)
         if HAS_RED_WIDTHS:
-            acc, acc2 = _reduce(acc, acc2, a_ptr, b_ptr, b2_ptr, rows, row_mask, cols64, col_in_b, red_w,
+            acc, acc2 = _reduce(acc, acc2, a_ptr, b_ptr, b2_ptr, rows, row_mask, col0, cols64, col_in_b, red_w,
                                 common_red, tile_red, red_limit, stride_at, stride_ar, stride_bj, stride_br,
-                                stride_b2j, stride_b2r, True, GATED, INPUT_PRECISION, BLOCK_K)
+                                stride_b2j, stride_b2r, True, GATED, B_TMA, B_TRANSPOSED, INPUT_PRECISION, BLOCK_K)
         if HAS_ROW_SCALE:
             row_scale = tl.load(row_scale_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
             acc = acc * row_scale[:, None]
@@ -162,6 +191,14 @@ def routed_matmul_kernel(
     tl.store(c_ptr + c_offsets, result.to(c_ptr.dtype.element_ty), mask=store_mask)
 
 
+def _b_descriptor(t, strides, out_limit, red_limit, block_n, block_k):
+    """A descriptor over ``B [out_limit, red_limit]`` addressed as ``t`` with ``strides``,
+    laid out as stored (see :func:`_load_b_tile`), and whether B is stored transposed."""
+    if strides[1] == 1:
+        return TensorDescriptor(t, [out_limit, red_limit], [strides[0], 1], [block_n, block_k]), False
+    return TensorDescriptor(t, [red_limit, out_limit], [strides[1], 1], [block_k, block_n]), True
+
+
 def routed_matmul(
     a, a_strides, b, b_strides, bias, out, *, out_widths, red_widths, out_limit, red_limit, routing, config,
     gate=None, gate_strides=None, activation="none", row_scale=None, pre_out=None, gate_pre_out=None,
@@ -174,7 +211,9 @@ def routed_matmul(
     strides swapped). ``routing`` is a RoutingMetadata (of any block size: only its
     token order is used), or None for rows in their own order.
     ``pre_out`` / ``gate_pre_out`` (like ``out``), when given, receive the
-    pre-activation values of ``b`` / ``gate``.
+    pre-activation values of ``b`` / ``gate``. ``config``: the tiles, and ``B_TMA``
+    (optional): read ``b`` and ``gate`` through TMA descriptors where they allow it
+    (:func:`~flextron_kernels.triton.tma.tma_ready`; both stored alike), with pointers otherwise.
     """
     num_rows, out_size = out.shape
     if num_rows == 0 or out_size == 0:
@@ -192,9 +231,21 @@ def routed_matmul(
     def opt(t):
         return t if t is not None else out
 
+    tiles = {key: value for key, value in config.items() if key != "B_TMA"}
+    b_arg, gate_arg, b_transposed = b, opt(gate), False
+    operands = ((b, b_strides), (gate, gate_strides)) if gated else ((b, b_strides),)
+    b_tma = (config.get("B_TMA", False) and out_limit > 0 and red_limit > 0
+             and all(tma_ready(t, strides) for t, strides in operands)
+             and (not gated or (b_strides[1] == 1) == (gate_strides[1] == 1)))
+    if b_tma:
+        block_k = config["BLOCK_K"]
+        b_arg, b_transposed = _b_descriptor(b, b_strides, out_limit, red_limit, block_n, block_k)
+        if gated:
+            gate_arg, _ = _b_descriptor(gate, gate_strides, out_limit, red_limit, block_n, block_k)
+
     grid = (num_row_blocks * triton.cdiv(out_size, block_n),)
     routed_matmul_kernel[grid](
-        a, b, opt(gate), opt(bias), opt(row_scale), out, opt(pre_out), opt(gate_pre_out),
+        a, b_arg, gate_arg, opt(bias), opt(row_scale), out, opt(pre_out), opt(gate_pre_out),
         opt(out_widths), opt(red_widths),
         routing.sorted_token_idx if routing is not None else out,
         num_rows, num_row_blocks, out_size, out_limit, red_limit,
@@ -211,6 +262,8 @@ def routed_matmul(
         ACTIVATION=activation,
         STORE_PRE=store_pre,
         ACCUMULATE=accumulate,
-        **config,
+        B_TMA=b_tma,
+        B_TRANSPOSED=b_transposed,
+        **tiles,
     )
     return out
