@@ -72,10 +72,9 @@ def dispatch_state_restored(state: Optional[tuple]) -> Iterator[None]:
             setting.reset(token)
 
 
-def _plain(t: torch.Tensor) -> bool:
-    functorch = getattr(torch._C, "_functorch", None)
-    wrapped = functorch is not None and functorch.is_functorch_wrapped_tensor(t)
-    return type(t) in (torch.Tensor, torch.nn.Parameter) and not wrapped
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+# functorch's wrapped tensors (vmap, grad transforms) are plain by type; None: unknown.
+_functorch_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
 
 
 def runs_directly(*args) -> bool:
@@ -92,8 +91,14 @@ def runs_directly(*args) -> bool:
     if stack_len is None or stack_len() > 0:
         return False
     grad = torch.is_grad_enabled()
-    return not any(isinstance(a, torch.Tensor) and (not _plain(a) or a.is_meta or (grad and a.requires_grad))
-                   for a in args)
+    # A plain loop: this runs on every call of every op, where a generator's setup showed.
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if type(a) not in _PLAIN_TYPES or a.is_meta or (grad and a.requires_grad):
+                return False
+            if _functorch_wrapped is None or _functorch_wrapped(a):
+                return False
+    return True
 
 
 def mark_written(*tensors: Optional[torch.Tensor]) -> None:

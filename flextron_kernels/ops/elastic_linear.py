@@ -85,9 +85,11 @@ def _forward_impl(x, weight, bias, out_widths, in_widths, n, k, *, grouping=None
     """``grouping``: :func:`_token_grouping` of these widths, if at hand."""
     per_token = out_widths is not None or in_widths is not None
     if _select("elastic_linear", x, per_token) == "torch":
-        xs = mask_columns(x[:, :k], in_widths)
-        y = F.linear(xs, weight[:n, :k], None if bias is None else bias[:n])
-        return mask_columns(y, out_widths)
+        # Views only where they narrow: each costs host time, which decode steps feel.
+        xs = mask_columns(x if k == x.shape[1] else x[:, :k], in_widths)
+        w = weight if (n, k) == weight.shape else weight[:n, :k]
+        b = bias if bias is None or n == bias.shape[0] else bias[:n]
+        return mask_columns(F.linear(xs, w, b), out_widths)
 
     from flextron_kernels.triton.routed_matmul import routed_matmul
 
@@ -341,9 +343,9 @@ def elastic_linear(
         "out_features", out_features, high=out_high, default=n_full, token_shape=token_shape, device=x.device
     )
 
-    x2d = x.reshape(math.prod(token_shape), kx)
+    x2d = x if x.dim() == 2 else x.reshape(math.prod(token_shape), kx)
     if weight.requires_grad and accumulates_in_place(weight, bias):
         y = _PrefixGradAccumulation.apply(x2d, weight, bias, out_widths, in_widths, n, k)
     else:
         y = call_op(torch.ops.flextron.elastic_linear, _forward_impl, x2d, weight, bias, out_widths, in_widths, n, k)
-    return y.reshape(*token_shape, n)
+    return y if x.dim() == 2 else y.reshape(*token_shape, n)
