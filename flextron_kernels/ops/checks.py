@@ -128,8 +128,7 @@ def check_widths(
         raise ValueError(f"{name}: expected shape {tuple(token_shape)} (x.shape[:-1]), got {tuple(widths.shape)}")
     flat = widths.reshape(-1)
     if flat.numel() and value_checks_enabled(flat):
-        low_seen, high_seen = torch.aminmax(flat)
-        low_seen, high_seen = int(low_seen), int(high_seen)
+        low_seen, high_seen = torch.stack(torch.aminmax(flat)).tolist()  # one copy to the host, not two
         if low_seen < 0 or high_seen > high:
             raise ValueError(f"{name}: expected every width in [0, {high}], got values in [{low_seen}, {high_seen}]")
     return flat, high
