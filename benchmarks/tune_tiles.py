@@ -3,10 +3,11 @@ themselves (per-token widths, bf16, Llama-2-7B shapes) and keeps the fastest per
 family in the tuned table that :mod:`flextron_kernels.ops.tiles` reads for this GPU.
 
 Families are swept in order, each with the winners of the ones before it:
-``matmul`` (per-token linear forward, output widths and input widths), ``matmul_small``
-(the same over 512 tokens with its backward, and the MLP forward), ``matmul_gated``
-(the MLP forward), ``matmul_decode`` (the same linear forward over 16 tokens, replayed
-from a CUDA graph), ``weight_grad`` (per-token linear forward and backward),
+``matmul`` (per-token linear forward and backward, output widths and input widths),
+``matmul_small`` (the same over 512 tokens, and the MLP forward), ``matmul_gated``
+(the MLP forward), ``matmul_decode`` (the linear forward over 16 tokens, replayed
+from a CUDA graph, as serving runs decode steps: an eager call's host time, which TMA
+descriptors add to, is not timed), ``weight_grad`` (per-token linear forward and backward),
 ``attention_fwd``, ``attention_bwd_dq`` and ``attention_bwd_dkdv`` (B=8, S=2048, Hq=32,
 Hkv=8, Dh=128, causal, a per-token head mix; the backward families timed as forward and
 backward), ``attention_decode`` (one request over 32768 cached positions at 16 of 32
@@ -195,8 +196,8 @@ def workload(family, device, dtype, smoke):
         tokens, d_model, ffn, attn = 64, 32, 96, (2, 32, 4, 2, 16)
     else:
         tokens, d_model, ffn, attn = 4096, 4096, 11008, (8, 2048, 32, 8, 128)
-    if family == "matmul":
-        return linear_workloads(device, dtype, tokens, d_model, ffn, backward=False)
+    if family == "matmul":  # its tiles serve the input gradients too (B_TMA reads W.T there)
+        return linear_workloads(device, dtype, tokens, d_model, ffn, backward=True)
     if family == "matmul_small":
         small = min(tokens, SMALL_TOKENS)
         linear = linear_workloads(device, dtype, small, d_model, ffn, backward=True)
@@ -230,7 +231,8 @@ def main(argv=None) -> int:
     smoke = device.type == "cpu"
     dtype = torch.float32 if smoke else torch.bfloat16
     if smoke:
-        print("no GPU: running a tiny smoke sweep (tiles do not apply on the CPU)", file=sys.stderr)
+        print("no GPU: running a tiny smoke sweep (the CPU runs the torch backend: no tiles are timed)",
+              file=sys.stderr)
 
     rows, winners = [], {}
     for family in families:

@@ -177,6 +177,8 @@ def configurations():
                     ACTIVATION="silu"), small
                 yield f"[{variant}] linear fwd, static, decode tile of {block_m}{how}", rm, "bf16", dict(
                     flags, **tile, BLOCK_M=block_m, ROUTED=False), small
+                yield f"[{variant}] linear dgrad, per-token in+out widths, decode tile of {block_m}{how}", rm, \
+                    "bf16", dict(dgrad, **tile, BLOCK_M=block_m, HAS_OUT_WIDTHS=True, HAS_RED_WIDTHS=True), small
     big = dict(num_warps=8, num_stages=3)
     yield "mlp gate+up fp32 tf32", rm, "fp32", dict(flags, HAS_OUT_WIDTHS=True, GATED=True, ACTIVATION="silu",
                                                    STORE_PRE=True, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32,

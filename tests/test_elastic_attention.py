@@ -307,21 +307,34 @@ def test_bf16_error_within_twice_torch(kv_heads, heads_kind):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("overlap,kv_tma,head_dim", [(True, False, 128), (False, False, 128), (True, True, 128),
                                                      (False, True, 128), (True, True, 64)])
-def test_bf16_forward_both_loop_schedules(overlap, kv_tma, head_dim):
+def test_bf16_forward_both_loop_schedules(overlap, kv_tma, head_dim, causal, monkeypatch):
     # The forward's overlapped and sequential key loops, keys and values through pointers
-    # or TMA (the tile sweep may pick any of them).
+    # or TMA (the tile sweep may pick any of them). The one-token sequence's key and value
+    # are inf: the key blocks of the first sequence that read past its end must not weigh them.
     from flextron_kernels.ops.tiles import override_tiles
+    from flextron_kernels.triton import attention
 
+    made = []
+    descriptor = attention._heads_descriptor
+    monkeypatch.setattr(attention, "_heads_descriptor", lambda *args: made.append(descriptor(*args)) or made[-1])
     device = torch.device("cuda")
     tensors, grad, heads, cu = make_inputs([700, 1, 300], 32, 8, "per_token", torch.bfloat16, device, seed=8,
                                            head_dim=head_dim)
-    packing = dict(heads=heads.to(device), cu_seqlens=cu.to(device))
-    with override_tiles(attention_fwd=dict(OVERLAP=overlap, KV_TMA=kv_tma)):
-        out = fk.elastic_attention(*tensors, **packing)
+    packing = dict(heads=heads.to(device), cu_seqlens=cu.to(device), causal=causal)
     torch_bf16 = reference.elastic_attention(*tensors, **packing)
     exact = reference.elastic_attention(*[t.double() for t in tensors], **packing)
+    q, k, v = tensors
+    k, v = k.clone(), v.clone()
+    k[700], v[700] = float("inf"), float("inf")
+    with override_tiles(attention_fwd=dict(OVERLAP=overlap, KV_TMA=kv_tma)):
+        out = fk.elastic_attention(q, k, v, **packing)
+    assert len(made) == (2 if kv_tma else 0) and all(d is not None for d in made)
+    others = torch.ones(out.shape[0], dtype=torch.bool, device=device)
+    others[700] = False
+    out, torch_bf16, exact = out[others], torch_bf16[others], exact[others]
     assert torch.isfinite(out).all()
     assert (out.double() - exact).abs().max() <= 2 * (torch_bf16.double() - exact).abs().max() + 1e-6
 

@@ -143,6 +143,33 @@ def test_weight_tiles_through_tma_descriptors(kind, k_full, expect_descriptors, 
     assert made == ([(k_full, 1), (1, k_full)] if expect_descriptors else [])
 
 
+@pytest.mark.parametrize("kind", ["static", "token_out_max"])
+def test_weight_tiles_through_tma_stop_at_the_used_prefix(kind, device):
+    """B_TMA descriptors span only the used prefix: the weight holds inf past it, and the
+    output and input gradient stay those of the prefix (the zero fill of the descriptor's
+    bounds stands for the pointer path's masks)."""
+    from flextron_kernels.ops.tiles import MATMUL_FAMILIES, override_tiles
+
+    gen = torch.Generator().manual_seed(4)
+    n_full, k_full = 48, 40
+    x = torch.randn(30, k_full, generator=gen).to(device)
+    w = torch.randn(n_full, k_full, generator=gen).to(device)
+    kw = widths_for(kind, (30,), n_full, k_full, device, gen)
+    n, k = kw.get("max_out_features", kw["out_features"]), kw.get("in_features", k_full)
+    poisoned = w.clone()
+    poisoned[n:], poisoned[:, k:] = float("inf"), float("inf")
+    grad_y = torch.randn(30, n, generator=gen).to(device)
+    with override_tiles(**{family: dict(B_TMA=True) for family in MATMUL_FAMILIES}), fk.use_backend("triton"):
+        x_ = x.clone().requires_grad_()
+        fk.elastic_linear(x_, poisoned, **kw).backward(grad_y)
+        y = fk.elastic_linear(x, poisoned, **kw)
+    x64 = x.double().cpu().requires_grad_()
+    y64 = reference.elastic_linear(x64, w.double().cpu(), **{k_: v.cpu() if isinstance(v, torch.Tensor) else v
+                                                              for k_, v in kw.items()})
+    y64.backward(grad_y.double().cpu())
+    assert rel_err(y, y64) < 1e-5 and rel_err(x_.grad, x64.grad) < 1e-5
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["static", "token_out", "token_both"])
 def test_parameters_accumulate_in_place_into_prefix(backend, kind, device):
@@ -422,13 +449,19 @@ def test_bf16_error_within_twice_torch(kind, lead, n_full, k_full):
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["token_out", "token_in", "token_both"])
 @pytest.mark.parametrize("lead,n_full,k_full", [((16,), 4096, 4096), ((200,), 1000, 776), ((1100,), 11008, 4096)])
-def test_bf16_weight_tiles_through_tma(kind, lead, n_full, k_full):
+def test_bf16_weight_tiles_through_tma(kind, lead, n_full, k_full, monkeypatch):
     # The weight tiles through TMA descriptors (B_TMA) on the decode, small and large
     # row families (the tile sweep may pick it for any of them).
     from flextron_kernels.ops.tiles import MATMUL_FAMILIES, override_tiles
+    from flextron_kernels.triton import routed_matmul
 
+    made = []
+    descriptor = routed_matmul._b_descriptor
+    monkeypatch.setattr(routed_matmul, "_b_descriptor", lambda *args: made.append(args) or descriptor(*args))
     with override_tiles(**{family: dict(B_TMA=True) for family in MATMUL_FAMILIES}):
         _check_bf16_error(kind, lead, n_full, k_full)
+    # Every weight here allows TMA: the forward reads W, the input gradient W.T.
+    assert [args[1] for args in made] == [(k_full, 1), (1, k_full)]
 
 
 def _check_bf16_error(kind, lead, n_full, k_full):

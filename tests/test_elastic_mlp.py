@@ -127,6 +127,30 @@ def test_weight_tiles_through_tma_descriptors(gated, activation, bias, device, m
     assert made == expected
 
 
+def test_weight_tiles_through_tma_stop_at_the_width(device):
+    """B_TMA descriptors span only the used width: the weights hold inf past it, and the
+    output and input gradient stay those of the width."""
+    from flextron_kernels.ops.tiles import MATMUL_FAMILIES, override_tiles
+
+    tensors, gen = make(23, 20, 44, gated=True, bias=False, dtype=torch.float32, device=device, seed=6)
+    width = 28
+    poisoned = dict(tensors)
+    for name, cut in (("w_up", (slice(width, None),)), ("w_gate", (slice(width, None),)),
+                      ("w_down", (slice(None), slice(width, None)))):
+        poisoned[name] = tensors[name].clone()
+        poisoned[name][cut] = float("inf")
+    grad = torch.randn(23, 20, generator=gen).to(device)
+    with override_tiles(**{family: dict(B_TMA=True) for family in MATMUL_FAMILIES}), fk.use_backend("triton"):
+        x = poisoned["x"].clone().requires_grad_()
+        out = fk.elastic_mlp(x, poisoned["w_up"], poisoned["w_down"], width=width, w_gate=poisoned["w_gate"])
+        out.backward(grad)
+    x64 = tensors["x"].double().cpu().requires_grad_()
+    ref = reference.elastic_mlp(x64, *(tensors[n].double().cpu() for n in ("w_up", "w_down")), width=width,
+                                w_gate=tensors["w_gate"].double().cpu())
+    ref.backward(grad.double().cpu())
+    assert rel_err(out, ref) < 1e-5 and rel_err(x.grad, x64.grad) < 1e-5
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("gated,activation,bias", [(True, "silu", True), (False, "relu", False)])
 def test_max_width_bounds_the_hidden_width(backend, gated, activation, bias, device):
@@ -363,12 +387,19 @@ def test_bf16_error_within_twice_torch(gated, activation, num_tokens, d_model, f
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("num_tokens", [1, 2048])
-def test_bf16_weight_tiles_through_tma(num_tokens):
+def test_bf16_weight_tiles_through_tma(num_tokens, monkeypatch):
     # Every weight tile through TMA descriptors (B_TMA), on the decode and large row families.
     from flextron_kernels.ops.tiles import MATMUL_FAMILIES, override_tiles
+    from flextron_kernels.triton import routed_matmul
 
+    made = []
+    descriptor = routed_matmul._b_descriptor
+    monkeypatch.setattr(routed_matmul, "_b_descriptor", lambda *args: made.append(args) or descriptor(*args))
     with override_tiles(**{family: dict(B_TMA=True) for family in MATMUL_FAMILIES}):
         _check_bf16_error(True, "silu", num_tokens, 4096, 11008)
+    # Every weight here allows TMA: up, gate, down; down.T, up.T, gate.T (see the CPU test).
+    up, down = (4096, 1), (11008, 1)
+    assert [args[1] for args in made] == [up, up, down, down[::-1], up[::-1], up[::-1]]
 
 
 def _check_bf16_error(gated, activation, num_tokens, d_model, ffn):

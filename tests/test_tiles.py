@@ -73,10 +73,19 @@ def test_unreadable_table_gives_the_defaults(fake_gpu):
     assert tiles._sixteen_bit("weight_grad", torch.device("cuda", 0)) == tiles._DEFAULTS_16BIT["weight_grad"]
 
 
-def test_cpu_tiles_ignore_overrides():
+def test_cpu_tiles_take_the_overrides_of_their_family():
+    # The interpreter's tiles take the overrides of the family a GPU would use for the row
+    # count (so that tests can run the kernels' options), the gated kernel's row tile aside.
     x = torch.empty(4, 8)
-    with tiles.override_tiles(matmul=dict(BLOCK_M=128)):
-        assert tiles.matmul_config(x, 4)["BLOCK_M"] == 16
+    with tiles.override_tiles(matmul=dict(BLOCK_M=128), matmul_decode=dict(B_TMA=True),
+                              matmul_gated=dict(BLOCK_M=64, BLOCK_N=32), attention_fwd=dict(KV_TMA=True)):
+        assert tiles.matmul_config(x, 4)["BLOCK_M"] == 16 and tiles.matmul_config(x, 4)["B_TMA"]
+        assert tiles.matmul_config(x, tiles.SMALL_ROWS + 1)["BLOCK_M"] == 128
+        gated = tiles.matmul_config(x, 100, gated=True)
+        assert (gated["BLOCK_M"], gated["BLOCK_N"]) == (16, 32)
+        q = torch.empty(4, 2, 16)
+        assert tiles.attention_config(q, "fwd")["KV_TMA"] and "KV_TMA" not in tiles.attention_config(q, "bwd_dq")
+    assert "B_TMA" not in tiles.matmul_config(x, 4) and not tiles.attention_config(q, "fwd")["KV_TMA"]
 
 
 def test_unknown_family_is_an_error():

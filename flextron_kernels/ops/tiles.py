@@ -178,8 +178,8 @@ def matmul_config(t: torch.Tensor, num_rows: int, *, gated: bool = False) -> dic
         family = _matmul_family(num_rows)
         config = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=4)
         config.update(_overrides.get().get(family, {}))
-        if gated and family != "matmul_decode":
-            config.update(_overrides.get().get("matmul_gated", {}))
+        if gated and family != "matmul_decode":  # its row tile stays its row count's, as on a GPU
+            config.update({k: v for k, v in _overrides.get().get("matmul_gated", {}).items() if k != "BLOCK_M"})
         return dict(config, INPUT_PRECISION=precision)
     if t.dtype == torch.float32:
         block_m = _row_tile(num_rows)

@@ -208,11 +208,12 @@ def attention_fwd_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     # Keys before the tile need no causal mask: tiles start at multiples of BLOCK_M from
     # the sequence start and BLOCK_N divides BLOCK_M, so those key blocks end at `start`.
+    # Not causal: only the sequence's last, partial key block needs a mask.
     if CAUSAL:
         unmasked_end = start
         kv_end = end
     else:
-        unmasked_end = seq_start
+        unmasked_end = seq_start + (seq_end - seq_start) // BLOCK_N * BLOCK_N
         kv_end = seq_end
     for phase in tl.static_range(2):
         lo = seq_start if phase == 0 else unmasked_end
