@@ -36,7 +36,8 @@ from flextron_kernels.ops import tiles
 CANDIDATES = {
     # The first candidate of each family is its current default. The kernels' options (B_TMA:
     # the routed matmul's weight tiles through TMA descriptors; OVERLAP, KV_TMA: see
-    # attention_fwd) are stated in each, as a tuned table may hold either setting.
+    # attention_fwd and attention_bwd_dq) are stated in each, as a tuned table may hold
+    # either setting.
     "matmul": [
         dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3, B_TMA=False),
         dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4, B_TMA=False),
@@ -102,11 +103,13 @@ CANDIDATES = {
     # Backward candidates: sm_90 builds without register spills, or nearly (see
     # scripts/compile_triton_kernels.py), each timed as the whole forward and backward.
     "attention_bwd_dq": [
-        dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3),
-        dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2),
-        dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
-        dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
-        dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3),
+        dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3, KV_TMA=False),
+        dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2, KV_TMA=False),
+        dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2, KV_TMA=False),
+        dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2, KV_TMA=False),
+        dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3, KV_TMA=False),
+        dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3, KV_TMA=True),
+        dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2, KV_TMA=True),
     ],
     "attention_bwd_dkdv": [
         dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3),

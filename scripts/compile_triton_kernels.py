@@ -218,7 +218,7 @@ def configurations():
                             for variant, config in tiles.sixteen_bit_variants(f"attention_{kernel}").items()]
             variants += [("fp32", "fp32", precision, tiles.attention_fp32_tiles(kernel, precision, wide_head=wide))
                          for precision in ("tf32", "ieee")]
-            if kernel == "fwd":  # keys and values through pointers, and through TMA where launched
+            if kernel in ("fwd", "bwd_dq"):  # keys and values through pointers, and through TMA where launched
                 variants = [(name, dtype, precision, dict(config, KV_TMA=False))
                             for name, dtype, precision, config in variants]
                 variants += [(f"{name}, K and V through TMA", dtype, precision, dict(config, KV_TMA=True))

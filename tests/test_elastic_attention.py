@@ -107,10 +107,11 @@ def test_forward_with_and_without_overlapped_softmax(overlap, causal, device, mo
 @pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")
 @pytest.mark.parametrize("overlap", [True, False])
 @pytest.mark.parametrize("causal", [True, False])
-def test_forward_reads_keys_and_values_through_tma_descriptors(overlap, causal, device, monkeypatch):
-    """KV_TMA: key and value blocks through descriptors, which read past a sequence's end
-    into the next sequence's tokens. Those must get no weight, even when they hold inf
-    (here the last sequence's keys and values): the other sequences stay exact."""
+def test_keys_and_values_through_tma_descriptors(overlap, causal, device, monkeypatch):
+    """KV_TMA, forward and dq kernel: key and value blocks through descriptors, which read
+    past a sequence's end into the next sequence's tokens. Those must get no weight, even
+    when they hold inf (here the last sequence's keys and values): the other sequences'
+    outputs and gradients stay exact."""
     from flextron_kernels.ops.tiles import override_tiles
     from flextron_kernels.triton import attention
 
@@ -118,14 +119,17 @@ def test_forward_reads_keys_and_values_through_tma_descriptors(overlap, causal, 
     descriptor = attention._heads_descriptor
     monkeypatch.setattr(attention, "_heads_descriptor", lambda *args: made.append(args[0].shape) or descriptor(*args))
     lengths = [1, 19, 0, 70, 2]
-    (q, k, v), _, heads, cu = make_inputs(lengths, 4, 2, "per_token", torch.float32, device, seed=6)
-    packing = dict(heads=heads.to(device), cu_seqlens=cu.to(device), causal=causal)
-    exact = reference.elastic_attention(q.double(), k.double(), v.double(), **packing)
+    tensors, grad, heads, cu = make_inputs(lengths, 4, 2, "per_token", torch.float32, device, seed=6)
+    exact = forward_backward(reference.elastic_attention, [t.double() for t in tensors], grad, heads, cu, causal,
+                             "cpu")
+    q, k, v = (t.clone() for t in tensors)
     k[-2:], v[-2:] = float("inf"), float("inf")
-    with override_tiles(attention_fwd=dict(KV_TMA=True, OVERLAP=overlap)), fk.use_backend("triton"):
-        out = fk.elastic_attention(q, k, v, **packing)
-    assert made == [k.shape, v.shape]
-    assert rel_err(out[:-2], exact[:-2]) < 1e-5
+    with override_tiles(attention_fwd=dict(KV_TMA=True, OVERLAP=overlap), attention_bwd_dq=dict(KV_TMA=True)), \
+            fk.use_backend("triton"):
+        ours = forward_backward(fk.elastic_attention, (q, k, v), grad, heads, cu, causal, device)
+    assert made == [k.shape, v.shape] * 2  # the forward's, then the dq kernel's
+    for name, o, r in zip(("out", "dq", "dk", "dv"), ours, exact):
+        assert rel_err(o[:-2], r[:-2]) < 1e-5, name
 
 
 def test_keys_and_values_take_tma_only_in_whole_heads():
@@ -289,13 +293,23 @@ def test_torch_compile_fullgraph(device):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kv_heads", [8, 32])
-@pytest.mark.parametrize("heads_kind", ["per_token", "static"])
-def test_bf16_error_within_twice_torch(kv_heads, heads_kind):
+@pytest.mark.parametrize("kv_heads,heads_kind,kv_tma", [(8, "per_token", False), (32, "per_token", False),
+                                                        (8, "static", False), (32, "static", False),
+                                                        (8, "per_token", True)])
+def test_bf16_error_within_twice_torch(kv_heads, heads_kind, kv_tma, monkeypatch):
+    # kv_tma: the forward and dq kernels read keys and values through TMA descriptors.
+    from flextron_kernels.ops.tiles import override_tiles
+    from flextron_kernels.triton import attention
+
+    made = []
+    descriptor = attention._heads_descriptor
+    monkeypatch.setattr(attention, "_heads_descriptor", lambda *args: made.append(descriptor(*args)) or made[-1])
     device = torch.device("cuda")
     lengths = [1, 700, 1023, 300]
     tensors, grad, heads, cu = make_inputs(lengths, 32, kv_heads, heads_kind, torch.bfloat16, device, seed=6, head_dim=128)
-    ours = forward_backward(fk.elastic_attention, tensors, grad, heads, cu, True, device)
+    with override_tiles(attention_fwd=dict(KV_TMA=kv_tma), attention_bwd_dq=dict(KV_TMA=kv_tma)):
+        ours = forward_backward(fk.elastic_attention, tensors, grad, heads, cu, True, device)
+    assert len(made) == (4 if kv_tma else 0) and all(d is not None for d in made)
     # PyTorch's own bf16 error: the reference evaluated in bf16 on the same inputs.
     torch_bf16 = forward_backward(reference.elastic_attention, tensors, grad, heads, cu, True, device)
     exact = forward_backward(reference.elastic_attention, [t.double() for t in tensors], grad, heads, cu, True, device)

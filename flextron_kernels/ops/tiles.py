@@ -57,14 +57,14 @@ _DEFAULTS_16BIT = {
     # BLOCK_N must divide BLOCK_M in the forward and dq kernels: they rely on key blocks
     # ending at query-tile starts. OVERLAP (the next key block's scores computed during this
     # block's softmax) takes up to 254 registers at head dim 128 and spills none on sm_90.
-    # KV_TMA: keys and values through TMA descriptors (not yet timed: off unless the tile
-    # sweep picks it).
+    # KV_TMA (here and in the dq kernel): keys and values through TMA descriptors (not yet
+    # timed: off unless the tile sweep picks it).
     "attention_fwd": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2, OVERLAP=True, KV_TMA=False),
     # Backward, as flash attention 2's Triton kernels: a large tile of the accumulated side
     # (queries for dq, keys for dk/dv) and short steps of the other. For head dim 128 in
     # bf16 these are the largest sm_90 builds without register spills
     # (scripts/compile_triton_kernels.py reports them).
-    "attention_bwd_dq": dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3),
+    "attention_bwd_dq": dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3, KV_TMA=False),
     "attention_bwd_dkdv": dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3),
     # Decode attention's split kernel (head dims up to 128): BLOCK_N cache positions per
     # step, and splits enough for PROGRAMS_PER_SM programs per SM over the (request, KV
@@ -79,7 +79,7 @@ _DEFAULTS_16BIT = {
 # little, with KV_TMA). Tuned tables apply up to head dim 128, where they are measured.
 WIDE_HEAD_TILES_16BIT = {
     "fwd": dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2, OVERLAP=False, KV_TMA=False),
-    "bwd_dq": dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
+    "bwd_dq": dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2, KV_TMA=False),
     "bwd_dkdv": dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2),
 }
 
@@ -219,7 +219,7 @@ def attention_config(t: torch.Tensor, kernel: str) -> dict:
     if t.device.type == "cpu":
         # Keys in two query steps: the dk/dv kernel's causal masking over several steps.
         block_n = 32 if kernel == "bwd_dkdv" else 16
-        options = dict(OVERLAP=True, KV_TMA=False) if kernel == "fwd" else {}
+        options = {"fwd": dict(OVERLAP=True, KV_TMA=False), "bwd_dq": dict(KV_TMA=False)}.get(kernel, {})
         config = dict(BLOCK_M=16, BLOCK_N=block_n, **options)
         config.update(_overrides.get().get(f"attention_{kernel}", {}))
         return dict(config, INPUT_PRECISION=precision)

@@ -110,19 +110,6 @@ def _token_block(ptr, n0, end, head, stride_t, stride_h, dims, dim_mask, BLOCK: 
 
 
 @triton.jit
-def _key_block(k_ptr, v_ptr, n0, kv_end, kv_head, stride_kt, stride_kh, stride_vt, stride_vh, dims, dim_mask,
-               BLOCK_N: tl.constexpr):
-    """Keys ``n0 .. n0 + BLOCK_N`` of one KV head: their positions, which of them are
-    before ``kv_end``, and their k and v blocks (zeros past ``kv_end``)."""
-    cols = n0 + tl.arange(0, BLOCK_N)
-    cols64 = cols.to(tl.int64)
-    col_mask = cols < kv_end
-    k = _load_head(k_ptr, cols64, col_mask, stride_kt, kv_head, stride_kh, dims, dim_mask)
-    v = _load_head(v_ptr, cols64, col_mask, stride_vt, kv_head, stride_vh, dims, dim_mask)
-    return cols, col_mask, k, v
-
-
-@triton.jit
 def _softmax_step(acc, m_i, l_i, s, v_ptr, n0, kv_end, rows, kv_head, stride_vt, stride_vh, dims, dim_mask, qk_scale,
                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, KV_TMA: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                   BLOCK_N: tl.constexpr):
@@ -284,16 +271,26 @@ def _dkdv_step(dk, dv, k, v, cols, q_ptr, dout_ptr, lse_ptr, delta_ptr, heads_pt
 
 @triton.jit
 def _dq_step(dq, q, do, lse, delta, rows, k_ptr, v_ptr, n0, kv_head, qk_scale, stride_kt, stride_kh, stride_vt,
-             stride_vh, dims, dim_mask, kv_end, CAUSAL_MASK: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-             BLOCK_N: tl.constexpr):
-    """Add one block of BLOCK_N keys (from ``n0``) to a query tile's ``dq``. Keys past
-    ``kv_end`` load as zeros and add nothing."""
-    cols, _, k, v = _key_block(k_ptr, v_ptr, n0, kv_end, kv_head, stride_kt, stride_kh, stride_vt, stride_vh,
-                               dims, dim_mask, BLOCK_N)
+             stride_vh, dims, dim_mask, kv_end, MASKED: tl.constexpr, CAUSAL: tl.constexpr, KV_TMA: tl.constexpr,
+             INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Add one block of BLOCK_N keys (from ``n0``) to a query tile's ``dq``. ``MASKED``:
+    keys at or past ``kv_end``, and with ``CAUSAL`` keys after a row's own position, add
+    nothing (unmasked blocks end before ``kv_end``)."""
+    cols = n0 + tl.arange(0, BLOCK_N)
+    k = _token_block(k_ptr, n0, kv_end, kv_head, stride_kt, stride_kh, dims, dim_mask, BLOCK_N, KV_TMA)
+    v = _token_block(v_ptr, n0, kv_end, kv_head, stride_vt, stride_vh, dims, dim_mask, BLOCK_N, KV_TMA)
+    if MASKED and KV_TMA:
+        # Keys and values past kv_end (another sequence's) get zero weight, but 0 * inf is NaN.
+        inside = (cols < kv_end)[:, None]
+        k = tl.where(inside, k, 0.0)
+        v = tl.where(inside, v, 0.0)
     s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
     p = tl.exp2(s - lse[:, None])
-    if CAUSAL_MASK:
-        p = tl.where(cols[None, :] <= rows[:, None], p, 0.0)
+    if MASKED:
+        keep = cols[None, :] < kv_end
+        if CAUSAL:
+            keep = keep & (cols[None, :] <= rows[:, None])
+        p = tl.where(keep, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
     ds = p * (dp - delta[:, None])
     return tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
@@ -379,9 +376,11 @@ def attention_bwd_dq_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    KV_TMA: tl.constexpr,
 ):
     """Query gradient of one tile of BLOCK_M queries for one query head (zeros where
-    the head is unused). Grid: (query tiles, Hq)."""
+    the head is unused). ``KV_TMA``: keys and values through descriptors, as in
+    :func:`attention_fwd_kernel`. Grid: (query tiles, Hq)."""
     head = tl.program_id(1)
     seq, start, end, seq_start, seq_end, rows, row_mask = _tile(
         cu_seqlens_ptr, num_seqs, _query_tile_order(CAUSAL), BLOCK_M, SEQ_CHUNK
@@ -401,16 +400,17 @@ def attention_bwd_dq_kernel(
         lse, delta = _query_stats(lse_ptr, delta_ptr, rows64, used, head, num_tokens)
         qk_scale = softmax_scale * _LOG2E
         # Causal: keys before the tile need no mask (key blocks end at the tile's start).
+        # Not causal: only the sequence's last, partial key block needs one.
         kv_end = end if CAUSAL else seq_end
-        unmasked_end = start if CAUSAL else seq_end
+        unmasked_end = start if CAUSAL else seq_start + (seq_end - seq_start) // BLOCK_N * BLOCK_N
         for n0 in range(seq_start, unmasked_end, BLOCK_N):
             dq = _dq_step(dq, q, do, lse, delta, rows, k_ptr, v_ptr, n0, kv_head, qk_scale, stride_kt, stride_kh,
-                          stride_vt, stride_vh, dims, dim_mask, kv_end, False, INPUT_PRECISION, BLOCK_N)
-        if CAUSAL:
-            for n0 in range(start, kv_end, BLOCK_N):
-                dq = _dq_step(dq, q, do, lse, delta, rows, k_ptr, v_ptr, n0, kv_head, qk_scale, stride_kt,
-                              stride_kh, stride_vt, stride_vh, dims, dim_mask, kv_end, True, INPUT_PRECISION,
-                              BLOCK_N)
+                          stride_vt, stride_vh, dims, dim_mask, kv_end, False, CAUSAL, KV_TMA, INPUT_PRECISION,
+                          BLOCK_N)
+        for n0 in range(unmasked_end, kv_end, BLOCK_N):
+            dq = _dq_step(dq, q, do, lse, delta, rows, k_ptr, v_ptr, n0, kv_head, qk_scale, stride_kt, stride_kh,
+                          stride_vt, stride_vh, dims, dim_mask, kv_end, True, CAUSAL, KV_TMA, INPUT_PRECISION,
+                          BLOCK_N)
     dq = dq * softmax_scale
     tl.store(dq_ptrs, dq.to(dq_ptr.dtype.element_ty), mask=row_mask[:, None] & dim_mask[None, :])
 
@@ -466,6 +466,18 @@ def _heads_descriptor(t, block_tokens):
     return TensorDescriptor(t, [num_tokens, num_heads * head_dim], [t.stride(0), 1], [block_tokens, head_dim])
 
 
+def _keys_and_values(k, v, config):
+    """A kernel's tiles without ``KV_TMA``, and its ``k`` and ``v`` arguments: descriptors
+    with blocks of ``BLOCK_N`` tokens where ``KV_TMA`` asks for them and both allow it
+    (:func:`_heads_descriptor`), else the tensors."""
+    tiles = {key: value for key, value in config.items() if key != "KV_TMA"}
+    if config.get("KV_TMA", False) and k.shape[2] >= 16:
+        k_desc, v_desc = (_heads_descriptor(t, config["BLOCK_N"]) for t in (k, v))
+        if k_desc is not None and v_desc is not None:
+            return tiles, k_desc, v_desc
+    return tiles, k, v
+
+
 def attention_fwd(q, k, v, out, lse, heads, static_heads, cu_seqlens, *, causal, softmax_scale, config):
     """Launch the forward: writes every element of ``out [T, Hq, D]`` and ``lse [Hq, T]``;
     ``cu_seqlens [B + 1]`` int32. ``config``: the tiles, and ``KV_TMA`` (optional): read
@@ -476,12 +488,7 @@ def attention_fwd(q, k, v, out, lse, heads, static_heads, cu_seqlens, *, causal,
     if num_tokens == 0:
         return
     num_seqs = cu_seqlens.numel() - 1
-    tiles = {key: value for key, value in config.items() if key != "KV_TMA"}
-    k_arg, v_arg = k, v
-    if config.get("KV_TMA", False) and head_dim >= 16:
-        k_desc, v_desc = (_heads_descriptor(t, config["BLOCK_N"]) for t in (k, v))
-        if k_desc is not None and v_desc is not None:
-            k_arg, v_arg = k_desc, v_desc
+    tiles, k_arg, v_arg = _keys_and_values(k, v, config)
     grid = (num_tile_slots(num_tokens, num_seqs, config["BLOCK_M"]), q_heads)
     attention_fwd_kernel[grid](
         q, k_arg, v_arg, out, lse, heads if heads is not None else cu_seqlens, cu_seqlens,
@@ -497,7 +504,8 @@ def attention_bwd(q, k, v, dout, lse, delta, dq, dk, dv, heads, seq_heads, stati
     """Launch the backward: writes ``dq``, ``dk``, ``dv`` (shapes of q, k, v) from
     ``dout``, the forward's ``lse [Hq, T]`` and ``delta [Hq, T] = rowsum(dout * out)``;
     ``seq_heads [B]``: each sequence's largest head count (with per-token ``heads``);
-    ``cu_seqlens [B + 1]`` int32. ``dq_config`` / ``dkdv_config``: each kernel's tiles."""
+    ``cu_seqlens [B + 1]`` int32. ``dq_config`` / ``dkdv_config``: each kernel's tiles
+    (the dq kernel's may ask for ``KV_TMA``, as the forward's)."""
     num_tokens, q_heads, head_dim = q.shape
     _check_tiles(dq_config)
     if num_tokens == 0:
@@ -512,9 +520,10 @@ def attention_bwd(q, k, v, dout, lse, delta, dq, dk, dv, heads, seq_heads, stati
         *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *_strides(dv),
         **common, **dkdv_config,
     )
+    dq_tiles, k_arg, v_arg = _keys_and_values(k, v, dq_config)
     attention_bwd_dq_kernel[(num_tile_slots(num_tokens, num_seqs, dq_config["BLOCK_M"]), q_heads)](
-        q, k, v, dout, lse, delta, dq, heads_arg, cu_seqlens,
+        q, k_arg, v_arg, dout, lse, delta, dq, heads_arg, cu_seqlens,
         num_tokens, num_seqs, static_heads, softmax_scale,
         *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
-        **common, **dq_config,
+        KV_TMA=k_arg is not k, **common, **dq_tiles,
     )
