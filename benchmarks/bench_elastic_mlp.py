@@ -7,7 +7,10 @@ Per MLP shape, token count T and width mix (uniform over 25/50/75/100%, all 25%,
   torch bucketed loop and compute-all-then-mask baselines;
 - forward+backward time over the ideal (dense forward+backward x mean width fraction;
   target <= 1.20);
-- peak memory of forward+backward over that of a dense MLP at the mean width.
+- peak memory of forward+backward over that of a dense MLP at the mean width;
+- for the uniform mix, the backward that recomputes the first layer's pre-activations
+  (``recompute=True``) against the default, which keeps them: forward+backward time, and
+  the memory each forward leaves for its backward.
 
 Usage: ``python benchmarks/bench_elastic_mlp.py [--quick] [--out FILE.json]``.
 """
@@ -56,6 +59,18 @@ def peak_bytes(fn) -> int | None:
     return torch.cuda.max_memory_allocated() - base
 
 
+def held_bytes(forward) -> int | None:
+    """The memory ``forward()`` leaves allocated for its backward, its output aside."""
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    out = forward()
+    held = torch.cuda.memory_allocated() - base - out.numel() * out.element_size()
+    del out
+    return held
+
+
 def cases(name, d_model, ffn, num_tokens, dtype, device):
     gen = torch.Generator().manual_seed(0)
     mlp = fk.ElasticMLP(d_model, ffn, gated=True, activation="silu", device=device, dtype=dtype)
@@ -84,6 +99,19 @@ def cases(name, d_model, ffn, num_tokens, dtype, device):
 
             t_ours_fb = time_ms(ours_fwd_bwd)
             mem_ours = peak_bytes(ours_fwd_bwd)
+            recompute = {}
+            if mix == "uniform":
+                held_keep = held_bytes(lambda: mlp(xg, width=widths))
+                mlp.recompute = True
+                t_recompute_fb = time_ms(ours_fwd_bwd)
+                held_recompute = held_bytes(lambda: mlp(xg, width=widths))
+                mlp.recompute = False
+                mib = 2.0**-20
+                recompute = dict(
+                    fwd_bwd_recompute_ms=t_recompute_fb, recompute_vs_keep=t_recompute_fb / t_ours_fb,
+                    held_mib_keep=held_keep * mib if held_keep is not None else None,
+                    held_mib_recompute=held_recompute * mib if held_recompute is not None else None,
+                )
         mem_dense = peak_bytes(lambda: dense_fwd_bwd(mean_width))
         t_bucketed = time_ms(lambda: bucketed_mlp(x, w_gate, w_up, w_down, widths))
         t_masked = time_ms(lambda: masked_mlp(x, w_gate, w_up, w_down, widths))
@@ -102,6 +130,7 @@ def cases(name, d_model, ffn, num_tokens, dtype, device):
                 masked_ms=t_masked, masked_vs_ideal=t_masked / ideal,
                 fwd_bwd_ms=t_ours_fb, ideal_fwd_bwd_ms=ideal_fb, fwd_bwd_vs_ideal=t_ours_fb / ideal_fb,
                 peak_mem_vs_dense_at_mean=(mem_ours / mem_dense) if mem_dense else None,
+                **recompute,
             )
         )
     return rows
@@ -132,12 +161,17 @@ def main(argv=None) -> int:
     print(f"ceilings: copy {ceilings['copy_tbps']:.2f} TB/s, matmul {ceilings['matmul_tflops']:.0f} TFLOP/s")
     print(format_table(rows, ["shape", "tokens", "mix", "fwd_ms", "fwd_vs_ideal", "fwd_tile_work_vs_ideal", "fwd_vs_dense",
                               "bucketed_vs_ideal", "masked_vs_ideal", "fwd_bwd_vs_ideal", "peak_mem_vs_dense_at_mean"]))
+    uniform = [r for r in rows if "recompute_vs_keep" in r]
+    print("the backward recomputing the pre-activations (recompute=True) against keeping them:")
+    print(format_table(uniform, ["shape", "tokens", "fwd_bwd_ms", "fwd_bwd_recompute_ms", "recompute_vs_keep",
+                                 "held_mib_keep", "held_mib_recompute"]))
     mixed = [r for r in rows if r["mix"] != "all100"]
     full = [r for r in rows if r["mix"] == "all100"]
     summary = {
         "fwd_vs_ideal_max": max(r["fwd_vs_ideal"] for r in mixed),
         "fwd_all100_vs_dense_max": max(r["fwd_vs_dense"] for r in full),
         "fwd_bwd_vs_ideal_max": max(r["fwd_bwd_vs_ideal"] for r in rows),
+        "recompute_vs_keep_max": max(r["recompute_vs_keep"] for r in uniform),
     }
     print("summary:", summary)
     path = write_results(args.out, dict(benchmark="elastic_mlp", dtype=str(dtype), ceilings=ceilings, summary=summary, rows=rows))

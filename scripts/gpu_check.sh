@@ -57,7 +57,7 @@ PY
 benchmarks=(
   "bench_routing 40 benchmarks/bench_routing_metadata.py --out $results/routing_metadata_gpu.json"
   "bench_linear 35 benchmarks/bench_elastic_linear.py --quick --out $results/elastic_linear_gpu.json"
-  "bench_mlp 35 benchmarks/bench_elastic_mlp.py --quick --out $results/elastic_mlp_gpu.json"
+  "bench_mlp 45 benchmarks/bench_elastic_mlp.py --quick --out $results/elastic_mlp_gpu.json"
   "bench_attention 25 benchmarks/bench_elastic_attention.py --quick --out $results/elastic_attention_gpu.json"
   "bench_attention_decode 45 benchmarks/bench_elastic_attention_decode.py --quick --out $results/elastic_attention_decode_gpu.json"
   "bench_mlp_decode 20 benchmarks/bench_elastic_mlp_decode.py --quick --out $results/elastic_mlp_decode_gpu.json"

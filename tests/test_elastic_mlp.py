@@ -286,6 +286,37 @@ def test_inference_without_grad(backend, static, device):
     assert rel_err(out, ref) < 1e-5
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("gated,activation,bias", [(True, "silu", True), (False, "gelu_tanh", False)])
+@pytest.mark.parametrize("width_kind", ["per_token", "static"])
+def test_recompute_gives_the_same_gradients_and_keeps_nothing_hidden_sized(backend, gated, activation, bias,
+                                                                            width_kind, device):
+    """recompute=True: the backward recomputes the first layer's pre-activations, so autograd
+    keeps no [T, width] tensor from the forward; outputs and every gradient are those of the
+    default, which keeps them."""
+    num_tokens, d_model, ffn = 21, 16, 40
+    torch.manual_seed(13)
+    mlp = fk.ElasticMLP(d_model, ffn, gated=gated, activation=activation, bias=bias).to(device)
+    x = torch.randn(num_tokens, d_model, device=device, requires_grad=True)
+    scale = torch.rand(num_tokens, device=device, requires_grad=True)
+    width = torch.randint(0, ffn + 1, (num_tokens,)).to(device) if width_kind == "per_token" else 27
+    results = {}
+    for recompute in (False, True):
+        mlp.recompute = recompute
+        mlp.zero_grad(set_to_none=True)
+        x.grad = scale.grad = None
+        saved = []
+        with fk.use_backend(backend), torch.autograd.graph.saved_tensors_hooks(
+                lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+            out = mlp(x, width=width, scale=scale)
+        out.square().sum().backward()
+        results[recompute] = [out, x.grad, scale.grad] + [p.grad for p in mlp.parameters()]
+        hidden_sized = [shape for shape in saved if shape == (num_tokens, 27 if width_kind == "static" else ffn)]
+        assert bool(hidden_sized) != recompute, saved
+    for keep, again in zip(results[False], results[True]):
+        torch.testing.assert_close(again, keep, rtol=1e-6, atol=1e-6)
+
+
 def test_backward_twice_is_a_clear_error(device):
     mlp = fk.ElasticMLP(8, 16).to(device)
     out = mlp(torch.randn(3, 8, device=device), width=8).sum()
@@ -315,6 +346,7 @@ def _bad_cases():
         (dict(base, scale=torch.ones(3)), ValueError, "scale: expected shape \\(4,\\)"),
         (dict(base, scale=torch.ones(4, dtype=torch.int64)), TypeError, "scale: expected dtype in"),
         (dict(base, w_down=w_down.half()), TypeError, "w_down: expected dtype torch.float32"),
+        (dict(base, recompute=1), TypeError, "recompute: expected a bool, got int"),
     ]
 
 
@@ -346,11 +378,15 @@ def test_opcheck(backend, device):
                 (*grads, torch.randn_like(out), t["x"], t["w_up"], t["w_down"], t["w_gate"], w, fw, "silu", t["scale"],
                  up_pre, gate_pre, True),
             )
+            for w_gate in (t["w_gate"], None):
+                torch.library.opcheck(torch.ops.flextron.elastic_mlp_pre,
+                                      (t["x"], t["w_up"], w_gate, t["b_up"], w, fw, "silu"))
 
 
-def test_torch_compile_fullgraph(device):
+@pytest.mark.parametrize("recompute", [False, True])
+def test_torch_compile_fullgraph(recompute, device):
     torch.manual_seed(10)
-    mlp = fk.ElasticMLP(12, 32, gated=True, bias=True).to(device)
+    mlp = fk.ElasticMLP(12, 32, gated=True, bias=True, recompute=recompute).to(device)
     x = torch.randn(2, 5, 12, device=device)
     width = torch.randint(0, 33, (2, 5), device=device)
     scale = torch.rand(2, 5, device=device, requires_grad=True)

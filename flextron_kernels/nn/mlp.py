@@ -18,13 +18,16 @@ class ElasticMLP(nn.Module):
 
     Llama-style SwiGLU: ``ElasticMLP(d, f, gated=True, activation="silu", bias=False)``;
     GPT-2: ``ElasticMLP(d, f, gated=False, activation="gelu_tanh", bias=True)``.
+    ``recompute=True``: the backward recomputes the first layer's pre-activations instead
+    of keeping them from the forward (less memory held between the two).
     """
 
     def __init__(self, d_model: int, ffn: int, *, gated: bool = True, activation: str = "silu", bias: bool = False,
-                 device=None, dtype=None):
+                 recompute: bool = False, device=None, dtype=None):
         super().__init__()
         factory = dict(device=device, dtype=dtype)
         self.d_model, self.ffn, self.activation = d_model, ffn, activation
+        self.recompute = recompute  # see elastic_mlp
         self.w_up = nn.Parameter(torch.empty(ffn, d_model, **factory))
         self.w_gate = nn.Parameter(torch.empty(ffn, d_model, **factory)) if gated else None
         self.w_down = nn.Parameter(torch.empty(d_model, ffn, **factory))
@@ -40,6 +43,7 @@ class ElasticMLP(nn.Module):
         return elastic_mlp(
             x, self.w_up, self.w_down, width=self.ffn if width is None else width, w_gate=self.w_gate,
             b_up=self.b_up, b_down=self.b_down, activation=self.activation, scale=scale, max_width=max_width,
+            recompute=self.recompute,
         )
 
     def extra_repr(self) -> str:

@@ -6,7 +6,9 @@ fake implementation, and an autograd function that calls them:
 - ``flextron::elastic_mlp_fwd(...) -> (out, up_pre, gate_pre)``;
 - ``flextron::elastic_mlp_bwd_(...) -> (dx, dscale)``, which adds the weight and bias
   gradients into the used prefix of the given buffers and overwrites the saved
-  pre-activations with their gradients.
+  pre-activations with their gradients;
+- ``flextron::elastic_mlp_pre(...) -> (up_pre, gate_pre)``, the first layer's
+  pre-activations alone (for a backward that recomputes them).
 
 Triton path (per-token widths on CUDA): tokens are grouped by width once per pass; the
 first kernel computes gate and up projections of a tile together, applies the
@@ -14,11 +16,13 @@ activation in its epilogue and writes the hidden activation, at each token's wid
 (zeros beyond); the down projection's reduction stops at each tile's widest token, and
 the router scale is applied in its epilogue.
 
-The backward keeps the pre-activations rather than recomputing them: recomputing costs
-the two first-layer GEMMs again (2/9 of forward+backward FLOPs, above the 1.20x budget
-on its own), while keeping them costs two hidden-sized buffers, which the backward then
-reuses in place for their own gradients, so its peak is three hidden-sized buffers,
-as for autograd through a dense MLP.
+The backward keeps the pre-activations by default rather than recomputing them:
+recomputing costs the two first-layer GEMMs again (2/9 of forward+backward FLOPs, above
+the 1.20x budget on its own), while keeping them costs two hidden-sized buffers, which
+the backward then reuses in place for their own gradients, so its peak is three
+hidden-sized buffers, as for autograd through a dense MLP. ``recompute=True`` trades
+the other way: nothing hidden-sized lives from the forward to the backward (training
+holds every layer's), for those two GEMMs (``benchmarks/bench_elastic_mlp.py`` times both).
 """
 
 from __future__ import annotations
@@ -102,9 +106,14 @@ def _activation_grad_config(t: torch.Tensor) -> dict:
 # --------------------------------------------------------------------------- #
 # Torch backend
 # --------------------------------------------------------------------------- #
-def _forward_torch(x, w_up, w_down, w_gate, b_up, b_down, widths, fw, activation, scale, save):
+def _first_layer_torch(x, w_up, w_gate, b_up, fw):
+    """The up and gate pre-activations ``[T, fw]`` (gate None when ungated), unmasked."""
     up = F.linear(x, w_up[:fw], None if b_up is None else b_up[:fw])
-    gate = F.linear(x, w_gate[:fw]) if w_gate is not None else None
+    return up, F.linear(x, w_gate[:fw]) if w_gate is not None else None
+
+
+def _forward_torch(x, w_up, w_down, w_gate, b_up, b_down, widths, fw, activation, scale, save):
+    up, gate = _first_layer_torch(x, w_up, w_gate, b_up, fw)
     if gate is not None:
         hidden = reference.activation(activation, gate) * up
     else:
@@ -178,7 +187,9 @@ def _backward_torch(grads, dout, x, w_up, w_down, w_gate, widths, fw, activation
 # --------------------------------------------------------------------------- #
 # Triton backend
 # --------------------------------------------------------------------------- #
-def _forward_triton(x, w_up, w_down, w_gate, b_up, b_down, widths, fw, activation, scale, save, grouping=None):
+def _first_layer_triton(x, w_up, w_gate, b_up, widths, fw, activation, save, grouping=None):
+    """The gate/up kernel: ``hidden [T, fw]`` and, with ``save``, the pre-activations
+    (zeros past each token's width); also the routing and tiles, for the down projection."""
     from flextron_kernels.triton.routed_matmul import routed_matmul
 
     num_rows, d_model = x.shape
@@ -194,6 +205,15 @@ def _forward_triton(x, w_up, w_down, w_gate, b_up, b_down, widths, fw, activatio
         gate=w_gate, gate_strides=None if w_gate is None else w_gate.stride(), activation=activation,
         pre_out=up_pre, gate_pre_out=gate_pre,
     )
+    return hidden, up_pre, gate_pre, routing, config
+
+
+def _forward_triton(x, w_up, w_down, w_gate, b_up, b_down, widths, fw, activation, scale, save, grouping=None):
+    from flextron_kernels.triton.routed_matmul import routed_matmul
+
+    num_rows, d_model = x.shape
+    hidden, up_pre, gate_pre, routing, config = _first_layer_triton(x, w_up, w_gate, b_up, widths, fw, activation,
+                                                                    save, grouping)
     out = new_output((num_rows, d_model), dtype=x.dtype, device=x.device)
     routed_matmul(
         hidden, hidden.stride(), w_down, w_down.stride(), b_down, out,
@@ -357,17 +377,52 @@ def _(grad_w_up, grad_w_down, grad_w_gate, grad_b_up, grad_b_down, dout, x, w_up
     return dx, dout.new_empty((x.shape[0],) if scale is not None else (0,), dtype=torch.float32)
 
 
+@torch.library.custom_op("flextron::elastic_mlp_pre", mutates_args=())
+def _pre_op(
+    x: torch.Tensor,
+    w_up: torch.Tensor,
+    w_gate: Optional[torch.Tensor],
+    b_up: Optional[torch.Tensor],
+    widths: Optional[torch.Tensor],
+    width: int,
+    activation: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pre-activations of :func:`_fwd_op`'s first layer alone: ``up_pre``/``gate_pre
+    [T, width]``, zeros past each token's width (``gate_pre`` ``[0]`` when ungated)."""
+    return _pre_impl(x, w_up, w_gate, b_up, widths, width, activation)
+
+
+def _pre_impl(x, w_up, w_gate, b_up, widths, width, activation, *, grouping=None):
+    """The implementation of :func:`_pre_op`; ``grouping``: the forward's, if any."""
+    if _select(x, widths is not None) == "triton":
+        _, up_pre, gate_pre, _, _ = _first_layer_triton(x, w_up, w_gate, b_up, widths, width, activation, True,
+                                                        grouping)
+    else:
+        up, gate = _first_layer_torch(x, w_up, w_gate, b_up, width)
+        up_pre, gate_pre = mask_columns(up, widths), None if gate is None else mask_columns(gate, widths)
+    return up_pre, gate_pre if gate_pre is not None else x.new_empty(0)
+
+
+@_pre_op.register_fake
+def _(x, w_up, w_gate, b_up, widths, width, activation):
+    return x.new_empty(x.shape[0], width), x.new_empty((x.shape[0], width) if w_gate is not None else (0,))
+
+
 class _ElasticMLPFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w_up, w_down, w_gate, b_up, b_down, scale, widths, width, activation, in_place):
-        save = any(ctx.needs_input_grad[:7])
+    def forward(ctx, x, w_up, w_down, w_gate, b_up, b_down, scale, widths, width, activation, in_place, recompute):
+        save = any(ctx.needs_input_grad[:7]) and not recompute
         args = (x, w_up, w_down, w_gate, b_up, b_down, widths, width, activation, scale, save)
         # Grouped once, here, for the forward's and the backward's kernels.
         ctx.grouping = token_grouping(x, widths, width) if runs_directly(*args) else None
         out, up_pre, gate_pre = call_op(torch.ops.flextron.elastic_mlp_fwd, forward_impl, *args, grouping=ctx.grouping)
-        ctx.save_for_backward(x, w_up, w_down, w_gate, widths, scale, up_pre, gate_pre if w_gate is not None else None)
+        if recompute:  # the backward recomputes the pre-activations from these
+            ctx.save_for_backward(x, w_up, w_down, w_gate, widths, scale, b_up)
+        else:
+            ctx.save_for_backward(x, w_up, w_down, w_gate, widths, scale, up_pre,
+                                  gate_pre if w_gate is not None else None)
         ctx.params = (w_up, w_down, w_gate, b_up, b_down)
-        ctx.width, ctx.activation, ctx.in_place = width, activation, in_place
+        ctx.width, ctx.activation, ctx.in_place, ctx.recompute = width, activation, in_place, recompute
         ctx.consumed = False
         ctx.dispatch = dispatch_state()
         return out
@@ -377,7 +432,14 @@ class _ElasticMLPFunction(torch.autograd.Function):
         if ctx.consumed:
             raise RuntimeError("elastic_mlp: its backward cannot run twice (retain_graph=True is not supported)")
         ctx.consumed = True
-        x, w_up, w_down, w_gate, widths, scale, up_pre, gate_pre = ctx.saved_tensors
+        if ctx.recompute:
+            x, w_up, w_down, w_gate, widths, scale, b_up = ctx.saved_tensors
+            with dispatch_state_restored(ctx.dispatch):
+                up_pre, gate_pre = call_op(torch.ops.flextron.elastic_mlp_pre, _pre_impl, x, w_up, w_gate, b_up, widths,
+                                           ctx.width, ctx.activation, grouping=ctx.grouping)
+            gate_pre = gate_pre if w_gate is not None else None
+        else:
+            x, w_up, w_down, w_gate, widths, scale, up_pre, gate_pre = ctx.saved_tensors
         needs = ctx.needs_input_grad
         buffers = []
         for param, need in zip(ctx.params, needs[1:6]):
@@ -397,7 +459,7 @@ class _ElasticMLPFunction(torch.autograd.Function):
             dx if needs[0] else None,
             *param_grads,
             dscale.to(scale.dtype) if (scale is not None and needs[6]) else None,
-            None, None, None, None,
+            None, None, None, None, None,
         )
 
 
@@ -455,6 +517,7 @@ def elastic_mlp(
     activation: str = "silu",
     scale: Optional[torch.Tensor] = None,
     max_width: Optional[int] = None,
+    recompute: bool = False,
 ) -> torch.Tensor:
     """MLP at a hidden width chosen per token (or once for all tokens).
 
@@ -473,6 +536,9 @@ def elastic_mlp(
             are ``[T, max_width]``, so a batch known to stay below ``F`` (a router whose
             choices stop short of it, say) does not pay for the full width. Ignored for
             an int ``width``.
+        recompute: when a backward will run, keep nothing hidden-sized from the forward
+            and recompute the first layer's pre-activations in the backward (its two
+            GEMMs run again); default: keep them (see the module docstring).
 
     Returns:
         ``[..., D]``, the dtype of ``x``.
@@ -482,8 +548,10 @@ def elastic_mlp(
         x, w_up, w_down, w_gate, b_up, b_down = autocast_cast(dtype, x, w_up, w_down, w_gate, b_up, b_down)
         with torch.autocast(x.device.type, enabled=False):
             return elastic_mlp(x, w_up, w_down, width=width, w_gate=w_gate, b_up=b_up, b_down=b_down,
-                               activation=activation, scale=scale, max_width=max_width)
+                               activation=activation, scale=scale, max_width=max_width, recompute=recompute)
     widths, fw, scale = check_mlp_arguments(x, w_up, w_down, width, w_gate, b_up, b_down, activation, scale, max_width)
+    if not isinstance(recompute, bool):
+        raise TypeError(f"recompute: expected a bool, got {type(recompute).__name__}")
     token_shape, d_model = x.shape[:-1], x.shape[-1]
     x2d = x.reshape(math.prod(token_shape), d_model)
     inputs = (x2d, w_up, w_down, w_gate, b_up, b_down, scale)
@@ -495,5 +563,6 @@ def elastic_mlp(
                       widths, fw, activation, scale, False)[0]
         return out.reshape(x.shape)
     in_place = accumulates_in_place(w_up, w_down, w_gate, b_up, b_down)
-    out = _ElasticMLPFunction.apply(x2d, w_up, w_down, w_gate, b_up, b_down, scale, widths, fw, activation, in_place)
+    out = _ElasticMLPFunction.apply(x2d, w_up, w_down, w_gate, b_up, b_down, scale, widths, fw, activation, in_place,
+                                    recompute)
     return out.reshape(x.shape)
