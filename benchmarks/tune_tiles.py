@@ -127,6 +127,10 @@ CANDIDATES = {
         dict(BLOCK_N=128, PROGRAMS_PER_SM=4, num_warps=4, num_stages=2),
         dict(BLOCK_N=32, PROGRAMS_PER_SM=8, num_warps=4, num_stages=3),
         dict(BLOCK_N=64, PROGRAMS_PER_SM=16, num_warps=4, num_stages=2),
+        # One wave or less, long splits: fewer partials for the combine, which one request
+        # leaves with few programs (B x Hq) and so on the critical path.
+        dict(BLOCK_N=64, PROGRAMS_PER_SM=1, num_warps=4, num_stages=4),
+        dict(BLOCK_N=128, PROGRAMS_PER_SM=2, num_warps=4, num_stages=3),
     ],
 }
 
