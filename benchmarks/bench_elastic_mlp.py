@@ -103,9 +103,11 @@ def cases(name, d_model, ffn, num_tokens, dtype, device):
             if mix == "uniform":
                 held_keep = held_bytes(lambda: mlp(xg, width=widths))
                 mlp.recompute = True
-                t_recompute_fb = time_ms(ours_fwd_bwd)
-                held_recompute = held_bytes(lambda: mlp(xg, width=widths))
-                mlp.recompute = False
+                try:
+                    t_recompute_fb = time_ms(ours_fwd_bwd)
+                    held_recompute = held_bytes(lambda: mlp(xg, width=widths))
+                finally:
+                    mlp.recompute = False
                 mib = 2.0**-20
                 recompute = dict(
                     fwd_bwd_recompute_ms=t_recompute_fb, recompute_vs_keep=t_recompute_fb / t_ours_fb,

@@ -49,7 +49,8 @@ FLOAT_ARGS = {"softmax_scale", "qk_scale"}
 
 def descriptor_block(name: str, constexprs: dict):
     """The block shape of a TMA descriptor argument (None for other arguments): the routed
-    matmul's B operands with B_TMA, the attention forward's keys and values with KV_TMA."""
+    matmul's B operands with B_TMA, the keys and values of the attention forward and dq
+    kernels with KV_TMA."""
     if constexprs.get("B_TMA") and name in ("b_ptr", "b2_ptr"):
         tile = [constexprs["BLOCK_N"], constexprs["BLOCK_K"]]
         return tile[::-1] if constexprs["B_TRANSPOSED"] else tile

@@ -105,13 +105,15 @@ def test_forward_with_and_without_overlapped_softmax(overlap, causal, device, mo
 
 # The scores of the infinite keys are nan before they are masked out.
 @pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")
+@pytest.mark.parametrize("block_m", [16, 32])
 @pytest.mark.parametrize("overlap", [True, False])
 @pytest.mark.parametrize("causal", [True, False])
-def test_keys_and_values_through_tma_descriptors(overlap, causal, device, monkeypatch):
+def test_keys_and_values_through_tma_descriptors(overlap, causal, block_m, device, monkeypatch):
     """KV_TMA, forward and dq kernel: key and value blocks through descriptors, which read
     past a sequence's end into the next sequence's tokens. Those must get no weight, even
     when they hold inf (here the last sequence's keys and values): the other sequences'
-    outputs and gradients stay exact."""
+    outputs and gradients stay exact. Query tiles of 32 have two masked key blocks on the
+    causal diagonal."""
     from flextron_kernels.ops.tiles import override_tiles
     from flextron_kernels.triton import attention
 
@@ -124,8 +126,8 @@ def test_keys_and_values_through_tma_descriptors(overlap, causal, device, monkey
                              "cpu")
     q, k, v = (t.clone() for t in tensors)
     k[-2:], v[-2:] = float("inf"), float("inf")
-    with override_tiles(attention_fwd=dict(KV_TMA=True, OVERLAP=overlap), attention_bwd_dq=dict(KV_TMA=True)), \
-            fk.use_backend("triton"):
+    tiles = dict(BLOCK_M=block_m, BLOCK_N=16, KV_TMA=True)
+    with override_tiles(attention_fwd=dict(tiles, OVERLAP=overlap), attention_bwd_dq=tiles), fk.use_backend("triton"):
         ours = forward_backward(fk.elastic_attention, (q, k, v), grad, heads, cu, causal, device)
     assert made == [k.shape, v.shape] * 2  # the forward's, then the dq kernel's
     for name, o, r in zip(("out", "dq", "dk", "dv"), ours, exact):
@@ -318,6 +320,37 @@ def test_bf16_error_within_twice_torch(kv_heads, heads_kind, kv_tma, monkeypatch
         torch_err = (t.double() - e).abs().max().item()
         assert torch.isfinite(o).all(), name
         assert ours_err <= 2 * torch_err + 1e-6, (name, ours_err, torch_err)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [True, False])
+def test_bf16_backward_keys_and_values_through_tma(causal, monkeypatch):
+    # The dq kernel (and the forward) through TMA, on hardware: the one-token sequence's key
+    # and value are inf, and the other sequences' outputs and gradients stay within 2x
+    # torch's bf16 error of fp64.
+    from flextron_kernels.ops.tiles import override_tiles
+    from flextron_kernels.triton import attention
+
+    made = []
+    descriptor = attention._heads_descriptor
+    monkeypatch.setattr(attention, "_heads_descriptor", lambda *args: made.append(descriptor(*args)) or made[-1])
+    device = torch.device("cuda")
+    tensors, grad, heads, cu = make_inputs([700, 1, 300], 32, 8, "per_token", torch.bfloat16, device, seed=9,
+                                           head_dim=128)
+    torch_bf16 = forward_backward(reference.elastic_attention, tensors, grad, heads, cu, causal, device)
+    exact = forward_backward(reference.elastic_attention, [t.double() for t in tensors], grad, heads, cu, causal,
+                             device)
+    q, k, v = (t.clone() for t in tensors)
+    k[700], v[700] = float("inf"), float("inf")
+    with override_tiles(attention_fwd=dict(KV_TMA=True), attention_bwd_dq=dict(KV_TMA=True)):
+        ours = forward_backward(fk.elastic_attention, (q, k, v), grad, heads, cu, causal, device)
+    assert len(made) == 4 and all(d is not None for d in made)
+    others = torch.ones(q.shape[0], dtype=torch.bool, device=device)
+    others[700] = False
+    for name, o, t, e in zip(("out", "dq", "dk", "dv"), ours, torch_bf16, exact):
+        o, t, e = o[others], t[others], e[others]
+        assert torch.isfinite(o).all(), name
+        assert (o.double() - e).abs().max() <= 2 * (t.double() - e).abs().max() + 1e-6, name
 
 
 @pytest.mark.gpu

@@ -297,6 +297,10 @@ def test_recompute_gives_the_same_gradients_and_keeps_nothing_hidden_sized(backe
     num_tokens, d_model, ffn = 21, 16, 40
     torch.manual_seed(13)
     mlp = fk.ElasticMLP(d_model, ffn, gated=gated, activation=activation, bias=bias).to(device)
+    if bias:  # not the zeros they start as: a recompute without b_up would show
+        with torch.no_grad():
+            mlp.b_up.normal_()
+            mlp.b_down.normal_()
     x = torch.randn(num_tokens, d_model, device=device, requires_grad=True)
     scale = torch.rand(num_tokens, device=device, requires_grad=True)
     width = torch.randint(0, ffn + 1, (num_tokens,)).to(device) if width_kind == "per_token" else 27
@@ -315,6 +319,22 @@ def test_recompute_gives_the_same_gradients_and_keeps_nothing_hidden_sized(backe
         assert bool(hidden_sized) != recompute, saved
     for keep, again in zip(results[False], results[True]):
         torch.testing.assert_close(again, keep, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_recompute_keeps_small_training_batches_off_the_decode_kernel(monkeypatch):
+    # With recompute the forward saves nothing, yet a backward follows: at 64 tokens or
+    # fewer it must still run the training kernels (the fused decode kernel is for inference).
+    from flextron_kernels.ops import elastic_mlp_decode
+
+    def no_decode_kernel(*args, **kwargs):
+        raise AssertionError("the fused decode kernel ran in a training step")
+
+    monkeypatch.setattr(elastic_mlp_decode, "forward_cuda", no_decode_kernel)
+    mlp = fk.ElasticMLP(256, 512, recompute=True, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(8, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    mlp(x, width=torch.full((8,), 256, device="cuda")).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
 def test_backward_twice_is_a_clear_error(device):

@@ -48,4 +48,4 @@ class ElasticMLP(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, ffn={self.ffn}, gated={self.w_gate is not None}, "
-                f"activation={self.activation!r}, bias={self.b_up is not None}")
+                f"activation={self.activation!r}, bias={self.b_up is not None}, recompute={self.recompute}")

@@ -79,12 +79,12 @@ def _select(t: torch.Tensor, per_token: bool, decode_kernel: bool = False) -> st
     return select_backend("elastic_mlp", t.device, ("triton", "torch"), preferred)
 
 
-def _forward_backend(x, w_up, w_down, w_gate, b_up, b_down, widths, scale, save_for_backward) -> str:
-    """The forward's backend: the fused CUDA decode kernel is a candidate when nothing is
-    saved for a backward and it can run these arguments."""
+def _forward_backend(x, w_up, w_down, w_gate, b_up, b_down, widths, scale, backward_follows) -> str:
+    """The forward's backend: the fused CUDA decode kernel is a candidate when no backward
+    follows (inference) and it can run these arguments."""
     from flextron_kernels.ops.elastic_mlp_decode import cuda_kernel_applies
 
-    decode_kernel = not save_for_backward and cuda_kernel_applies(x, w_up, w_down, w_gate, b_up, b_down, scale)
+    decode_kernel = not backward_follows and cuda_kernel_applies(x, w_up, w_down, w_gate, b_up, b_down, scale)
     return _select(x, widths is not None, decode_kernel)
 
 
@@ -295,20 +295,25 @@ def _fwd_op(
     activation: str,
     scale: Optional[torch.Tensor],
     save_for_backward: bool,
+    backward_follows: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``x [T, D]`` -> ``out [T, D]``; with ``save_for_backward``, also the
     pre-activations ``up_pre``/``gate_pre [T, width]`` (zeros past each token's width;
-    ``[0]`` when not saved). ``widths [T]`` per token, or None for ``width`` everywhere."""
-    return forward_impl(x, w_up, w_down, w_gate, b_up, b_down, widths, width, activation, scale, save_for_backward)
+    ``[0]`` when not saved). ``widths [T]`` per token, or None for ``width`` everywhere.
+    ``backward_follows``: a backward will recompute the pre-activations (so this is no
+    inference call, whose small batches may take the fused decode kernel)."""
+    return forward_impl(x, w_up, w_down, w_gate, b_up, b_down, widths, width, activation, scale, save_for_backward,
+                        backward_follows)
 
 
-def forward_impl(x, w_up, w_down, w_gate, b_up, b_down, widths, width, activation, scale, save_for_backward, *,
-                 grouping=None):
+def forward_impl(x, w_up, w_down, w_gate, b_up, b_down, widths, width, activation, scale, save_for_backward,
+                 backward_follows=False, *, grouping=None):
     """The implementation of :func:`_fwd_op` (the decode op shares it). ``grouping``:
     :func:`token_grouping` of these widths, if at hand."""
     from flextron_kernels.ops.elastic_mlp_decode import forward_cuda
 
-    backend = _forward_backend(x, w_up, w_down, w_gate, b_up, b_down, widths, scale, save_for_backward)
+    backend = _forward_backend(x, w_up, w_down, w_gate, b_up, b_down, widths, scale,
+                               save_for_backward or backward_follows)
     if backend == "cuda":
         out = forward_cuda(x, w_up, w_down, w_gate, b_up, b_down, widths, width, activation, scale)
         return out, x.new_empty(0), x.new_empty(0)
@@ -322,7 +327,8 @@ def forward_impl(x, w_up, w_down, w_gate, b_up, b_down, widths, width, activatio
 
 
 @_fwd_op.register_fake
-def _(x, w_up, w_down, w_gate, b_up, b_down, widths, width, activation, scale, save_for_backward):
+def _(x, w_up, w_down, w_gate, b_up, b_down, widths, width, activation, scale, save_for_backward,
+      backward_follows=False):
     saved = (x.shape[0], width) if save_for_backward else (0,)
     return x.new_empty(x.shape), x.new_empty(saved), x.new_empty(saved if w_gate is not None else (0,))
 
@@ -411,8 +417,9 @@ def _(x, w_up, w_gate, b_up, widths, width, activation):
 class _ElasticMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_up, w_down, w_gate, b_up, b_down, scale, widths, width, activation, in_place, recompute):
-        save = any(ctx.needs_input_grad[:7]) and not recompute
-        args = (x, w_up, w_down, w_gate, b_up, b_down, widths, width, activation, scale, save)
+        backward_follows = any(ctx.needs_input_grad[:7])
+        save = backward_follows and not recompute
+        args = (x, w_up, w_down, w_gate, b_up, b_down, widths, width, activation, scale, save, backward_follows)
         # Grouped once, here, for the forward's and the backward's kernels.
         ctx.grouping = token_grouping(x, widths, width) if runs_directly(*args) else None
         out, up_pre, gate_pre = call_op(torch.ops.flextron.elastic_mlp_fwd, forward_impl, *args, grouping=ctx.grouping)
