@@ -55,3 +55,25 @@ def _ieee_fp32():
     torch.backends.cuda.matmul.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.fixture
+def host_copies(monkeypatch):
+    """Counts the copies of tensor values to the host (``tolist``, ``item``, ``int()``,
+    ``bool()``, ...) made by the package's op layer: each one waits for the device."""
+    import sys
+    from pathlib import Path
+
+    ops_dir = str(Path(__file__).resolve().parent.parent / "flextron_kernels" / "ops")
+    calls = []
+    for name in ("tolist", "item", "__int__", "__bool__", "__float__", "__index__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(ops_dir):
+                calls.append((_name, Path(caller).name))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return calls

@@ -411,3 +411,13 @@ def test_cuda_graph_capture_without_cu_seqlens():
         captured = fk.elastic_attention(q, kv, kv, heads=heads)
     graph.replay()
     torch.testing.assert_close(captured, eager, rtol=0, atol=0)
+
+
+def test_argument_values_are_checked_with_one_copy_to_the_host(host_copies, device):
+    # cu_seqlens, the head counts' range and their GQA multiples: one wait for the device per
+    # call, not three.
+    # (The Triton path: the torch backend walks the sequences on the host.)
+    tensors, _, heads, cu = make_inputs([5, 9], 4, 2, "per_token", torch.float32, device, seed=2)
+    with torch.no_grad(), fk.use_backend("triton"):
+        fk.elastic_attention(*tensors, heads=heads.to(device), cu_seqlens=cu.to(device))
+    assert host_copies == [("tolist", "checks.py")]

@@ -334,3 +334,15 @@ def test_cuda_graph_capture_and_replay(heads_kind):
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(captured, call()), step
+
+
+def test_argument_values_are_checked_with_one_copy_to_the_host(host_copies, device):
+    # Lengths, head counts and their GQA multiples: one wait for the device per call, not four.
+    q, k, v = make(3, 8, 2, 40, 16, dtype=torch.float32, device=device, seed=3)
+    lens = torch.tensor([40, 0, 17], device=device)
+    heads = torch.tensor([8, 4, 0], device=device)
+    with torch.no_grad():
+        fk.elastic_attention_decode(q, k, v, cache_seqlens=lens, heads=heads)
+    assert host_copies == [("tolist", "checks.py")]
+    with pytest.raises(ValueError, match="got 5 for request 1"):
+        fk.elastic_attention_decode(q, k, v, cache_seqlens=lens, heads=torch.tensor([8, 5, 0], device=device))

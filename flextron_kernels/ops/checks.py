@@ -102,6 +102,28 @@ def check_int(name: str, value: object, low: int, high: int) -> int:
     return value
 
 
+def host_values(*tensors: torch.Tensor) -> list[list[int]]:
+    """The values of small integer (or bool) tensors, as lists, copied to the host together:
+    one transfer, one wait for the device, however many tensors an op's checks need."""
+    flat = [t.reshape(-1).to(torch.int64) for t in tensors]
+    values = torch.cat(flat).tolist() if flat else []
+    lists, start = [], 0
+    for t in flat:
+        lists.append(values[start:start + t.numel()])
+        start += t.numel()
+    return lists
+
+
+def width_range(widths: torch.Tensor) -> torch.Tensor:
+    """``[min, max]`` of a non-empty widths tensor, on its device (for :func:`host_values`)."""
+    return torch.stack(torch.aminmax(widths))
+
+
+def check_width_range(name: str, low_seen: int, high_seen: int, high: int) -> None:
+    if low_seen < 0 or high_seen > high:
+        raise ValueError(f"{name}: expected every width in [0, {high}], got values in [{low_seen}, {high_seen}]")
+
+
 def check_widths(
     name: str,
     widths: Union[None, int, torch.Tensor],
@@ -110,11 +132,14 @@ def check_widths(
     default: int,
     token_shape: Sequence[int],
     device: torch.device,
+    check_values: bool = True,
 ) -> tuple[Optional[torch.Tensor], int]:
     """Normalise a width argument: None (full), an int, or a per-token integer tensor.
 
     Returns ``(per_token, static)``: ``per_token`` is the tensor flattened to ``[T]``
     (or None), ``static`` is the int width (``high`` for a per-token argument).
+    ``check_values=False``: the caller checks a tensor's range itself
+    (:func:`check_width_range`), with its other values in one transfer.
     """
     if widths is None:
         return None, default
@@ -127,10 +152,8 @@ def check_widths(
     if tuple(widths.shape) != tuple(token_shape):
         raise ValueError(f"{name}: expected shape {tuple(token_shape)} (x.shape[:-1]), got {tuple(widths.shape)}")
     flat = widths.reshape(-1)
-    if flat.numel() and value_checks_enabled(flat):
-        low_seen, high_seen = torch.stack(torch.aminmax(flat)).tolist()  # one copy to the host, not two
-        if low_seen < 0 or high_seen > high:
-            raise ValueError(f"{name}: expected every width in [0, {high}], got values in [{low_seen}, {high_seen}]")
+    if check_values and flat.numel() and value_checks_enabled(flat):
+        check_width_range(name, *host_values(width_range(flat))[0], high)
     return flat, high
 
 

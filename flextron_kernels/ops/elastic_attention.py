@@ -25,10 +25,13 @@ from flextron_kernels.ops.checks import (
     check_cu_seqlens_values,
     check_same_dtype,
     check_tensor,
+    check_width_range,
     check_widths,
+    host_values,
     new_output,
     softmax_scale_or_default,
     value_checks_enabled,
+    width_range,
 )
 from flextron_kernels.ops.common import (
     autocast_cast,
@@ -254,6 +257,30 @@ class _ElasticAttentionFunction(torch.autograd.Function):
 # --------------------------------------------------------------------------- #
 # Public function
 # --------------------------------------------------------------------------- #
+def _check_values(cu_seqlens, head_counts, num_tokens, q_heads, kv_heads):
+    """The offsets in ``cu_seqlens`` (if given), the range of ``head_counts`` (if any) and
+    that the head counts are multiples of the GQA group, from one copy to the host (each
+    copy waits for the device)."""
+    group = q_heads // kv_heads
+    summaries = [] if cu_seqlens is None else [cu_seqlens]
+    counted = head_counts is not None and head_counts.numel() > 0
+    if counted:
+        summaries.append(width_range(head_counts))
+        if group > 1:
+            summaries.append((head_counts % group != 0).sum().view(1))
+    if not summaries:
+        return
+    values = host_values(*summaries)
+    if cu_seqlens is not None:
+        check_cu_seqlens_values(values.pop(0), num_tokens)
+    if counted:
+        check_width_range("heads", *values[0], q_heads)
+        if group > 1 and values[1][0]:
+            bad = head_counts[head_counts % group != 0]  # the error's own copy to the host
+            raise ValueError(f"heads: expected multiples of the GQA group {group} (Hq={q_heads}, Hkv={kv_heads}), "
+                             f"got {bad[:4].tolist()}")
+
+
 def check_head_dim(name: str, head_dim: int) -> None:
     # The kernels hold a (tile, head_dim) block in registers, padded to a power of two.
     if not 1 <= head_dim <= 256:
@@ -305,26 +332,22 @@ def elastic_attention(
     check_head_dim("q", head_dim)
     group = q_heads // kv_heads
 
+    given_cu_seqlens = cu_seqlens
     if cu_seqlens is None:
         cu_seqlens = one_sequence(num_tokens, q.device)
     else:
         check_tensor("cu_seqlens", cu_seqlens, dtypes=INTEGER_DTYPES, ndim=1, device=q.device)
         if cu_seqlens.numel() < 2:
             raise ValueError(f"cu_seqlens: expected at least 2 entries (B + 1), got {cu_seqlens.numel()}")
-        if value_checks_enabled(cu_seqlens):
-            check_cu_seqlens_values(cu_seqlens.tolist(), num_tokens)
         cu_seqlens = cu_seqlens.to(torch.int32)
 
-    head_counts, static_heads = check_widths("heads", heads, high=q_heads, default=q_heads, token_shape=(num_tokens,), device=q.device)
-    if head_counts is None:
-        if static_heads % group:
-            raise ValueError(f"heads: expected a multiple of the GQA group {group} (Hq={q_heads}, Hkv={kv_heads}), got {static_heads}")
-    elif group > 1 and head_counts.numel() and value_checks_enabled(head_counts):
-        bad = head_counts[head_counts % group != 0]
-        if bad.numel():
-            raise ValueError(
-                f"heads: expected multiples of the GQA group {group} (Hq={q_heads}, Hkv={kv_heads}), got {bad[:4].tolist()}"
-            )
+    head_counts, static_heads = check_widths("heads", heads, high=q_heads, default=q_heads, token_shape=(num_tokens,),
+                                             device=q.device, check_values=False)
+    if head_counts is None and static_heads % group:
+        raise ValueError(f"heads: expected a multiple of the GQA group {group} (Hq={q_heads}, Hkv={kv_heads}), "
+                         f"got {static_heads}")
+    if value_checks_enabled(q):
+        _check_values(given_cu_seqlens, head_counts, num_tokens, q_heads, kv_heads)
 
     scale = softmax_scale_or_default(softmax_scale, head_dim)
     if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):

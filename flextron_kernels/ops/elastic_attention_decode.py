@@ -26,10 +26,13 @@ from flextron_kernels.ops.checks import (
     INTEGER_DTYPES,
     check_same_dtype,
     check_tensor,
+    check_width_range,
     check_widths,
+    host_values,
     new_output,
     softmax_scale_or_default,
     value_checks_enabled,
+    width_range,
 )
 from flextron_kernels.ops.common import autocast_cast, autocast_dtype, call_op
 from flextron_kernels.ops.tiles import attention_decode_tiles, input_precision
@@ -154,6 +157,34 @@ def _(q, k_cache, v_cache, cache_seqlens, heads_per_request, heads, softmax_scal
 # --------------------------------------------------------------------------- #
 # Public function
 # --------------------------------------------------------------------------- #
+def _check_values(cache_seqlens, heads_per_request, kv_len, q_heads, kv_heads):
+    """The range of ``cache_seqlens`` and of ``heads_per_request`` (if any) and that the
+    head counts are multiples of the GQA group, from one copy to the host (each copy waits
+    for the device: a decode step feels every one)."""
+    group = q_heads // kv_heads
+    summaries = [width_range(cache_seqlens)]
+    if heads_per_request is not None:
+        summaries.append(width_range(heads_per_request))
+        bad = heads_per_request % group != 0
+        first = bad.to(torch.int32).argmax()
+        summaries.append(torch.stack([bad.any().to(torch.int64), first.to(torch.int64), heads_per_request[first]]))
+    values = host_values(*summaries)
+    low, high = values[0]
+    if low < 0 or high > kv_len:
+        raise ValueError(
+            f"cache_seqlens: expected every length in [0, {kv_len}] (S_max = k_cache.shape[2]), "
+            f"got values in [{low}, {high}]"
+        )
+    if heads_per_request is not None:
+        check_width_range("heads", *values[1], q_heads)
+        any_bad, index, value = values[2]
+        if any_bad:
+            raise ValueError(
+                f"heads: expected every head count to be a multiple of the GQA group size {group} "
+                f"(Hq // Hkv = {q_heads} // {kv_heads}), got {value} for request {index}"
+            )
+
+
 def elastic_attention_decode(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -210,13 +241,6 @@ def elastic_attention_decode(
     check_tensor("cache_seqlens", cache_seqlens, device=q.device, shape=(batch,))
     if cache_seqlens.dtype not in INTEGER_DTYPES:
         raise TypeError(f"cache_seqlens: expected an integer tensor (int32 or int64), got dtype {cache_seqlens.dtype}")
-    if batch and value_checks_enabled(cache_seqlens):
-        low, high = (int(v) for v in torch.aminmax(cache_seqlens))
-        if low < 0 or high > kv_len:
-            raise ValueError(
-                f"cache_seqlens: expected every length in [0, {kv_len}] (S_max = k_cache.shape[2]), "
-                f"got values in [{low}, {high}]"
-            )
 
     if heads is None:
         raise TypeError(f"heads: expected an int or an integer tensor of shape ({batch},), got None")
@@ -224,21 +248,15 @@ def elastic_attention_decode(
         # Device and shape first, so that the messages name q rather than check_widths' x.
         check_tensor("heads", heads, device=q.device, shape=(batch,))
     heads_per_request, num_heads = check_widths(
-        "heads", heads, high=q_heads, default=q_heads, token_shape=(batch,), device=q.device
+        "heads", heads, high=q_heads, default=q_heads, token_shape=(batch,), device=q.device, check_values=False
     )
     if heads_per_request is None and num_heads % group:
         raise ValueError(
             f"heads: expected a multiple of the GQA group size {group} (Hq // Hkv = {q_heads} // {kv_heads}), "
             f"got {num_heads}"
         )
-    if heads_per_request is not None and group > 1 and batch and value_checks_enabled(heads_per_request):
-        bad = (heads_per_request % group).nonzero()
-        if bad.numel():
-            index = int(bad[0, 0])
-            raise ValueError(
-                f"heads: expected every head count to be a multiple of the GQA group size {group} "
-                f"(Hq // Hkv = {q_heads} // {kv_heads}), got {int(heads_per_request[index])} for request {index}"
-            )
+    if batch and value_checks_enabled(cache_seqlens):
+        _check_values(cache_seqlens, heads_per_request, kv_len, q_heads, kv_heads)
 
     softmax_scale = softmax_scale_or_default(softmax_scale, head_dim)
 
