@@ -64,15 +64,18 @@ def host_copies(monkeypatch):
     import sys
     from pathlib import Path
 
-    ops_dir = str(Path(__file__).resolve().parent.parent / "flextron_kernels" / "ops")
+    import flextron_kernels.ops
+
+    # The op layer as imported: the checkout, or an installed copy (as in CI).
+    ops_dir = Path(flextron_kernels.ops.__file__).resolve().parent
     calls = []
     for name in ("tolist", "item", "__int__", "__bool__", "__float__", "__index__"):
         original = getattr(torch.Tensor, name)
 
         def counted(self, *args, _original=original, _name=name, **kwargs):
-            caller = sys._getframe(1).f_code.co_filename
-            if caller.startswith(ops_dir):
-                calls.append((_name, Path(caller).name))
+            caller = Path(sys._getframe(1).f_code.co_filename).resolve()
+            if caller.parent == ops_dir:
+                calls.append((_name, caller.name))
             return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, name, counted)
