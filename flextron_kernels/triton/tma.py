@@ -15,8 +15,9 @@ except ImportError:
 
 
 @functools.lru_cache(maxsize=None)
-def _has_tma(device_index: int) -> bool:
-    return torch.version.hip is None and torch.cuda.get_device_capability(device_index)[0] >= 9
+def _has_tma(index: int) -> bool:
+    """Whether CUDA device ``index`` is an NVIDIA GPU with TMA (read once per device)."""
+    return torch.version.hip is None and torch.cuda.get_device_capability(index)[0] >= 9
 
 
 def tma_ready(t: torch.Tensor, strides: tuple[int, int]) -> bool:
