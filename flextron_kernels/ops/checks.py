@@ -119,6 +119,14 @@ def width_range(widths: torch.Tensor) -> torch.Tensor:
     return torch.stack(torch.aminmax(widths))
 
 
+def off_group(counts: torch.Tensor, group: int) -> torch.Tensor:
+    """``[whether any count is not a multiple of group, the first such index, its count]`` of
+    a non-empty head-counts tensor, on its device (for :func:`host_values`)."""
+    bad = counts % group != 0
+    first = bad.to(torch.int32).argmax()
+    return torch.stack([bad.any().to(torch.int64), first.to(torch.int64), counts[first].to(torch.int64)])
+
+
 def check_width_range(name: str, low_seen: int, high_seen: int, high: int) -> None:
     if low_seen < 0 or high_seen > high:
         raise ValueError(f"{name}: expected every width in [0, {high}], got values in [{low_seen}, {high_seen}]")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
+import inspect
 from typing import Iterator, Optional
 
 import torch
@@ -116,20 +118,42 @@ def call_op(op, impl, *args, **impl_only):
     return impl(*args, **impl_only) if runs_directly(*args) else op(*args)
 
 
-def autocast_dtype(t: torch.Tensor) -> Optional[torch.dtype]:
-    """The dtype ``torch.autocast`` runs matmuls in on ``t``'s device, or None outside it.
-    The public ops then cast their floating inputs to it and run with autocast off, as
-    autocast treats ``F.linear`` and ``F.scaled_dot_product_attention`` (so both backends,
-    and the ops' fake results, agree on the output dtype)."""
+def _autocast_dtype(t: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype ``torch.autocast`` runs matmuls in on ``t``'s device, or None outside it."""
     device_type = t.device.type
     if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
         return None
     return torch.get_autocast_dtype(device_type)
 
 
-def autocast_cast(dtype: torch.dtype, *tensors: Optional[torch.Tensor]) -> tuple:
-    """``tensors`` with the floating ones in ``dtype`` (None and integer tensors as they are)."""
-    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)
+def outside_autocast(*cast: str):
+    """Decorator of a public op: under ``torch.autocast`` the op casts its floating tensor
+    arguments named in ``cast`` to autocast's dtype and runs with autocast off, as autocast
+    treats ``F.linear`` and ``F.scaled_dot_product_attention`` (so both backends, and the
+    ops' fake results, agree on the output dtype). ``cast[0]``, the op's first parameter,
+    gives the device."""
+
+    def decorate(fn):
+        signature = inspect.signature(fn)
+        assert next(iter(signature.parameters)) == cast[0], (fn.__name__, cast)
+
+        @functools.wraps(fn)
+        def op(*args, **kwargs):
+            first = args[0] if args else kwargs.get(cast[0])
+            dtype = _autocast_dtype(first) if isinstance(first, torch.Tensor) else None
+            if dtype is None:
+                return fn(*args, **kwargs)
+            bound = signature.bind(*args, **kwargs)
+            for name in cast:
+                t = bound.arguments.get(name)
+                if isinstance(t, torch.Tensor) and t.is_floating_point():
+                    bound.arguments[name] = t.to(dtype)
+            with torch.autocast(first.device.type, enabled=False):
+                return fn(*bound.args, **bound.kwargs)
+
+        return op
+
+    return decorate
 
 
 def grad_buffer(param: torch.Tensor) -> torch.Tensor:

@@ -29,16 +29,16 @@ from flextron_kernels.ops.checks import (
     check_widths,
     host_values,
     new_output,
+    off_group,
     softmax_scale_or_default,
     value_checks_enabled,
     width_range,
 )
 from flextron_kernels.ops.common import (
-    autocast_cast,
-    autocast_dtype,
     call_op,
     dispatch_state,
     dispatch_state_restored,
+    outside_autocast,
 )
 from flextron_kernels.ops.tiles import attention_config
 
@@ -267,7 +267,7 @@ def _check_values(cu_seqlens, head_counts, num_tokens, q_heads, kv_heads):
     if counted:
         summaries.append(width_range(head_counts))
         if group > 1:
-            summaries.append((head_counts % group != 0).sum().view(1))
+            summaries.append(off_group(head_counts, group))
     if not summaries:
         return
     values = host_values(*summaries)
@@ -287,6 +287,7 @@ def check_head_dim(name: str, head_dim: int) -> None:
         raise ValueError(f"{name}: expected a head dimension in [1, 256], got {head_dim}")
 
 
+@outside_autocast("q", "k", "v")
 def elastic_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -313,12 +314,6 @@ def elastic_attention(
         ``[T, Hq, Dh]``, exactly zero at heads a token does not use.
     """
     check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=3)
-    dtype = autocast_dtype(q)
-    if dtype is not None:  # cast as autocast casts scaled_dot_product_attention's, then run without it
-        q, k, v = autocast_cast(dtype, q, k, v)
-        with torch.autocast(q.device.type, enabled=False):
-            return elastic_attention(q, k, v, heads=heads, cu_seqlens=cu_seqlens, causal=causal,
-                                     softmax_scale=softmax_scale)
     num_tokens, q_heads, head_dim = q.shape
     check_tensor("k", k, device=q.device, ndim=3)
     check_same_dtype("k", k, q.dtype, "q")

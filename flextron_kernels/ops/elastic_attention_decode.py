@@ -30,11 +30,12 @@ from flextron_kernels.ops.checks import (
     check_widths,
     host_values,
     new_output,
+    off_group,
     softmax_scale_or_default,
     value_checks_enabled,
     width_range,
 )
-from flextron_kernels.ops.common import autocast_cast, autocast_dtype, call_op
+from flextron_kernels.ops.common import call_op, outside_autocast
 from flextron_kernels.ops.tiles import attention_decode_tiles, input_precision
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -164,10 +165,7 @@ def _check_values(cache_seqlens, heads_per_request, kv_len, q_heads, kv_heads):
     group = q_heads // kv_heads
     summaries = [width_range(cache_seqlens)]
     if heads_per_request is not None:
-        summaries.append(width_range(heads_per_request))
-        bad = heads_per_request % group != 0
-        first = bad.to(torch.int32).argmax()
-        summaries.append(torch.stack([bad.any().to(torch.int64), first.to(torch.int64), heads_per_request[first]]))
+        summaries += [width_range(heads_per_request), off_group(heads_per_request, group)]
     values = host_values(*summaries)
     low, high = values[0]
     if low < 0 or high > kv_len:
@@ -185,6 +183,7 @@ def _check_values(cache_seqlens, heads_per_request, kv_len, q_heads, kv_heads):
             )
 
 
+@outside_autocast("q", "k_cache", "v_cache")
 def elastic_attention_decode(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -213,12 +212,6 @@ def elastic_attention_decode(
         a request with an empty cache.
     """
     check_tensor("q", q, dtypes=DTYPES, ndim=3)
-    dtype = autocast_dtype(q)
-    if dtype is not None:  # cast as autocast casts scaled_dot_product_attention's, then run without it
-        q, k_cache, v_cache = autocast_cast(dtype, q, k_cache, v_cache)
-        with torch.autocast(q.device.type, enabled=False):
-            return elastic_attention_decode(q, k_cache, v_cache, cache_seqlens=cache_seqlens, heads=heads,
-                                            softmax_scale=softmax_scale)
     batch, q_heads, head_dim = q.shape
     check_tensor("k_cache", k_cache, ndim=4, device=q.device)
     check_same_dtype("k_cache", k_cache, q.dtype, "q")

@@ -43,8 +43,6 @@ from flextron_kernels.ops.checks import (
 )
 from flextron_kernels.ops.common import (
     accumulates_in_place,
-    autocast_cast,
-    autocast_dtype,
     call_op,
     dispatch_state,
     dispatch_state_restored,
@@ -53,6 +51,7 @@ from flextron_kernels.ops.common import (
     mark_written,
     mask_columns,
     matmul_routing,
+    outside_autocast,
     runs_directly,
 )
 from flextron_kernels.ops.tiles import matmul_config, weight_grad_config
@@ -283,6 +282,7 @@ class _PrefixGradAccumulation(torch.autograd.Function):
 # --------------------------------------------------------------------------- #
 # Public function
 # --------------------------------------------------------------------------- #
+@outside_autocast("x", "weight", "bias")
 def elastic_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -311,12 +311,6 @@ def elastic_linear(
         for per-token widths, exactly 0 beyond each token's width. Same dtype as ``x``.
     """
     check_tensor("x", x, dtypes=FLOAT_DTYPES, min_ndim=1)
-    dtype = autocast_dtype(x)
-    if dtype is not None:  # cast as autocast casts F.linear's operands, then run without it
-        x, weight, bias = autocast_cast(dtype, x, weight, bias)
-        with torch.autocast(x.device.type, enabled=False):
-            return elastic_linear(x, weight, bias, out_features=out_features, in_features=in_features,
-                                  max_out_features=max_out_features)
     check_tensor("weight", weight, dtypes=FLOAT_DTYPES, ndim=2, device=x.device)
     check_same_dtype("weight", weight, x.dtype, "x")
     n_full, k_full = weight.shape

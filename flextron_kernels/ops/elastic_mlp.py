@@ -45,8 +45,6 @@ from flextron_kernels.ops.checks import (
 )
 from flextron_kernels.ops.common import (
     accumulates_in_place,
-    autocast_cast,
-    autocast_dtype,
     call_op,
     dispatch_state,
     dispatch_state_restored,
@@ -55,6 +53,7 @@ from flextron_kernels.ops.common import (
     mark_written,
     mask_columns,
     matmul_routing,
+    outside_autocast,
     runs_directly,
 )
 from flextron_kernels.ops.tiles import has_tuned_tiles, matmul_config, weight_grad_config
@@ -512,6 +511,7 @@ def check_mlp_arguments(x, w_up, w_down, width, w_gate, b_up, b_down, activation
     return widths, fw, scale
 
 
+@outside_autocast("x", "w_up", "w_down", "w_gate", "b_up", "b_down")
 def elastic_mlp(
     x: torch.Tensor,
     w_up: torch.Tensor,
@@ -550,12 +550,6 @@ def elastic_mlp(
     Returns:
         ``[..., D]``, the dtype of ``x``.
     """
-    dtype = autocast_dtype(x) if isinstance(x, torch.Tensor) else None
-    if dtype is not None:  # cast as autocast casts F.linear's operands, then run without it
-        x, w_up, w_down, w_gate, b_up, b_down = autocast_cast(dtype, x, w_up, w_down, w_gate, b_up, b_down)
-        with torch.autocast(x.device.type, enabled=False):
-            return elastic_mlp(x, w_up, w_down, width=width, w_gate=w_gate, b_up=b_up, b_down=b_down,
-                               activation=activation, scale=scale, max_width=max_width, recompute=recompute)
     widths, fw, scale = check_mlp_arguments(x, w_up, w_down, width, w_gate, b_up, b_down, activation, scale, max_width)
     if not isinstance(recompute, bool):
         raise TypeError(f"recompute: expected a bool, got {type(recompute).__name__}")

@@ -29,7 +29,7 @@ import torch
 from flextron_kernels import reference
 from flextron_kernels.backends import device_index, extension, extension_has_cuda
 from flextron_kernels.ops.checks import new_output
-from flextron_kernels.ops.common import autocast_cast, autocast_dtype, call_op
+from flextron_kernels.ops.common import call_op, outside_autocast
 from flextron_kernels.ops.elastic_mlp import check_mlp_arguments, forward_impl
 
 MAX_TOKENS = 64
@@ -92,6 +92,7 @@ def forward_cuda(x, w_up, w_down, w_gate, b_up, b_down, widths, width, activatio
     return out
 
 
+@outside_autocast("x", "w_up", "w_down", "w_gate", "b_up", "b_down")
 def elastic_mlp_decode(
     x: torch.Tensor,
     w_up: torch.Tensor,
@@ -119,12 +120,6 @@ def elastic_mlp_decode(
     Returns:
         ``[..., D]``, the dtype of ``x``.
     """
-    dtype = autocast_dtype(x) if isinstance(x, torch.Tensor) else None
-    if dtype is not None:  # cast as autocast casts F.linear's operands, then run without it
-        x, w_up, w_down, w_gate, b_up, b_down = autocast_cast(dtype, x, w_up, w_down, w_gate, b_up, b_down)
-        with torch.autocast(x.device.type, enabled=False):
-            return elastic_mlp_decode(x, w_up, w_down, width=width, w_gate=w_gate, b_up=b_up, b_down=b_down,
-                                      activation=activation, scale=scale)
     widths, fw, scale = check_mlp_arguments(x, w_up, w_down, width, w_gate, b_up, b_down, activation, scale)
     token_shape, d_model = x.shape[:-1], x.shape[-1]
     num_tokens = math.prod(token_shape)
