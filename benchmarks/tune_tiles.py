@@ -11,7 +11,9 @@ descriptors add to, is not timed), ``weight_grad`` (per-token linear forward and
 ``attention_fwd``, ``attention_bwd_dq`` and ``attention_bwd_dkdv`` (B=8, S=2048, Hq=32,
 Hkv=8, Dh=128, causal, a per-token head mix; the backward families timed as forward and
 backward), ``attention_decode`` (one request over 32768 cached positions at 16 of 32
-heads, and 16 requests over 4096, replayed from a CUDA graph).
+heads, and 16 requests over 4096, replayed from a CUDA graph). Before it is timed, each
+candidate's outputs and gradients are compared with the torch backend's: one that
+disagrees (``MAX_RELATIVE_DIFFERENCE``) is reported and never picked.
 
 Usage: ``python benchmarks/tune_tiles.py [--families matmul,...] [--out FILE.json]
 [--write-table]`` (``--write-table`` merges the winners into the package's
@@ -25,6 +27,7 @@ import argparse
 import json
 import math
 import sys
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 
@@ -135,6 +138,15 @@ CANDIDATES = {
 }
 
 
+class Workload(NamedTuple):
+    """``run()`` makes one call of the timed ops and returns their outputs; ``leaves``: the
+    tensors whose gradients its backward computes (compared as outputs, see
+    :func:`outputs_of`)."""
+
+    run: Callable[[], list]
+    leaves: Sequence[torch.Tensor] = ()
+
+
 def linear_workloads(device, dtype, tokens, d_model, ffn, backward):
     """Per-token linear, Llama-2-7B up (output widths) and down (input widths)."""
     x_up = torch.randn(tokens, d_model, device=device, dtype=dtype)
@@ -151,8 +163,9 @@ def linear_workloads(device, dtype, tokens, d_model, ffn, backward):
         if backward:
             y_up.backward(dy_up)
             y_down.backward(dy_down)
+        return [y_up, y_down]
 
-    return run
+    return Workload(run, (up.weight, down.weight) if backward else ())
 
 
 def decode_attention_workload(device, dtype, cases, q_heads, kv_heads, head_dim):
@@ -165,14 +178,14 @@ def decode_attention_workload(device, dtype, cases, q_heads, kv_heads, head_dim)
         lens = torch.full((batch,), kv_len, device=device, dtype=torch.int32)
         calls.append(lambda q=q, k=k, v=v, lens=lens, heads=heads: fk.elastic_attention_decode(
             q, k, v, cache_seqlens=lens, heads=heads))
-    return lambda: [call() for call in calls]
+    return Workload(lambda: [call() for call in calls])
 
 
 def mlp_workload(device, dtype, tokens, d_model, ffn):
     mlp = fk.ElasticMLP(d_model, ffn, gated=True, device=device, dtype=dtype)
     x = torch.randn(tokens, d_model, device=device, dtype=dtype)
     widths = mixed_widths(ffn, tokens, "uniform", device)
-    return lambda: mlp(x, width=widths)
+    return Workload(lambda: [mlp(x, width=widths)])
 
 
 def attention_workload(device, dtype, batch, seq_len, q_heads, kv_heads, head_dim, backward):
@@ -190,8 +203,9 @@ def attention_workload(device, dtype, batch, seq_len, q_heads, kv_heads, head_di
         out = fk.elastic_attention(q, k, v, heads=heads, cu_seqlens=cu)
         if backward:
             out.backward(dout)
+        return [out]
 
-    return run
+    return Workload(run, (q, k, v) if backward else ())
 
 
 # The token count of the ``matmul_small`` sweep (its forward and backward, and the MLP's).
@@ -209,7 +223,7 @@ def workload(family, device, dtype, smoke):
         small = min(tokens, SMALL_TOKENS)
         linear = linear_workloads(device, dtype, small, d_model, ffn, backward=True)
         mlp = mlp_workload(device, dtype, small, d_model, ffn)
-        return lambda: (linear(), mlp())
+        return Workload(lambda: linear.run() + mlp.run(), linear.leaves)
     if family == "matmul_gated":
         return mlp_workload(device, dtype, tokens, d_model, ffn)
     if family == "matmul_decode":
@@ -222,6 +236,63 @@ def workload(family, device, dtype, smoke):
         cases = ((1, 64, 2), (2, 32, 4)) if smoke else ((1, 32768, 16), (16, 4096, 32))
         return decode_attention_workload(device, dtype, cases, *((4, 2, 16) if smoke else (32, 8, 128)))
     return attention_workload(device, dtype, *attn, backward=family.startswith("attention_bwd"))
+
+
+# A candidate whose outputs (and gradients) differ from the torch backend's by more than
+# this, relative in norm, is not timed: two correct summation orders differ by about 1e-3
+# in bf16, a wrong tile (a mask or a TMA descriptor reaching past a prefix) by O(1).
+MAX_RELATIVE_DIFFERENCE = 2e-2
+
+
+def outputs_of(work: Workload) -> list[torch.Tensor]:
+    """The outputs of one call of ``work`` and the gradients of its leaves from that call
+    alone, in fp32."""
+    for leaf in work.leaves:
+        leaf.grad = None
+    outputs = [out.detach().float().clone() for out in work.run()]
+    return outputs + [leaf.grad.float().clone() for leaf in work.leaves]
+
+
+def relative_difference(expected: list[torch.Tensor], actual: list[torch.Tensor]) -> float:
+    """The largest ``||actual - expected|| / ||expected||`` over the outputs; inf where the
+    counts or shapes differ or ``actual`` holds a value that is not finite."""
+    if len(expected) != len(actual):
+        return math.inf
+    worst = 0.0
+    for want, got in zip(expected, actual):
+        if want.shape != got.shape or not bool(torch.isfinite(got).all()):
+            return math.inf
+        worst = max(worst, float((got - want).norm() / want.norm().clamp_min(torch.finfo(torch.float32).tiny)))
+    return worst
+
+
+def sweep_family(family, work, candidates, winners, *, reference, timer):
+    """Times ``work`` under each candidate configuration of ``family`` (with the
+    ``winners`` of the families before it) whose outputs agree with ``reference``.
+    Returns the rows (one per candidate: its time, or inf where it failed to build or
+    disagreed) and the fastest candidate (the first, the default, when none ran)."""
+    rows = []
+    for config in candidates:
+        print(f"  {family} {config}", file=sys.stderr, flush=True)
+        with tiles.override_tiles(**winners, **{family: config}), fk.skip_width_value_checks():
+            try:
+                difference = relative_difference(reference, outputs_of(work))
+                if difference <= MAX_RELATIVE_DIFFERENCE:
+                    ms = timer(work.run)
+                else:
+                    print(f"    wrong: outputs differ from the torch backend's by {difference:.3g} (relative, "
+                          f"in norm; at most {MAX_RELATIVE_DIFFERENCE} accepted): not timed", file=sys.stderr)
+                    ms = math.inf
+            except Exception as error:  # a configuration the compiler rejects (resources)
+                print(f"    failed: {type(error).__name__}: {str(error)[:200]}", file=sys.stderr)
+                difference, ms = math.nan, math.inf
+        rows.append(dict(family=family, config=json.dumps(config), difference=difference, ms=ms))
+    timed = [(row["ms"], config) for row, config in zip(rows, candidates) if math.isfinite(row["ms"])]
+    best = min(timed, key=lambda item: item[0])[1] if timed else candidates[0]
+    for row in rows:
+        row["vs_default"] = row["ms"] / rows[0]["ms"] if rows[0]["ms"] else math.nan
+        row["best"] = row["config"] == json.dumps(best)
+    return rows, best
 
 
 def main(argv=None) -> int:
@@ -243,28 +314,16 @@ def main(argv=None) -> int:
 
     rows, winners = [], {}
     for family in families:
-        run = workload(family, device, dtype, smoke)
+        work = workload(family, device, dtype, smoke)
+        with fk.use_backend("torch"):
+            reference = outputs_of(work)
+        # Decode-sized calls take microseconds: timed as CUDA graph replays.
+        replay = family in ("matmul_decode", "attention_decode")
+        timer = (lambda run: time_ms(graph_replay(run))) if replay else time_ms
         candidates = CANDIDATES[family][:2] if smoke else CANDIDATES[family]
-        timed = []
-        for config in candidates:
-            print(f"  {family} {config}", file=sys.stderr, flush=True)
-            with tiles.override_tiles(**winners, **{family: config}), fk.skip_width_value_checks():
-                try:
-                    # Decode-sized calls take microseconds: timed as CUDA graph replays.
-                    ms = time_ms(graph_replay(run) if family in ("matmul_decode", "attention_decode") else run)
-                except Exception as error:  # a configuration the compiler rejects (resources)
-                    print(f"    failed: {type(error).__name__}: {str(error)[:200]}", file=sys.stderr)
-                    ms = math.inf
-            timed.append((ms, config))
-            rows.append(dict(family=family, config=json.dumps(config), ms=ms))
-        finite = [(ms, config) for ms, config in timed if math.isfinite(ms)]
-        best_ms, best = min(finite, key=lambda item: item[0]) if finite else (math.nan, candidates[0])
-        winners[family] = best
-        for row in rows:
-            if row["family"] == family:
-                row["vs_default"] = row["ms"] / timed[0][0] if timed[0][0] else math.nan
-                row["best"] = row["config"] == json.dumps(best)
-    print(format_table(rows, ["family", "config", "ms", "vs_default", "best"]))
+        family_rows, winners[family] = sweep_family(family, work, candidates, winners, reference=reference, timer=timer)
+        rows += family_rows
+    print(format_table(rows, ["family", "config", "difference", "ms", "vs_default", "best"]))
     path = write_results(args.out, dict(benchmark="tune_tiles", device_type=device.type, winners=winners, rows=rows))
     print(f"wrote {path}")
     if args.write_table and device.type == "cuda":

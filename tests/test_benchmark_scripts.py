@@ -39,3 +39,54 @@ def test_tile_sweep_never_writes_the_table_on_a_cpu(tmp_path, monkeypatch):
     assert not (tmp_path / "tuned_tiles.json").exists()
     with pytest.raises(SystemExit):
         module.main(["--families", "matmull"])
+
+
+def _tune_tiles_module():
+    spec = importlib.util.spec_from_file_location("_tune_tiles", BENCHMARKS / "tune_tiles.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tile_sweep_never_times_or_picks_a_candidate_whose_outputs_are_wrong():
+    from flextron_kernels.ops import tiles
+
+    module = _tune_tiles_module()
+    weight = torch.ones(3, requires_grad=True)
+    x = torch.arange(3.0)
+
+    def run():
+        # The tiles in effect decide the result: BLOCK_N=999 stands for a broken tile, which
+        # also returns quickest.
+        broken = tiles.matmul_config(x, 4096)["BLOCK_N"] == 999
+        y = weight * x * (3.0 if broken else 1.0)
+        y.sum().backward()
+        return [y]
+
+    work = module.Workload(run, (weight,))
+    reference = module.outputs_of(work)
+    assert [t.tolist() for t in reference] == [[0.0, 1.0, 2.0], [0.0, 1.0, 2.0]]
+    timed = []
+
+    def timer(fn):
+        timed.append(tiles.matmul_config(x, 4096)["BLOCK_N"])
+        return 1.0 if timed[-1] == 999 else 2.0 + len(timed)
+
+    candidates = [dict(BLOCK_N=16), dict(BLOCK_N=999), dict(BLOCK_N=32)]
+    rows, best = module.sweep_family("matmul", work, candidates, {}, reference=reference, timer=timer)
+    assert timed == [16, 32]
+    assert best == dict(BLOCK_N=16)
+    assert [row["ms"] for row in rows] == [3.0, float("inf"), 4.0]
+    assert rows[0]["difference"] == 0.0 and rows[1]["difference"] > module.MAX_RELATIVE_DIFFERENCE
+    assert [row["best"] for row in rows] == [True, False, False]
+
+
+def test_relative_difference_catches_shapes_counts_and_non_finite_values():
+    module = _tune_tiles_module()
+    a = [torch.ones(4)]
+    assert module.relative_difference(a, [torch.ones(4)]) == 0.0
+    assert module.relative_difference(a, [torch.ones(4) * 1.01]) == pytest.approx(0.01)
+    assert module.relative_difference(a, [torch.ones(5)]) == float("inf")
+    assert module.relative_difference(a, [torch.ones(4), torch.ones(4)]) == float("inf")
+    assert module.relative_difference(a, [torch.tensor([1.0, 1.0, float("nan"), 1.0])]) == float("inf")
+    assert module.relative_difference([torch.zeros(2)], [torch.zeros(2)]) == 0.0
