@@ -120,8 +120,7 @@ class Server:
         self.config = model.config
         self.max_batch, self.max_len, self.max_queue = max_batch, max_len, max_queue
         self.max_prefill_tokens = max_prefill_tokens
-        if self.config.arch == "gpt2" and max_len > self.config.max_positions:
-            raise ValueError(f"max_len: expected at most max_positions={self.config.max_positions}, got {max_len}")
+        self.config.check_positions(max_len, "max_len")
         weight = model.embed.weight
         self.device = weight.device
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)

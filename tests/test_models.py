@@ -330,3 +330,119 @@ def test_export_sliced_keeps_heterogeneous_choices(tmp_path, kind):
         sliced.generate(ids, max_new_tokens=2)
     with pytest.raises(ValueError, match="export_sliced writes such a sub-network"):
         model.export_hf(0.5, tmp_path / "dense")
+
+
+# Scalings that change positions within the tests' 48-token sequences: small original
+# context lengths.
+HF_ROPE_SCALINGS = {
+    "linear": ("llama", {"rope_type": "linear", "factor": 3.0}),
+    "llama3": ("llama", {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 32}),
+    "yarn": ("qwen2", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}),
+}
+
+
+def hf_scaled_model(kind, scaling, **extra):
+    torch.manual_seed(0)
+    config_class, model_class = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+                                 "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+                                 "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM)}[kind]
+    config = config_class(vocab_size=VOCAB, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                          rope_theta=1000.0, rope_scaling=dict(scaling) if scaling else None, **extra)
+    return model_class(config).eval()
+
+
+@pytest.mark.parametrize("name", sorted(HF_ROPE_SCALINGS))
+def test_conversion_keeps_the_checkpoints_rope_scaling(tmp_path, name):
+    kind, scaling = HF_ROPE_SCALINGS[name]
+    hf = hf_scaled_model(kind, scaling)
+    model = FlextronForCausalLM.from_hf(hf, calibration=torch.randint(0, VOCAB, (2, 9)))
+    assert model.config.rope_scaling == scaling and model.config.rope_theta == 1000.0
+    ids = torch.randint(0, VOCAB, (2, 48))
+    with torch.no_grad():
+        expected = hf(input_ids=ids).logits
+        assert max_rel(model(ids), expected) < 1e-4
+        plain = FlextronForCausalLM.from_hf(hf, calibration=torch.randint(0, VOCAB, (2, 9)))
+        for layer in plain.layers:
+            layer.attn.rope_scaling = None
+        assert max_rel(plain(ids), expected) > 1e-3, "without its scaling the model should differ"
+        # Generation (prefill, then decode steps against the cache) rotates as the prefill does.
+        prompt = ids[:, :20]
+        generated = model.generate(prompt, max_new_tokens=6)
+        assert torch.equal(generated, hf.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0))
+    model.export_hf(1.0, tmp_path / "dense")
+    dense = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense", local_files_only=True).eval()
+    with torch.no_grad():
+        assert max_rel(dense(input_ids=ids).logits, expected) < 1e-4
+    model.save_pretrained(tmp_path / "saved")
+    model.export_sliced(0.5, tmp_path / "sliced")
+    for path, budget in ((tmp_path / "saved", 0.5), (tmp_path / "sliced", 1.0)):
+        loaded = FlextronForCausalLM.from_pretrained(path)
+        assert loaded.config.rope_scaling == scaling
+        with torch.no_grad():
+            assert max_rel(loaded.eval()(ids, budget=budget), model.eval()(ids, budget=0.5)) < 1e-5
+
+
+@pytest.mark.parametrize("scaling,message", [
+    ({"rope_type": "dynamic", "factor": 2.0}, "rope_scaling: expected rope_type among linear, llama3, yarn"),
+    ({"rope_type": "default", "partial_rotary_factor": 0.5}, "partial_rotary_factor: rotary embeddings over part"),
+])
+def test_conversion_refuses_rope_it_does_not_compute(scaling, message):
+    hf = hf_scaled_model("llama", scaling)
+    with pytest.raises(ValueError, match=message):
+        FlextronForCausalLM.from_hf(hf)
+
+
+def test_a_windowed_checkpoint_takes_sequences_up_to_its_window():
+    from flextron_kernels.serving import Server
+
+    hf = hf_scaled_model("mistral", None, sliding_window=8)
+    model = FlextronForCausalLM.from_hf(hf)
+    assert model.config.sliding_window == 8
+    ids = torch.randint(0, VOCAB, (2, 12))
+    with torch.no_grad():
+        assert max_rel(model(ids[:, :8]), hf(input_ids=ids[:, :8]).logits) < 1e-4
+        # Past the window the source attends differently (so this model refuses to).
+        full = FlextronForCausalLM.from_hf(hf_scaled_model("mistral", None, sliding_window=None))
+        assert max_rel(full(ids)[:, -1], hf(input_ids=ids).logits[:, -1]) > 1e-3
+        with pytest.raises(ValueError, match="input_ids .*: expected at most sliding_window=8, got 12"):
+            model(ids)
+        with pytest.raises(ValueError, match="input_ids .*: expected at most sliding_window=8, got 9"):
+            model(ids[0, :9], cu_seqlens=torch.tensor([0, 9], dtype=torch.int32))
+        with pytest.raises(ValueError, match="prompt length \\+ max_new_tokens: expected at most sliding_window=8, got 10"):
+            model.generate(ids[:, :5], max_new_tokens=5)
+        assert model.generate(ids[:, :5], max_new_tokens=3).shape == (2, 8)
+    with pytest.raises(ValueError, match="max_len: expected at most sliding_window=8, got 9"):
+        model.new_caches(1, 9)
+    with pytest.raises(ValueError, match="max_len: expected at most sliding_window=8, got 16"):
+        Server(model, max_batch=2, max_len=16)
+
+
+@pytest.mark.parametrize("kind,extra,window", [
+    ("mistral", dict(sliding_window=None), None),
+    ("mistral", dict(sliding_window=4096), 4096),
+    ("qwen2", dict(), None),
+    ("qwen2", dict(use_sliding_window=True, sliding_window=32, max_window_layers=1), 32),
+    ("llama", dict(), None),
+])
+def test_converted_window_and_its_export(tmp_path, kind, extra, window):
+    model = FlextronForCausalLM.from_hf(hf_scaled_model(kind, None, **extra))
+    assert model.config.sliding_window == window
+    model.export_hf(1.0, tmp_path / "dense")
+    dense = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense", local_files_only=True).eval()
+    assert FlextronForCausalLM.from_hf(dense).config.sliding_window == window
+    if window is not None and kind == "mistral":
+        with pytest.raises(ValueError, match="export_hf: a Llama checkpoint has no attention window"):
+            model.export_hf(1.0, tmp_path / "as_llama", model_type="llama")
+
+
+@pytest.mark.parametrize("values,message", [
+    (dict(arch="gpt2", rope_scaling={"rope_type": "linear", "factor": 2.0}), "rope_scaling: only a llama model"),
+    (dict(arch="llama", rope_scaling={"rope_type": "linear"}), r"rope_scaling: a 'linear' scaling takes factor; missing \['factor'\]"),
+    (dict(arch="llama", sliding_window=0), "sliding_window: expected None or a positive int, got 0"),
+    (dict(arch="llama", sliding_window=True), "sliding_window: expected None or a positive int, got True"),
+])
+def test_config_refuses_bad_rope_scaling_and_window(values, message):
+    with pytest.raises(ValueError, match=message):
+        FlextronConfig(vocab_size=VOCAB, d_model=64, n_layers=1, q_heads=4, kv_heads=4, ffn=128, **values)

@@ -37,7 +37,12 @@ class FlextronConfig:
     and Qwen2 checkpoints) or ``gpt2`` (LayerNorm, learned positions, GELU-tanh, biases,
     tied embeddings); ``bert`` for encoders (post-LayerNorm, GELU, absolute positions and
     ``type_vocab_size`` token types). ``qkv_bias`` / ``out_bias``: Q/K/V and O projection biases in a
-    ``llama`` model (Qwen2 has the first, Llama's ``attention_bias`` both). ``mlp_choices[i]`` / ``head_choices[i]``: layer ``i``'s allowed MLP
+    ``llama`` model (Qwen2 has the first, Llama's ``attention_bias`` both). ``rope_scaling``: None
+    or a checkpoint's RoPE scaling (``linear``, ``llama3``, ``yarn``; see
+    :mod:`flextron_kernels.nn.rotary`). ``sliding_window``: the source checkpoint's attention
+    window (Mistral, Qwen2), or None; :func:`~flextron_kernels.elastic_attention` has no
+    window, so such a model takes sequences of at most that many positions, where the window
+    changes nothing, and refuses longer ones. ``mlp_choices[i]`` / ``head_choices[i]``: layer ``i``'s allowed MLP
     widths and query-head counts, ascending, the full size last. ``permutations``: the
     importance ordering applied at conversion; ``hf_model_type``: the source checkpoint's type.
     """
@@ -62,10 +67,20 @@ class FlextronConfig:
     hf_model_type: Optional[str] = None
     type_vocab_size: int = 0
     layer_sizes: list = field(default_factory=list)
+    rope_scaling: Optional[dict] = None
+    sliding_window: Optional[int] = None
 
     def __post_init__(self):
+        from flextron_kernels.nn.rotary import check_rope_scaling
+
         if self.arch not in ARCHITECTURES:
             raise ValueError(f"arch: expected one of {', '.join(ARCHITECTURES)}, got {self.arch!r}")
+        if self.rope_scaling is not None and self.arch != "llama":
+            raise ValueError(f"rope_scaling: only a llama model has rotary embeddings to scale (arch {self.arch!r})")
+        check_rope_scaling(self.rope_scaling)
+        if self.sliding_window is not None and (isinstance(self.sliding_window, bool) or not isinstance(self.sliding_window, int)
+                                                or self.sliding_window < 1):
+            raise ValueError(f"sliding_window: expected None or a positive int, got {self.sliding_window!r}")
         if self.q_heads % self.kv_heads:
             raise ValueError(f"kv_heads: expected a divisor of q_heads={self.q_heads}, got {self.kv_heads}")
         if self.head_dim is None:
@@ -102,6 +117,17 @@ class FlextronConfig:
     @property
     def group(self) -> int:
         return self.q_heads // self.kv_heads
+
+    def check_positions(self, count: int, name: str) -> None:
+        """A ValueError naming ``name`` when sequences of ``count`` positions are more than
+        this model takes: a GPT-2's learned positions, or the source's attention window."""
+        if self.arch != "llama" and count > self.max_positions:
+            raise ValueError(f"{name}: expected at most max_positions={self.max_positions}, got {count}")
+        if self.sliding_window is not None and count > self.sliding_window:
+            raise ValueError(
+                f"{name}: expected at most sliding_window={self.sliding_window}, got {count} (the source "
+                "checkpoint attends within a window of that many positions, which elastic_attention does not "
+                "implement: up to it the window changes nothing, past it this model would differ from the source)")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -48,8 +48,7 @@ def config_from_hf(hf_config) -> FlextronConfig:
         )
     if getattr(hf_config, "mlp_bias", False):
         raise ValueError("mlp_bias: Llama-family MLPs with biases are not supported (got mlp_bias=True)")
-    rope = getattr(hf_config, "rope_parameters", None) or {}
-    theta = rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+    theta, rope_scaling = _rope_from_hf(hf_config)
     return FlextronConfig(
         arch="llama", vocab_size=hf_config.vocab_size, d_model=hf_config.hidden_size, n_layers=hf_config.num_hidden_layers,
         q_heads=hf_config.num_attention_heads, kv_heads=hf_config.num_key_value_heads or hf_config.num_attention_heads,
@@ -58,7 +57,42 @@ def config_from_hf(hf_config) -> FlextronConfig:
         qkv_bias=model_type == "qwen2" or bool(getattr(hf_config, "attention_bias", False)),
         out_bias=bool(getattr(hf_config, "attention_bias", False)),
         tie_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+        rope_scaling=rope_scaling, sliding_window=_sliding_window(hf_config),
     )
+
+
+def _rope_from_hf(hf_config) -> tuple[float, dict | None]:
+    """``(rope_theta, rope_scaling)`` of a Llama-family config: transformers 5 keeps both in
+    ``rope_parameters``, earlier versions in ``rope_theta`` and ``rope_scaling`` (whose type
+    was once named ``type``). Types this package does not compute are a ValueError."""
+    params = dict(getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {})
+    theta = float(params.pop("rope_theta", None) or getattr(hf_config, "rope_theta", None) or 10000.0)
+    rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
+    params.pop("type", None)
+    partial = params.pop("partial_rotary_factor", None) or getattr(hf_config, "partial_rotary_factor", None) or 1.0
+    if partial != 1.0:
+        raise ValueError(f"partial_rotary_factor: rotary embeddings over part of each head are not supported (got {partial})")
+    if rope_type == "default":
+        return theta, None
+    if rope_type == "yarn" and params.get("factor") is None and params.get("original_max_position_embeddings"):
+        # As transformers: the factor from the context lengths when the checkpoint omits it.
+        params["factor"] = hf_config.max_position_embeddings / params["original_max_position_embeddings"]
+    return theta, {"rope_type": rope_type, **{k: v for k, v in params.items() if v is not None}}
+
+
+def _sliding_window(hf_config) -> int | None:
+    """The attention window of a Mistral or Qwen2 config, where some layer uses one."""
+    window = getattr(hf_config, "sliding_window", None)
+    if not window:
+        return None
+    layer_types = getattr(hf_config, "layer_types", None)
+    if layer_types is not None:
+        uses = "sliding_attention" in layer_types
+    elif hasattr(hf_config, "use_sliding_window"):  # Qwen2 in transformers < 5
+        uses = bool(hf_config.use_sliding_window) and hf_config.max_window_layers < hf_config.num_hidden_layers
+    else:  # Mistral: every layer
+        uses = True
+    return int(window) if uses else None
 
 
 @torch.no_grad()

@@ -193,6 +193,16 @@ def dense_hf_model(model: FlextronForCausalLM, budget: float, *, model_type=None
                 raise ValueError("export_hf: a Llama checkpoint has Q/K/V and O biases together; use model_type='qwen2'")
         elif cfg.out_bias or (model_type == "qwen2") != cfg.qkv_bias:
             raise ValueError(f"export_hf: model_type {model_type!r} does not match this model's attention biases")
+        if cfg.rope_scaling is not None:
+            extra["rope_scaling"] = dict(cfg.rope_scaling)
+        if model_type == "mistral":
+            extra["sliding_window"] = cfg.sliding_window  # None too: MistralConfig's default is a window
+        elif cfg.sliding_window is not None and model_type == "llama":
+            raise ValueError(f"export_hf: a Llama checkpoint has no attention window (this model's source had one of "
+                             f"{cfg.sliding_window} positions); use model_type='mistral' or 'qwen2'")
+        elif cfg.sliding_window is not None:
+            # Every layer windowed: within the positions this model takes, the same as the source.
+            extra.update(use_sliding_window=True, sliding_window=cfg.sliding_window, max_window_layers=0)
         hf_config = _hf_attention_config(
             config_class, n_heads, n_kv, loadable=loadable,
             vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=width, num_hidden_layers=cfg.n_layers,

@@ -61,6 +61,7 @@ class FlextronBlock(nn.Module):
         self.attn = ElasticAttention(
             d, heads, heads // config.group, config.head_dim, qkv_bias=config.qkv_bias or not llama,
             out_bias=config.out_bias or not llama, rotary=llama, rope_theta=config.rope_theta,
+            rope_scaling=config.rope_scaling,
         )
         self.mlp = ElasticMLP(d, ffn, gated=llama, activation="silu" if llama else "gelu_tanh", bias=not llama)
 
@@ -303,6 +304,7 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
             longest = max((b - a for a, b in zip(values, values[1:])), default=0)
         else:
             return
+        self.config.check_positions(longest, "input_ids (its longest sequence)")
         too_short = [c.k.shape[2] for c in (caches or ()) if c.k.shape[2] < longest]
         if too_short:
             raise ValueError(f"caches: a sequence of {longest} tokens does not fit caches of {too_short[0]} positions")
@@ -411,6 +413,7 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
         """Empty per-layer KV caches ``[batch, Hkv, max_len, Dh]`` in the model's dtype."""
         p = self.embed.weight
         cfg = self.config
+        cfg.check_positions(max_len, "max_len")
         return [KVCache.empty(batch, layer.attn.kv_heads, max_len, cfg.head_dim, device=p.device, dtype=p.dtype)
                 for layer in self.layers]
 
@@ -437,8 +440,7 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
             cuda_graph = input_ids.is_cuda and not self.record_token_choices
         batch, prompt_len = input_ids.shape
         total = prompt_len + max_new_tokens
-        if self.pos_embed is not None and total > self.config.max_positions:
-            raise ValueError(f"max_new_tokens: prompt + new tokens ({total}) exceed max_positions={self.config.max_positions}")
+        self.config.check_positions(total, "prompt length + max_new_tokens")
         budget = self.budget if budget is None else budget
         if isinstance(budget, torch.Tensor):  # on the device once: a captured step cannot copy from the host
             budget = budget.to(input_ids.device)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from flextron_kernels.nn.linear import ElasticLinear
+from flextron_kernels.nn.rotary import apply_rotary, check_rope_scaling, rotary_cos_sin
 from flextron_kernels.ops.checks import value_checks_enabled
 from flextron_kernels.ops.elastic_attention import elastic_attention, one_sequence
 
@@ -41,21 +42,6 @@ class KVCache:
         )
 
 
-def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """Llama's rotary tables for ``positions [T]``: ``cos, sin [T, head_dim]``."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
-    freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]
-    angles = torch.cat((freqs, freqs), dim=-1)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``x [T, H, Dh]`` rotated as in Llama (``rotate_half`` convention)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
-
-
 class ElasticAttention(nn.Module):
     """Q/K/V/O projections through :func:`~flextron_kernels.elastic_linear`, rotary
     embeddings (Llama) or none (GPT-2), and :func:`~flextron_kernels.elastic_attention`.
@@ -63,13 +49,14 @@ class ElasticAttention(nn.Module):
     Args:
         d_model: hidden size; q_heads, kv_heads: ``q_heads % kv_heads == 0``;
         head_dim: default ``d_model // q_heads``; qkv_bias / out_bias: projection biases;
-        rotary: apply rotary position embeddings with base ``rope_theta``;
+        rotary: apply rotary position embeddings with base ``rope_theta`` and
+        ``rope_scaling`` (None, or a checkpoint's scaling: see :mod:`flextron_kernels.nn.rotary`);
         causal: each token attends to the tokens before it (decoders) or to all (encoders).
     """
 
     def __init__(self, d_model: int, q_heads: int, kv_heads: Optional[int] = None, head_dim: Optional[int] = None, *,
                  qkv_bias: bool = False, out_bias: bool = False, rotary: bool = True, rope_theta: float = 10000.0,
-                 causal: bool = True, device=None, dtype=None):
+                 rope_scaling: Optional[dict] = None, causal: bool = True, device=None, dtype=None):
         super().__init__()
         kv_heads = q_heads if kv_heads is None else kv_heads
         if q_heads % kv_heads:
@@ -78,6 +65,7 @@ class ElasticAttention(nn.Module):
         self.group = q_heads // kv_heads
         self.head_dim = head_dim or d_model // q_heads
         self.rotary, self.rope_theta, self.causal = rotary, rope_theta, causal
+        self.rope_scaling = check_rope_scaling(rope_scaling)
         factory = dict(device=device, dtype=dtype)
         self.q_proj = ElasticLinear(d_model, q_heads * self.head_dim, bias=qkv_bias, **factory)
         self.k_proj = ElasticLinear(d_model, kv_heads * self.head_dim, bias=qkv_bias, **factory)
@@ -87,7 +75,9 @@ class ElasticAttention(nn.Module):
     def rotary_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         """``cos, sin [T, head_dim]`` of ``positions [T]`` (None without rotary embeddings):
         a model computes them once per call and hands them to every layer."""
-        return rotary_cos_sin(positions, self.head_dim, self.rope_theta, dtype) if self.rotary else None
+        if not self.rotary:
+            return None
+        return rotary_cos_sin(positions, self.head_dim, self.rope_theta, dtype, self.rope_scaling)
 
     def _rotate(self, q, k, positions, tables):
         if not self.rotary:
