@@ -446,3 +446,29 @@ def test_converted_window_and_its_export(tmp_path, kind, extra, window):
 def test_config_refuses_bad_rope_scaling_and_window(values, message):
     with pytest.raises(ValueError, match=message):
         FlextronConfig(vocab_size=VOCAB, d_model=64, n_layers=1, q_heads=4, kv_heads=4, ffn=128, **values)
+
+
+def test_torch_compile_of_the_whole_model_forward_and_backward():
+    config = FlextronConfig(arch="llama", vocab_size=VOCAB, d_model=64, n_layers=2, q_heads=4, kv_heads=2, ffn=128)
+    torch.manual_seed(0)
+    model = FlextronForCausalLM(config)
+    ids = torch.randint(0, VOCAB, (2, 9))
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")  # a fixed budget: no graph break
+    for budget in (0.5, 1.0):
+        expected = model(ids, budget=budget)
+        expected.float().square().mean().backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        out = compiled(ids, budget=budget)
+        out.float().square().mean().backward()
+        torch.testing.assert_close(out, expected)
+        assert grads and grads.keys() == {name for name, p in model.named_parameters() if p.grad is not None}
+        for name, p in model.named_parameters():
+            if name in grads:
+                torch.testing.assert_close(p.grad, grads[name], msg=name)
+        model.zero_grad(set_to_none=True)
+    # With routers (a static router's choice is read on the host: graph breaks, same result).
+    model.attach_routers(static=True, token=True)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, backend="aot_eager")(ids, budget=0.5), model(ids, budget=0.5))

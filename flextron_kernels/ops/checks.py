@@ -30,6 +30,9 @@ _skip_values: contextvars.ContextVar[bool] = contextvars.ContextVar("flextron_sk
 @contextlib.contextmanager
 def skip_width_value_checks() -> Iterator[None]:
     """Inside the block, widths tensors are not copied to the host to check their range."""
+    if torch.compiler.is_compiling():  # traced code skips them anyway, and cannot set a ContextVar
+        yield
+        return
     token = _skip_values.set(True)
     try:
         yield
