@@ -472,3 +472,18 @@ def test_torch_compile_of_the_whole_model_forward_and_backward():
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(model, backend="aot_eager")(ids, budget=0.5), model(ids, budget=0.5))
+
+
+@pytest.mark.parametrize("kind,setting,message", [
+    ("llama", dict(hidden_act="gelu"), "hidden_act: expected 'silu' or 'swish' .*got 'gelu'"),
+    ("qwen2", dict(hidden_act="relu"), "hidden_act: expected 'silu' or 'swish' .*got 'relu'"),
+    ("gpt2", dict(activation_function="relu"), "activation_function: expected 'gelu_new' or 'gelu_pytorch_tanh' .*got 'relu'"),
+    ("gpt2", dict(scale_attn_weights=False), "scale_attn_weights: expected True .*got False"),
+    ("gpt2", dict(scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse_layer_idx: expected False .*got True"),
+])
+def test_conversion_refuses_settings_the_model_would_not_honour(kind, setting, message):
+    hf = hf_model(kind)
+    for name, value in setting.items():
+        setattr(hf.config, name, value)
+    with pytest.raises(ValueError, match=message):
+        FlextronForCausalLM.from_hf(hf)

@@ -41,6 +41,10 @@ def config_from_hf(hf_config) -> FlextronConfig:
     if model_type not in SUPPORTED:
         raise ValueError(f"model_type: expected one of {', '.join(sorted(SUPPORTED))}, got {model_type!r}")
     if SUPPORTED[model_type] == "gpt2":
+        # What the GPT-2 blocks compute: a tanh-approximated GELU, scores scaled by 1/sqrt(head size).
+        _expect(hf_config, "activation_function", ("gelu_new", "gelu_pytorch_tanh"), "gelu_new")
+        _expect(hf_config, "scale_attn_weights", (True,), True)
+        _expect(hf_config, "scale_attn_by_inverse_layer_idx", (False,), False)
         return FlextronConfig(
             arch="gpt2", vocab_size=hf_config.vocab_size, d_model=hf_config.n_embd, n_layers=hf_config.n_layer,
             q_heads=hf_config.n_head, kv_heads=hf_config.n_head, ffn=hf_config.n_inner or 4 * hf_config.n_embd,
@@ -48,6 +52,7 @@ def config_from_hf(hf_config) -> FlextronConfig:
         )
     if getattr(hf_config, "mlp_bias", False):
         raise ValueError("mlp_bias: Llama-family MLPs with biases are not supported (got mlp_bias=True)")
+    _expect(hf_config, "hidden_act", ("silu", "swish"), "silu")  # the MLP is SwiGLU
     theta, rope_scaling = _rope_from_hf(hf_config)
     return FlextronConfig(
         arch="llama", vocab_size=hf_config.vocab_size, d_model=hf_config.hidden_size, n_layers=hf_config.num_hidden_layers,
@@ -59,6 +64,15 @@ def config_from_hf(hf_config) -> FlextronConfig:
         tie_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
         rope_scaling=rope_scaling, sliding_window=_sliding_window(hf_config),
     )
+
+
+def _expect(hf_config, name: str, accepted: tuple, default) -> None:
+    """A ValueError unless ``hf_config.name`` (``default`` when absent) is among ``accepted``:
+    a setting the converted model would not honour is refused, not dropped."""
+    value = getattr(hf_config, name, default)
+    if value not in accepted:
+        raise ValueError(f"{name}: expected {' or '.join(repr(a) for a in accepted)} (what the converted model "
+                         f"computes), got {value!r}")
 
 
 def _rope_from_hf(hf_config) -> tuple[float, dict | None]:
