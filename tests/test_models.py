@@ -339,6 +339,9 @@ HF_ROPE_SCALINGS = {
     "llama3": ("llama", {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                          "original_max_position_embeddings": 32}),
     "yarn": ("qwen2", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}),
+    # A factor that is not a power of two: its frequencies round as transformers' only when
+    # computed in the same order.
+    "yarn3": ("qwen2", {"rope_type": "yarn", "factor": 3.0, "original_max_position_embeddings": 16}),
 }
 
 
@@ -385,8 +388,10 @@ def test_conversion_keeps_the_checkpoints_rope_scaling(tmp_path, name):
 
 
 @pytest.mark.parametrize("scaling,message", [
-    ({"rope_type": "dynamic", "factor": 2.0}, "rope_scaling: expected rope_type among linear, llama3, yarn"),
-    ({"rope_type": "default", "partial_rotary_factor": 0.5}, "partial_rotary_factor: rotary embeddings over part"),
+    ({"rope_type": "dynamic", "factor": 2.0},
+     r"the checkpoint's rope_parameters \(rope_scaling before transformers 5\): expected rope_type among linear, "
+     "llama3, yarn .*got 'dynamic'"),
+    ({"rope_type": "default", "partial_rotary_factor": 0.5}, "partial_rotary_factor: expected 1.0 .*got 0.5"),
 ])
 def test_conversion_refuses_rope_it_does_not_compute(scaling, message):
     hf = hf_scaled_model("llama", scaling)
@@ -415,6 +420,12 @@ def test_a_windowed_checkpoint_takes_sequences_up_to_its_window():
         assert model.generate(ids[:, :5], max_new_tokens=3).shape == (2, 8)
     with pytest.raises(ValueError, match="max_len: expected at most sliding_window=8, got 9"):
         model.new_caches(1, 9)
+    # Caches made by hand, longer than the window: refused before a prefill or a step.
+    caches = [fk.nn.KVCache.empty(2, layer.attn.kv_heads, 16, model.config.head_dim) for layer in model.layers]
+    with pytest.raises(ValueError, match="caches \\(their positions per request\\): expected at most sliding_window=8, got 16"):
+        model(ids[:, :4], caches=caches)
+    with pytest.raises(ValueError, match="caches \\(their positions per request\\): expected at most sliding_window=8, got 16"):
+        model.decode_step(ids[:, 0], caches)
     with pytest.raises(ValueError, match="max_len: expected at most sliding_window=8, got 16"):
         Server(model, max_batch=2, max_len=16)
 
@@ -438,7 +449,8 @@ def test_converted_window_and_its_export(tmp_path, kind, extra, window):
 
 
 @pytest.mark.parametrize("values,message", [
-    (dict(arch="gpt2", rope_scaling={"rope_type": "linear", "factor": 2.0}), "rope_scaling: only a llama model"),
+    (dict(arch="gpt2", rope_scaling={"rope_type": "linear", "factor": 2.0}),
+     "rope_scaling: expected None for arch 'gpt2' .*got {'rope_type': 'linear', 'factor': 2.0}"),
     (dict(arch="llama", rope_scaling={"rope_type": "linear"}), r"rope_scaling: a 'linear' scaling takes factor; missing \['factor'\]"),
     (dict(arch="llama", sliding_window=0), "sliding_window: expected None or a positive int, got 0"),
     (dict(arch="llama", sliding_window=True), "sliding_window: expected None or a positive int, got True"),
@@ -487,3 +499,25 @@ def test_conversion_refuses_settings_the_model_would_not_honour(kind, setting, m
         setattr(hf.config, name, value)
     with pytest.raises(ValueError, match=message):
         FlextronForCausalLM.from_hf(hf)
+
+
+def test_rope_and_window_of_configs_written_by_older_transformers():
+    """Configs as transformers 4 kept them: ``rope_scaling`` with ``type`` or ``rope_type``,
+    ``rope_theta`` an attribute, Qwen2's window without ``layer_types``."""
+    from types import SimpleNamespace
+
+    from flextron_kernels.models.convert import _rope_from_hf, _sliding_window
+
+    old = SimpleNamespace(rope_theta=500000.0, rope_scaling={"type": "linear", "factor": 2.0}, max_position_embeddings=64)
+    assert _rope_from_hf(old) == (500000.0, {"rope_type": "linear", "factor": 2.0})
+    old = SimpleNamespace(rope_theta=1e6, rope_scaling={"rope_type": "yarn", "factor": None,
+                                                        "original_max_position_embeddings": 16}, max_position_embeddings=64)
+    assert _rope_from_hf(old) == (1e6, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16})
+    old = SimpleNamespace(rope_theta=1e6, rope_scaling={"type": "yarn", "factor": 2.0}, max_position_embeddings=64)
+    assert _rope_from_hf(old) == (1e6, {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64})
+    assert _rope_from_hf(SimpleNamespace(rope_theta=10000.0, rope_scaling=None)) == (10000.0, None)
+    qwen2 = dict(sliding_window=8, use_sliding_window=True, num_hidden_layers=2)
+    assert _sliding_window(SimpleNamespace(max_window_layers=1, **qwen2)) == 8
+    assert _sliding_window(SimpleNamespace(max_window_layers=2, **qwen2)) is None
+    assert _sliding_window(SimpleNamespace(**dict(qwen2, use_sliding_window=False), max_window_layers=0)) is None
+    assert _sliding_window(SimpleNamespace(sliding_window=8)) == 8  # Mistral: every layer

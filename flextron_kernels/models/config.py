@@ -42,7 +42,9 @@ class FlextronConfig:
     :mod:`flextron_kernels.nn.rotary`). ``sliding_window``: the source checkpoint's attention
     window (Mistral, Qwen2), or None; :func:`~flextron_kernels.elastic_attention` has no
     window, so such a model takes sequences of at most that many positions, where the window
-    changes nothing, and refuses longer ones. ``mlp_choices[i]`` / ``head_choices[i]``: layer ``i``'s allowed MLP
+    changes nothing, and refuses longer ones (a packed batch's lengths are read on the host
+    for that, except where value checks are skipped: inside
+    :func:`~flextron_kernels.skip_width_value_checks`, graph capture or ``torch.compile``). ``mlp_choices[i]`` / ``head_choices[i]``: layer ``i``'s allowed MLP
     widths and query-head counts, ascending, the full size last. ``permutations``: the
     importance ordering applied at conversion; ``hf_model_type``: the source checkpoint's type.
     """
@@ -76,7 +78,8 @@ class FlextronConfig:
         if self.arch not in ARCHITECTURES:
             raise ValueError(f"arch: expected one of {', '.join(ARCHITECTURES)}, got {self.arch!r}")
         if self.rope_scaling is not None and self.arch != "llama":
-            raise ValueError(f"rope_scaling: only a llama model has rotary embeddings to scale (arch {self.arch!r})")
+            raise ValueError(f"rope_scaling: expected None for arch {self.arch!r} (only a llama model has rotary "
+                             f"embeddings to scale), got {self.rope_scaling!r}")
         check_rope_scaling(self.rope_scaling)
         if self.sliding_window is not None and (isinstance(self.sliding_window, bool) or not isinstance(self.sliding_window, int)
                                                 or self.sliding_window < 1):

@@ -22,6 +22,7 @@ import torch
 
 from flextron_kernels.models.config import FlextronConfig
 from flextron_kernels.models.modeling import FlextronForCausalLM
+from flextron_kernels.nn.rotary import check_rope_scaling
 
 SUPPORTED = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "gpt2": "gpt2"}
 
@@ -85,13 +86,21 @@ def _rope_from_hf(hf_config) -> tuple[float, dict | None]:
     params.pop("type", None)
     partial = params.pop("partial_rotary_factor", None) or getattr(hf_config, "partial_rotary_factor", None) or 1.0
     if partial != 1.0:
-        raise ValueError(f"partial_rotary_factor: rotary embeddings over part of each head are not supported (got {partial})")
+        raise ValueError(f"partial_rotary_factor: expected 1.0 (rotary embeddings over every head dimension), got {partial}")
     if rope_type == "default":
         return theta, None
-    if rope_type == "yarn" and params.get("factor") is None and params.get("original_max_position_embeddings"):
-        # As transformers: the factor from the context lengths when the checkpoint omits it.
-        params["factor"] = hf_config.max_position_embeddings / params["original_max_position_embeddings"]
-    return theta, {"rope_type": rope_type, **{k: v for k, v in params.items() if v is not None}}
+    if rope_type == "yarn":  # transformers' defaults where the checkpoint omits them
+        params.setdefault("original_max_position_embeddings", None)
+        params["original_max_position_embeddings"] = (params["original_max_position_embeddings"]
+                                                      or hf_config.max_position_embeddings)
+        if params.get("factor") is None:
+            params["factor"] = hf_config.max_position_embeddings / params["original_max_position_embeddings"]
+    scaling = {"rope_type": rope_type, **{k: v for k, v in params.items() if v is not None}}
+    try:
+        return theta, check_rope_scaling(scaling)
+    except ValueError as error:
+        raise ValueError("the checkpoint's rope_parameters (rope_scaling before transformers 5): "
+                         + str(error).removeprefix("rope_scaling: ")) from None
 
 
 def _sliding_window(hf_config) -> int | None:

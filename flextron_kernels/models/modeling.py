@@ -291,6 +291,8 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
         not where the ops skip their value checks (:func:`~flextron_kernels.skip_width_value_checks`,
         graph capture, compile)."""
         num_seqs, num_tokens = cu.numel() - 1, input_ids.numel()
+        if caches:
+            self.config.check_positions(caches[0].k.shape[2], "caches (their positions per request)")
         if caches is not None and (len(caches) != len(self.layers) or any(c.k.shape[0] != num_seqs for c in caches)):
             raise ValueError(
                 f"caches: expected one cache per layer ({len(self.layers)}) with one request per sequence "
@@ -379,6 +381,7 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
                 f"tokens of shape {tuple(tokens.shape)} and {len(caches)} caches of batch "
                 f"{caches[0].k.shape[0] if caches else '-'} (new_caches(batch, max_len) makes them)"
             )
+        self.config.check_positions(caches[0].k.shape[2], "caches (their positions per request)")
         h = self.embed(tokens)
         positions = caches[0].seqlens.to(torch.int64)  # every layer's cache holds the same lengths
         if self.pos_embed is not None:

@@ -44,6 +44,16 @@ def check_rope_scaling(scaling: Optional[dict]) -> Optional[dict]:
         raise ValueError(f"rope_scaling: a {rope_type!r} scaling takes {', '.join(_REQUIRED[rope_type])}"
                          + (f" (optionally {', '.join(_OPTIONAL[rope_type])})" if rope_type in _OPTIONAL else "")
                          + f"; missing {missing}, unknown {sorted(unknown)}")
+    for key, value in scaling.items():
+        if key == "truncate":
+            if not isinstance(value, bool):
+                raise ValueError(f"rope_scaling: expected truncate to be a bool, got {value!r}")
+        elif key in ("mscale", "mscale_all_dim"):  # 0 means "not given", as in transformers
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+                raise ValueError(f"rope_scaling: expected {key} to be a number >= 0, got {value!r}")
+        elif key != "rope_type" and value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+            raise ValueError(f"rope_scaling: expected {key} to be a positive number, got {value!r}")
     if rope_type == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
         raise ValueError(f"rope_scaling: expected high_freq_factor > low_freq_factor, got {scaling['high_freq_factor']} "
                          f"and {scaling['low_freq_factor']}")
@@ -52,9 +62,11 @@ def check_rope_scaling(scaling: Optional[dict]) -> Optional[dict]:
 
 def rope_frequencies(head_dim: int, theta: float, scaling: Optional[dict], device=None) -> tuple[torch.Tensor, float]:
     """``(inv_freq [head_dim // 2] fp32, attention_factor)``: the rotation rate of each
-    pair of dimensions, and the factor on the cosines and sines (1 but for YaRN)."""
+    pair of dimensions, and the factor on the cosines and sines (1 but for YaRN). Each
+    rounds as transformers' does, so that the tables are the same bits."""
     exponents = torch.arange(0, head_dim, 2, device=device, dtype=torch.int64).to(torch.float32) / head_dim
-    base_freq = 1.0 / (theta**exponents)
+    wavelength_base = theta**exponents
+    base_freq = 1.0 / wavelength_base
     if scaling is None:
         return base_freq, 1.0
     kind, factor = scaling["rope_type"], scaling["factor"]
@@ -70,10 +82,10 @@ def rope_frequencies(head_dim: int, theta: float, scaling: Optional[dict], devic
         blended = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelength >= context / high) & (wavelength <= context / low)
         return torch.where(medium, blended, scaled), 1.0
-    return _yarn_frequencies(head_dim, theta, scaling, base_freq)
+    return _yarn_frequencies(head_dim, theta, scaling, wavelength_base)
 
 
-def _yarn_frequencies(head_dim, theta, scaling, base_freq):
+def _yarn_frequencies(head_dim, theta, scaling, wavelength_base):
     factor = scaling["factor"]
 
     def magnitude(scale, mscale=1.0):
@@ -95,11 +107,12 @@ def _yarn_frequencies(head_dim, theta, scaling, base_freq):
     low, high = max(low, 0), min(high, head_dim - 1)
     if low == high:
         high += 0.001
-    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32, device=base_freq.device) - low) / (high - low)).clamp(0, 1)
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32, device=wavelength_base.device) - low)
+            / (high - low)).clamp(0, 1)
     # Dimensions that rotate fast keep their frequency (extrapolate), slow ones are divided
     # by the factor (interpolate), a ramp between.
     keep = 1 - ramp
-    return base_freq / factor * (1 - keep) + base_freq * keep, float(attention_factor)
+    return (1.0 / (factor * wavelength_base) * (1 - keep) + 1.0 / wavelength_base * keep), float(attention_factor)
 
 
 def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype,
