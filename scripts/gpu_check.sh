@@ -151,6 +151,7 @@ fi
 
 step "summary"
 "$PY" -m flextron_kernels.bench.report "$results" --summary
+"$PY" -m flextron_kernels.bench.report "$results" --targets
 for log in gpu_tests gpu_op_tests; do [[ -f "$results/$log.log" ]] && echo "$log: $(tail -n 1 "$results/$log.log")"; done
 
 step "done (status $status)"
