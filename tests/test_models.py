@@ -521,3 +521,49 @@ def test_rope_and_window_of_configs_written_by_older_transformers():
     assert _sliding_window(SimpleNamespace(max_window_layers=2, **qwen2)) is None
     assert _sliding_window(SimpleNamespace(**dict(qwen2, use_sliding_window=False), max_window_layers=0)) is None
     assert _sliding_window(SimpleNamespace(sliding_window=8)) == 8  # Mistral: every layer
+
+
+def _left_padded(prompts, pad=0):
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("budget", [1.0, 0.5, "per_request"])
+def test_generate_with_a_left_padded_batch_as_transformers_does(budget):
+    hf = hf_model("llama")
+    model = FlextronForCausalLM.from_hf(hf, calibration=torch.randint(0, VOCAB, (2, 9))).eval()
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(1, VOCAB, (n,), generator=gen).tolist() for n in (5, 11, 1, 8)]
+    ids, mask = _left_padded(prompts)
+    budgets = torch.tensor([1.0, 0.5, 0.25, 0.75]) if budget == "per_request" else budget
+    out = model.generate(ids, attention_mask=mask, budget=budgets, max_new_tokens=6)
+    assert out.shape == (4, ids.shape[1] + 6) and torch.equal(out[:, : ids.shape[1]], ids)
+    for i, prompt in enumerate(prompts):  # each row as if generated alone
+        alone = model.generate(torch.tensor([prompt]), max_new_tokens=6,
+                               budget=budgets[i: i + 1] if budget == "per_request" else budget)
+        assert torch.equal(out[i, ids.shape[1]:], alone[0, len(prompt):]), i
+    if budget == 1.0:
+        expected = hf.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert torch.equal(out, expected)
+    # All ones: the same as no mask.
+    full = torch.randint(1, VOCAB, (2, 7))
+    assert torch.equal(model.generate(full, attention_mask=torch.ones_like(full), max_new_tokens=3),
+                       model.generate(full, max_new_tokens=3))
+
+
+@pytest.mark.parametrize("mask,error,message", [
+    (torch.ones(2, 5, dtype=torch.long), ValueError, r"attention_mask: expected the shape of input_ids \(2, 4\), got \(2, 5\)"),
+    (torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0]]), ValueError, r"attention_mask: expected at least one token .* rows \[1\]"),
+    (torch.tensor([[1, 2, 1, 1], [1, 1, 1, 1]]), ValueError, "attention_mask: expected 0 .* and 1 .* only, got 1 other"),
+    (torch.ones(4, dtype=torch.long), ValueError, "attention_mask"),
+    (torch.ones(2, 4, dtype=torch.complex64), TypeError, "attention_mask: expected a bool, integer or float tensor"),
+])
+def test_generate_refuses_a_bad_attention_mask(mask, error, message):
+    config = FlextronConfig(arch="llama", vocab_size=VOCAB, d_model=64, n_layers=1, q_heads=4, kv_heads=2, ffn=128)
+    model = FlextronForCausalLM(config).eval()
+    with pytest.raises(error, match=message):
+        model.generate(torch.randint(0, VOCAB, (2, 4)), attention_mask=mask, max_new_tokens=2)

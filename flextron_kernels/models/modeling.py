@@ -25,6 +25,7 @@ from flextron_kernels.models.graphs import capture
 from flextron_kernels.models.routers import StaticRouter, TokenRouter, encode_budget, select
 from flextron_kernels.nn import ElasticAttention, ElasticMLP, KVCache
 from flextron_kernels.ops.checks import (
+    FLOAT_DTYPES,
     INTEGER_DTYPES,
     check_cu_seqlens_values,
     check_tensor,
@@ -421,12 +422,17 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
                 for layer in self.layers]
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, *, budget: Budget = None, max_new_tokens: int = 20,
+    def generate(self, input_ids: torch.Tensor, *, attention_mask: Optional[torch.Tensor] = None,
+                 budget: Budget = None, max_new_tokens: int = 20,
                  temperature: float = 0.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
                  eos_token_id: Optional[int] = None, generator: Optional[torch.Generator] = None,
                  cuda_graph: Optional[bool] = None) -> torch.Tensor:
         """Continue each prompt of ``input_ids [B, S]``; returns ``[B, S + max_new_tokens]``.
 
+        ``attention_mask [B, S]`` (1 for a token, 0 for padding, as a Hugging Face tokenizer
+        pads a batch): prompts of different lengths, padded on the left (or the right); each
+        prompt is its tokens alone (positions from 0, pads never attended), and the new tokens
+        follow the whole padded row, as in ``transformers``' ``generate``.
         Packed prefill fills a KV cache, then one decode step per token. ``budget``: a
         float or ``[B]`` tensor (each request its own). ``temperature`` 0 is greedy;
         otherwise sampling with optional ``top_k`` / ``top_p``. After ``eos_token_id`` a
@@ -442,13 +448,18 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
         if cuda_graph is None:
             cuda_graph = input_ids.is_cuda and not self.record_token_choices
         batch, prompt_len = input_ids.shape
-        total = prompt_len + max_new_tokens
+        packed = None if attention_mask is None else _pack_by_mask(input_ids, attention_mask)
+        total = (prompt_len if packed is None else packed[2]) + max_new_tokens
         self.config.check_positions(total, "prompt length + max_new_tokens")
         budget = self.budget if budget is None else budget
         if isinstance(budget, torch.Tensor):  # on the device once: a captured step cannot copy from the host
             budget = budget.to(input_ids.device)
         caches = self.new_caches(batch, total)
-        logits = self.forward(input_ids, budget=budget, caches=caches)[:, -1]
+        if packed is None:
+            logits = self.forward(input_ids, budget=budget, caches=caches)[:, -1]
+        else:
+            ids, cu, _ = packed
+            logits = self.forward(ids, cu_seqlens=cu, budget=budget, caches=caches)[cu[1:].to(torch.int64) - 1]
         if self.token_routers is not None or self.training:  # choices made inside each step
             step_args = dict(budget=budget)
         else:  # the same choices at every step: made once (a static router's is a host sync)
@@ -489,6 +500,28 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
 
 # Decode steps that must follow for generate to capture one in a CUDA graph.
 _MIN_GRAPH_REPLAYS = 4
+
+
+def _pack_by_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The tokens of ``input_ids [B, S]`` where ``attention_mask`` is 1, packed row after
+    row: ``(ids [T], cu_seqlens [B + 1] int32, longest prompt)`` (one host copy)."""
+    check_tensor("attention_mask", attention_mask, ndim=2, device=input_ids.device)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask: expected the shape of input_ids {tuple(input_ids.shape)}, "
+                         f"got {tuple(attention_mask.shape)}")
+    if attention_mask.dtype not in (torch.bool, *INTEGER_DTYPES, *FLOAT_DTYPES):
+        raise TypeError(f"attention_mask: expected a bool, integer or float tensor of 0 and 1, got {attention_mask.dtype}")
+    keep = attention_mask != 0
+    lengths = keep.sum(1)
+    others = ((attention_mask != 0) & (attention_mask != 1)).sum()
+    others, *counts = torch.cat([others.reshape(1), lengths]).tolist()
+    if others:
+        raise ValueError(f"attention_mask: expected 0 (padding) and 1 (a token) only, got {others} other values")
+    if min(counts) < 1:
+        raise ValueError(f"attention_mask: expected at least one token (a 1) in every row, got none in rows "
+                         f"{[i for i, c in enumerate(counts) if c < 1][:8]}")
+    cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    return input_ids[keep], cu, max(counts)
 
 
 @functools.lru_cache(maxsize=None)
