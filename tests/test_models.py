@@ -567,3 +567,21 @@ def test_generate_refuses_a_bad_attention_mask(mask, error, message):
     model = FlextronForCausalLM(config).eval()
     with pytest.raises(error, match=message):
         model.generate(torch.randint(0, VOCAB, (2, 4)), attention_mask=mask, max_new_tokens=2)
+
+
+def test_forward_with_an_attention_mask_runs_each_row_alone():
+    config = FlextronConfig(arch="llama", vocab_size=VOCAB, d_model=64, n_layers=2, q_heads=4, kv_heads=2, ffn=128)
+    torch.manual_seed(0)
+    model = FlextronForCausalLM(config).eval()
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14]]
+    ids, mask = _left_padded(prompts)
+    mask[0, -1] = 0  # a right pad too: row 0 is [pad x3, 5, 6, pad]
+    budgets = torch.tensor([1.0, 0.5, 0.25])
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask, budget=budgets)
+        assert logits.shape == (3, 6, VOCAB) and torch.all(logits[mask == 0] == 0)
+        for i, row in enumerate(mask.bool()):
+            alone = model(ids[i][row][None], budget=budgets[i: i + 1])[0]
+            torch.testing.assert_close(logits[i][row], alone)
+    with pytest.raises(ValueError, match="attention_mask: expected with input_ids \\[B, S\\] and no cu_seqlens"):
+        model(ids.reshape(-1), attention_mask=mask.reshape(-1), cu_seqlens=torch.tensor([0, 18], dtype=torch.int32))

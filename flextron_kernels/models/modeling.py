@@ -319,12 +319,25 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
         return value.repeat_interleave(lengths, output_size=num_tokens)
 
     def forward(self, input_ids: torch.Tensor, *, budget: Budget = None, cu_seqlens: Optional[torch.Tensor] = None,
-                caches: Optional[list] = None, choices: Optional[list] = None) -> torch.Tensor:
+                caches: Optional[list] = None, choices: Optional[list] = None,
+                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits for ``input_ids`` ``[B, S]`` (logits ``[B, S, V]``) or packed ``[T]`` with
         ``cu_seqlens [B + 1]`` (logits ``[T, V]``). ``budget``: a float in (0, 1] or a
         ``[B]`` tensor (one per sequence); default the model's (:meth:`set_budget`).
         ``caches``: one :class:`KVCache` per layer to fill (prefill before decoding).
-        ``choices``: per layer ``(mlp_width, heads)``, overriding the budget and routers."""
+        ``choices``: per layer ``(mlp_width, heads)``, overriding the budget and routers.
+        ``attention_mask [B, S]`` (with ``[B, S]`` ids): 1 for a token, 0 for padding; each
+        row's tokens run as one sequence (positions from 0, pads never attended; packed, so
+        pads cost nothing) and the logits at pads are zeros."""
+        if attention_mask is not None:
+            if input_ids.dim() != 2 or cu_seqlens is not None:
+                raise ValueError(f"attention_mask: expected with input_ids [B, S] and no cu_seqlens, got input_ids of "
+                                 f"shape {tuple(input_ids.shape)} and cu_seqlens {'given' if cu_seqlens is not None else 'None'}")
+            ids, cu, _ = _pack_by_mask(input_ids, attention_mask)
+            packed = self.forward(ids, cu_seqlens=cu, budget=budget, caches=caches, choices=choices)
+            logits = packed.new_zeros(*input_ids.shape, packed.shape[-1])
+            logits[attention_mask != 0] = packed
+            return logits
         shape = input_ids.shape
         if cu_seqlens is not None:
             check_tensor("cu_seqlens", cu_seqlens, dtypes=INTEGER_DTYPES, ndim=1, device=input_ids.device)
