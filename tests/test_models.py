@@ -87,7 +87,17 @@ def test_local_safetensors_checkpoint_and_text_calibration(tmp_path):
     model = FlextronForCausalLM.from_hf(tmp_path / "model", calibration=texts, tokenizer=tmp_path / "tok")
     ids = torch.randint(0, VOCAB, (1, 9))
     with torch.no_grad():
-        assert max_rel(model(ids), hf(input_ids=ids).logits) < 1e-4
+        expected = hf(input_ids=ids).logits
+        assert max_rel(model(ids), expected) < 1e-4
+        # Loaded (and calibrated) in another dtype: the model is built in it.
+        wide = FlextronForCausalLM.from_hf(tmp_path / "model", calibration=texts, tokenizer=tmp_path / "tok",
+                                           dtype=torch.float64, device="cpu")
+        assert {p.dtype for p in wide.parameters()} == {torch.float64}
+        assert wide.config.permutations == model.config.permutations
+        assert max_rel(wide(ids).float(), expected) < 1e-4
+        half = FlextronForCausalLM.from_hf(hf_model("llama"), dtype=torch.bfloat16)  # an object: moved
+        assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+        assert max_rel(half(ids).float(), expected) < 5e-2
 
 
 def test_smaller_budgets_use_fewer_flops_and_change_the_output():

@@ -27,14 +27,20 @@ from flextron_kernels.nn.rotary import check_rope_scaling
 SUPPORTED = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "gpt2": "gpt2"}
 
 
-def load_hf_model(model_or_path, auto_class: str = "AutoModelForCausalLM"):
-    """A Hugging Face model object, or one loaded from a local folder (never downloaded)."""
+def load_hf_model(model_or_path, auto_class: str = "AutoModelForCausalLM", *, dtype=None, device=None):
+    """A Hugging Face model object (moved to ``dtype`` and ``device`` where given), or one
+    loaded from a local folder (never downloaded) in ``dtype`` (default fp32) on ``device``
+    (default the CPU)."""
     if isinstance(model_or_path, (str, Path)):
         import transformers
 
         loader = getattr(transformers, auto_class)
-        return loader.from_pretrained(str(model_or_path), local_files_only=True, torch_dtype=torch.float32)
-    return model_or_path
+        hf = loader.from_pretrained(str(model_or_path), local_files_only=True, torch_dtype=dtype or torch.float32)
+    else:
+        hf = model_or_path
+        if dtype is not None:
+            hf = hf.to(dtype=dtype)
+    return hf.to(device=device) if device is not None else hf
 
 
 def config_from_hf(hf_config) -> FlextronConfig:
@@ -194,6 +200,7 @@ def _scored_modules(hf, arch: str) -> list:
 
 
 @torch.no_grad()
+@torch.no_grad()  # forward passes only: no autograd graph of the source model's activations
 def importance_scores(hf, config: FlextronConfig, batches: list) -> list:
     """Per layer ``(mlp_scores [F], head_scores [Hq])`` on the calibration batches."""
     layers = _scored_modules(hf, config.arch)
@@ -257,7 +264,8 @@ def apply_permutations(model: FlextronForCausalLM, permutations: dict) -> None:
         attn.o_proj.weight.copy_(attn.o_proj.weight[:, q_rows])
 
 
-def from_hf(model_or_path, calibration=None, *, tokenizer=None, mlp_choices=None, head_choices=None) -> FlextronForCausalLM:
+def from_hf(model_or_path, calibration=None, *, tokenizer=None, mlp_choices=None, head_choices=None, dtype=None,
+            device=None) -> FlextronForCausalLM:
     """A :class:`FlextronForCausalLM` from a Hugging Face causal LM (object or local path).
 
     Args:
@@ -266,8 +274,12 @@ def from_hf(model_or_path, calibration=None, *, tokenizer=None, mlp_choices=None
             ranked by importance and permuted (see the module docstring). None keeps the
             original order.
         mlp_choices, head_choices: per-layer choice lists (default 25/50/75/100%).
+        dtype, device: where the source model is loaded (a path: default fp32 on the CPU)
+            or moved (an object, in place, as ``nn.Module.to`` moves it), and so where
+            calibration runs and the model is built, e.g. ``dtype=torch.bfloat16,
+            device="cuda"`` for a 7B checkpoint.
     """
-    hf = load_hf_model(model_or_path)
+    hf = load_hf_model(model_or_path, dtype=dtype, device=device)
     config = config_from_hf(hf.config)
     config.hf_model_type = hf.config.model_type
     return _convert(hf, config, FlextronForCausalLM, _copy_weights, calibration, tokenizer, mlp_choices, head_choices)
@@ -326,12 +338,13 @@ def _copy_encoder_weights(model, hf) -> None:
         model.pooler.load_state_dict(hf.pooler.dense.state_dict())
 
 
-def encoder_from_hf(model_or_path, calibration=None, *, tokenizer=None, mlp_choices=None, head_choices=None):
+def encoder_from_hf(model_or_path, calibration=None, *, tokenizer=None, mlp_choices=None, head_choices=None,
+                    dtype=None, device=None):
     """A :class:`~flextron_kernels.models.encoder.FlextronEncoder` from a Hugging Face
     ``BertModel`` (object or local path); arguments as for :func:`from_hf`."""
     from flextron_kernels.models.encoder import FlextronEncoder
 
-    hf = load_hf_model(model_or_path, "AutoModel")
+    hf = load_hf_model(model_or_path, "AutoModel", dtype=dtype, device=device)
     if hasattr(hf, "bert"):  # a task model (BertForMaskedLM, ...): its encoder
         hf = hf.bert
     config = encoder_config_from_hf(hf.config)
