@@ -218,7 +218,7 @@ def test_model_through_the_triton_backend_matches_torch():
 
 
 def test_bad_input():
-    with pytest.raises(ValueError, match="model_type: expected one of gpt2, llama, mistral, qwen2, got 'bert'"):
+    with pytest.raises(ValueError, match="model_type: expected one of gpt2, llama, mistral, qwen2, qwen3, got 'bert'"):
         FlextronForCausalLM.from_hf(transformers.BertForMaskedLM(transformers.BertConfig(
             vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)))
     hf = hf_model("llama")
@@ -595,3 +595,49 @@ def test_forward_with_an_attention_mask_runs_each_row_alone():
             torch.testing.assert_close(logits[i][row], alone)
     with pytest.raises(ValueError, match="attention_mask: expected with input_ids \\[B, S\\] and no cu_seqlens"):
         model(ids.reshape(-1), attention_mask=mask.reshape(-1), cu_seqlens=torch.tensor([0, 18], dtype=torch.int32))
+
+
+def hf_qwen3(**extra):
+    torch.manual_seed(0)
+    config = transformers.Qwen3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                      max_position_embeddings=64, **extra)
+    model = transformers.Qwen3ForCausalLM(config)
+    with torch.no_grad():  # norms (the query and key norms among them) away from ones
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.2)
+    return model.eval()
+
+
+@pytest.mark.parametrize("extra", [dict(), dict(attention_bias=True, tie_word_embeddings=True)])
+def test_qwen3_conversion_generation_and_export(tmp_path, extra):
+    hf = hf_qwen3(**extra)
+    model = FlextronForCausalLM.from_hf(hf, calibration=torch.randint(0, VOCAB, (3, 11)))
+    assert model.config.qk_norm and model.config.hf_model_type == "qwen3"
+    ids = torch.randint(0, VOCAB, (2, 13))
+    with torch.no_grad():
+        expected = hf(input_ids=ids).logits
+        assert max_rel(model(ids), expected) < 1e-4
+        without = FlextronForCausalLM.from_hf(hf)
+        for layer in without.layers:
+            layer.attn.q_norm.weight.fill_(1.0)
+        assert max_rel(without(ids), expected) > 1e-3, "the query and key norms should matter"
+        assert torch.equal(model.generate(ids[:, :6], max_new_tokens=5),
+                           hf.generate(ids[:, :6], max_new_tokens=5, do_sample=False, pad_token_id=0))
+        half = model(ids, budget=0.5)
+    model.export_hf(0.5, tmp_path / "dense")
+    dense = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense", local_files_only=True).eval()
+    assert dense.config.model_type == "qwen3"
+    with torch.no_grad():
+        assert max_rel(dense(input_ids=ids).logits, half) < 1e-4
+    model.save_pretrained(tmp_path / "saved")
+    with torch.no_grad():
+        assert torch.equal(FlextronForCausalLM.from_pretrained(tmp_path / "saved").eval()(ids), model.eval()(ids))
+    with pytest.raises(ValueError, match="export_hf: model_type 'llama' does not match this model's query and key norms"):
+        model.export_hf(1.0, tmp_path / "as_llama", model_type="llama")
+
+
+def test_qk_norm_only_for_llama_models():
+    with pytest.raises(ValueError, match="qk_norm: expected False for arch 'gpt2'"):
+        FlextronConfig(arch="gpt2", vocab_size=VOCAB, d_model=64, n_layers=1, q_heads=4, kv_heads=4, ffn=128, qk_norm=True)

@@ -33,8 +33,8 @@ def head_choices(q_heads: int, kv_heads: int, fractions=DEFAULT_FRACTIONS) -> li
 class FlextronConfig:
     """Architecture and elastic choices.
 
-    ``arch``: ``llama`` (RMSNorm, rotary, GQA, SwiGLU, optional QKV biases; also Mistral
-    and Qwen2 checkpoints) or ``gpt2`` (LayerNorm, learned positions, GELU-tanh, biases,
+    ``arch``: ``llama`` (RMSNorm, rotary, GQA, SwiGLU, optional QKV biases; also Mistral,
+    Qwen2 and Qwen3 checkpoints) or ``gpt2`` (LayerNorm, learned positions, GELU-tanh, biases,
     tied embeddings); ``bert`` for encoders (post-LayerNorm, GELU, absolute positions and
     ``type_vocab_size`` token types). ``qkv_bias`` / ``out_bias``: Q/K/V and O projection biases in a
     ``llama`` model (Qwen2 has the first, Llama's ``attention_bias`` both). ``rope_scaling``: None
@@ -44,7 +44,9 @@ class FlextronConfig:
     window, so such a model takes sequences of at most that many positions, where the window
     changes nothing, and refuses longer ones (a packed batch's lengths are read on the host
     for that, except where value checks are skipped: inside
-    :func:`~flextron_kernels.skip_width_value_checks`, graph capture or ``torch.compile``). ``mlp_choices[i]`` / ``head_choices[i]``: layer ``i``'s allowed MLP
+    :func:`~flextron_kernels.skip_width_value_checks`, graph capture or ``torch.compile``).
+    ``qk_norm``: an RMSNorm over each query and key head before the rotary embeddings
+    (Qwen3; ``llama`` only). ``mlp_choices[i]`` / ``head_choices[i]``: layer ``i``'s allowed MLP
     widths and query-head counts, ascending, the full size last. ``permutations``: the
     importance ordering applied at conversion; ``hf_model_type``: the source checkpoint's type.
     """
@@ -71,6 +73,7 @@ class FlextronConfig:
     layer_sizes: list = field(default_factory=list)
     rope_scaling: Optional[dict] = None
     sliding_window: Optional[int] = None
+    qk_norm: bool = False
 
     def __post_init__(self):
         from flextron_kernels.nn.rotary import check_rope_scaling
@@ -81,6 +84,8 @@ class FlextronConfig:
             raise ValueError(f"rope_scaling: expected None for arch {self.arch!r} (only a llama model has rotary "
                              f"embeddings to scale), got {self.rope_scaling!r}")
         check_rope_scaling(self.rope_scaling)
+        if self.qk_norm and self.arch != "llama":
+            raise ValueError(f"qk_norm: expected False for arch {self.arch!r} (a llama model's option), got True")
         if self.sliding_window is not None and (isinstance(self.sliding_window, bool) or not isinstance(self.sliding_window, int)
                                                 or self.sliding_window < 1):
             raise ValueError(f"sliding_window: expected None or a positive int, got {self.sliding_window!r}")

@@ -24,7 +24,7 @@ from flextron_kernels.models.config import FlextronConfig
 from flextron_kernels.models.modeling import FlextronForCausalLM
 from flextron_kernels.nn.rotary import check_rope_scaling
 
-SUPPORTED = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "gpt2": "gpt2"}
+SUPPORTED = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gpt2": "gpt2"}
 
 
 def load_hf_model(model_or_path, auto_class: str = "AutoModelForCausalLM", *, dtype=None, device=None):
@@ -67,6 +67,7 @@ def config_from_hf(hf_config) -> FlextronConfig:
         ffn=hf_config.intermediate_size, head_dim=getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads,
         norm_eps=hf_config.rms_norm_eps, rope_theta=float(theta), max_positions=hf_config.max_position_embeddings,
         qkv_bias=model_type == "qwen2" or bool(getattr(hf_config, "attention_bias", False)),
+        qk_norm=model_type == "qwen3",
         out_bias=bool(getattr(hf_config, "attention_bias", False)),
         tie_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
         rope_scaling=rope_scaling, sliding_window=_sliding_window(hf_config),
@@ -157,6 +158,9 @@ def _copy_weights(model: FlextronForCausalLM, hf) -> None:
             ours.weight.copy_(theirs.weight)
             if ours.bias is not None:
                 ours.bias.copy_(theirs.bias)
+        if layer.attn.q_norm is not None:
+            layer.attn.q_norm.weight.copy_(block.self_attn.q_norm.weight)
+            layer.attn.k_norm.weight.copy_(block.self_attn.k_norm.weight)
         layer.mlp.w_gate.copy_(block.mlp.gate_proj.weight)
         layer.mlp.w_up.copy_(block.mlp.up_proj.weight)
         layer.mlp.w_down.copy_(block.mlp.down_proj.weight)

@@ -72,6 +72,9 @@ def _copy_attention_prefix(dst, src, q_rows: int, kv_rows: int) -> None:
     dst.o_proj.weight.copy_(src.o_proj.weight[:, :q_rows])
     if src.o_proj.bias is not None:
         dst.o_proj.bias.copy_(src.o_proj.bias)
+    for name in ("q_norm", "k_norm"):  # Qwen3's, over one head: shared by every head
+        if getattr(src, name, None) is not None:
+            getattr(dst, name).weight.copy_(getattr(src, name).weight)
 
 
 def export_hf(model: FlextronForCausalLM, budget: float, path, *, model_type=None) -> Path:
@@ -127,7 +130,7 @@ def _uninitialised(build, hf_config, device):
 def dense_hf_model(model: FlextronForCausalLM, budget: float, *, model_type=None, loadable: bool = False):
     """The sub-network at ``budget`` as a dense Hugging Face model (in memory).
 
-    ``model_type``: for a Llama-family model, ``llama``, ``mistral`` or ``qwen2`` (the
+    ``model_type``: for a Llama-family model, ``llama``, ``mistral``, ``qwen2`` or ``qwen3`` (the
     checkpoint class; default: the converted checkpoint's, else ``llama``). Raises ValueError for heterogeneous per-layer choices or
     per-token routers, which plain ``transformers`` cannot express. ``loadable``: also a
     ValueError for a config that this version of transformers would refuse to load (a
@@ -183,11 +186,16 @@ def dense_hf_model(model: FlextronForCausalLM, budget: float, *, model_type=None
     else:
         model_type = model_type or cfg.hf_model_type or "llama"
         config_class = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-                        "qwen2": transformers.Qwen2Config}.get(model_type)
+                        "qwen2": transformers.Qwen2Config,
+                        "qwen3": getattr(transformers, "Qwen3Config", None)}.get(model_type)
         if config_class is None:
-            raise ValueError(f"model_type: expected one of llama, mistral, qwen2, got {model_type!r}")
+            raise ValueError(f"model_type: expected one of llama, mistral, qwen2, qwen3 (with a transformers that has "
+                             f"it), got {model_type!r}")
+        if (model_type == "qwen3") != cfg.qk_norm:
+            raise ValueError(f"export_hf: model_type {model_type!r} does not match this model's query and key norms "
+                             f"(qk_norm={cfg.qk_norm}: only a qwen3 checkpoint has them)")
         extra = {}
-        if model_type == "llama":
+        if model_type in ("llama", "qwen3"):
             extra["attention_bias"] = cfg.qkv_bias
             if cfg.qkv_bias != cfg.out_bias:
                 raise ValueError("export_hf: a Llama checkpoint has Q/K/V and O biases together; use model_type='qwen2'")

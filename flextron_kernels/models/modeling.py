@@ -24,6 +24,7 @@ from flextron_kernels.models.config import FlextronConfig
 from flextron_kernels.models.graphs import capture
 from flextron_kernels.models.routers import StaticRouter, TokenRouter, encode_budget, select
 from flextron_kernels.nn import ElasticAttention, ElasticMLP, KVCache
+from flextron_kernels.nn.norm import RMSNorm
 from flextron_kernels.ops.checks import (
     FLOAT_DTYPES,
     INTEGER_DTYPES,
@@ -35,18 +36,6 @@ from flextron_kernels.ops.checks import (
 from flextron_kernels.ops.elastic_attention import one_sequence
 
 Budget = Union[None, float, torch.Tensor]
-
-
-class RMSNorm(nn.Module):
-    """Llama's RMSNorm: normalised in fp32, scaled in the input dtype."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
 class FlextronBlock(nn.Module):
@@ -62,7 +51,7 @@ class FlextronBlock(nn.Module):
         self.attn = ElasticAttention(
             d, heads, heads // config.group, config.head_dim, qkv_bias=config.qkv_bias or not llama,
             out_bias=config.out_bias or not llama, rotary=llama, rope_theta=config.rope_theta,
-            rope_scaling=config.rope_scaling,
+            rope_scaling=config.rope_scaling, qk_norm_eps=config.norm_eps if config.qk_norm else None,
         )
         self.mlp = ElasticMLP(d, ffn, gated=llama, activation="silu" if llama else "gelu_tanh", bias=not llama)
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from flextron_kernels.nn.linear import ElasticLinear
+from flextron_kernels.nn.norm import RMSNorm
 from flextron_kernels.nn.rotary import apply_rotary, check_rope_scaling, rotary_cos_sin
 from flextron_kernels.ops.checks import value_checks_enabled
 from flextron_kernels.ops.elastic_attention import elastic_attention, one_sequence
@@ -51,12 +52,15 @@ class ElasticAttention(nn.Module):
         head_dim: default ``d_model // q_heads``; qkv_bias / out_bias: projection biases;
         rotary: apply rotary position embeddings with base ``rope_theta`` and
         ``rope_scaling`` (None, or a checkpoint's scaling: see :mod:`flextron_kernels.nn.rotary`);
-        causal: each token attends to the tokens before it (decoders) or to all (encoders).
+        causal: each token attends to the tokens before it (decoders) or to all (encoders);
+        qk_norm_eps: None, or an RMSNorm over each head's query and key (weights ``[head_dim]``
+        shared by the heads) with this epsilon, before the rotary embeddings (Qwen3).
     """
 
     def __init__(self, d_model: int, q_heads: int, kv_heads: Optional[int] = None, head_dim: Optional[int] = None, *,
                  qkv_bias: bool = False, out_bias: bool = False, rotary: bool = True, rope_theta: float = 10000.0,
-                 rope_scaling: Optional[dict] = None, causal: bool = True, device=None, dtype=None):
+                 rope_scaling: Optional[dict] = None, causal: bool = True, qk_norm_eps: Optional[float] = None,
+                 device=None, dtype=None):
         super().__init__()
         kv_heads = q_heads if kv_heads is None else kv_heads
         if q_heads % kv_heads:
@@ -71,6 +75,11 @@ class ElasticAttention(nn.Module):
         self.k_proj = ElasticLinear(d_model, kv_heads * self.head_dim, bias=qkv_bias, **factory)
         self.v_proj = ElasticLinear(d_model, kv_heads * self.head_dim, bias=qkv_bias, **factory)
         self.o_proj = ElasticLinear(q_heads * self.head_dim, d_model, bias=out_bias, **factory)
+        if qk_norm_eps is None:
+            self.q_norm = self.k_norm = None
+        else:
+            self.q_norm = RMSNorm(self.head_dim, qk_norm_eps, **factory)
+            self.k_norm = RMSNorm(self.head_dim, qk_norm_eps, **factory)
 
     def rotary_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         """``cos, sin [T, head_dim]`` of ``positions [T]`` (None without rotary embeddings):
@@ -80,6 +89,8 @@ class ElasticAttention(nn.Module):
         return rotary_cos_sin(positions, self.head_dim, self.rope_theta, dtype, self.rope_scaling)
 
     def _rotate(self, q, k, positions, tables):
+        if self.q_norm is not None:  # a head a token does not use is zeros, and stays zeros
+            q, k = self.q_norm(q), self.k_norm(k)
         if not self.rotary:
             return q, k
         cos, sin = self.rotary_tables(positions, q.dtype) if tables is None else tables
