@@ -234,6 +234,7 @@ def elastic_attention(
     cu_seqlens: Optional[torch.Tensor] = None,
     causal: bool = True,
     softmax_scale: Optional[float] = None,
+    window: Optional[int] = None,
 ) -> torch.Tensor:
     """Attention over packed variable-length sequences where each token uses its first
     ``heads[t]`` query heads.
@@ -242,8 +243,9 @@ def elastic_attention(
     ``h`` reads KV head ``h // (Hq // Hkv)``), ``cu_seqlens [B + 1]`` (sequence ``b`` is
     tokens ``cu_seqlens[b]:cu_seqlens[b+1]``; None: one sequence), ``heads`` an int or
     ``[T]`` integer tensor. Query ``t`` attends to the keys of its own sequence (those at or
-    before ``t`` when ``causal``), whatever head count the key tokens use. Output
-    ``[T, Hq, Dh]``, exactly zero at heads ``h >= heads[t]``.
+    before ``t`` when ``causal``; with a ``window``, only the ``window`` positions up to
+    ``t``), whatever head count the key tokens use. Output ``[T, Hq, Dh]``, exactly zero
+    at heads ``h >= heads[t]``.
     """
     num_tokens, q_heads, head_dim = q.shape
     group = q_heads // k.shape[1]
@@ -255,6 +257,8 @@ def elastic_attention(
     allowed = seq_id[:, None] == seq_id[None, :]
     if causal:
         allowed = allowed & (pos[None, :] <= pos[:, None])
+    if window is not None:
+        allowed = allowed & (pos[None, :] > pos[:, None] - window)
 
     k_full = k.repeat_interleave(group, dim=1)
     v_full = v.repeat_interleave(group, dim=1)
@@ -275,11 +279,13 @@ def elastic_attention_decode(
     cache_seqlens: torch.Tensor,
     heads: Union[int, torch.Tensor],
     softmax_scale: Optional[float] = None,
+    window: Optional[int] = None,
 ) -> torch.Tensor:
     """One query per request against its KV cache, with a per-request head count.
 
     Shapes: ``q [B, Hq, Dh]``, ``k_cache, v_cache [B, Hkv, S_max, Dh]``,
-    ``cache_seqlens [B]`` (request ``b`` attends to cache positions ``< cache_seqlens[b]``),
+    ``cache_seqlens [B]`` (request ``b`` attends to cache positions ``< cache_seqlens[b]``,
+    with a ``window`` only those ``>= cache_seqlens[b] - window``),
     ``heads`` an int or ``[B]`` integer tensor. Output ``[B, Hq, Dh]``, exactly zero at
     heads ``h >= heads[b]`` (and for a request with an empty cache).
     """
@@ -289,7 +295,10 @@ def elastic_attention_decode(
     k_full = k_cache.repeat_interleave(group, dim=1)
     v_full = v_cache.repeat_interleave(group, dim=1)
     scores = torch.einsum("bhd,bhsd->bhs", q, k_full) * scale
-    valid = torch.arange(k_cache.shape[2], device=q.device) < cache_seqlens.reshape(-1, 1, 1)
+    positions = torch.arange(k_cache.shape[2], device=q.device)
+    valid = positions < cache_seqlens.reshape(-1, 1, 1)
+    if window is not None:
+        valid = valid & (positions >= cache_seqlens.reshape(-1, 1, 1) - window)
     scores = scores.masked_fill(~valid, float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # an empty cache attends to nothing
     out = torch.einsum("bhs,bhsd->bhd", probs, v_full)

@@ -213,7 +213,7 @@ def configurations():
         for head_dim in (64, 128, 256):
             wide = head_dim > 128
             if wide:
-                variants = [("wide head", "bf16", "tf32", tiles.WIDE_HEAD_TILES_16BIT[kernel])]
+                variants = [("wide head", "bf16", "tf32", tiles.wide_head_tiles(kernel))]
             else:
                 variants = [(variant, "bf16", "tf32", config)
                             for variant, config in tiles.sixteen_bit_variants(f"attention_{kernel}").items()]
@@ -225,14 +225,18 @@ def configurations():
                 variants += [(f"{name}, K and V through TMA", dtype, precision, dict(config, KV_TMA=True))
                              for name, dtype, precision, config in variants if dtype == "bf16" and not wide]
             for variant, dtype, precision, config in variants:
-                tile, opts = _split(config)
-                for causal in (True, False):
+                # Causal, not causal, and (16-bit) causal with a sliding window.
+                for causal, window in ((True, False), (False, False)) + (((True, True),) if dtype == "bf16" else ()):
+                    if window and wide:
+                        config = dict(tiles.wide_head_tiles(kernel, window=True), **{
+                            k: v for k, v in config.items() if k == "KV_TMA"})
+                    tile, opts = _split(config)
                     label = f"[{variant}] attention {kernel} {dtype} {precision}, head dim {head_dim}"
-                    yield label + (", causal" if causal else ""), fn, dtype, dict(
-                        att, **tile, HEAD_DIM=head_dim, BLOCK_D=head_dim, INPUT_PRECISION=precision,
-                        CAUSAL=causal), opts
+                    yield label + (", causal" if causal else "") + (", sliding window" if window else ""), fn, dtype, \
+                        dict(att, **tile, HEAD_DIM=head_dim, BLOCK_D=head_dim, INPUT_PRECISION=precision,
+                             CAUSAL=causal, WINDOW=window), opts
     yield "attention fwd, head dim 96, not causal", attention.attention_fwd_kernel, "bf16", dict(
-        att, HEAD_DIM=96, CAUSAL=False, BLOCK_M=128, BLOCK_N=64, OVERLAP=True, KV_TMA=False), \
+        att, HEAD_DIM=96, CAUSAL=False, BLOCK_M=128, BLOCK_N=64, OVERLAP=True, KV_TMA=False, WINDOW=False), \
         dict(num_warps=8, num_stages=2)
     yield "attention bwd delta", attention.attention_bwd_delta_kernel, "bf16", dict(
         HEAD_DIM=128, BLOCK_D=128, BLOCK_T=64), dict(num_warps=4)

@@ -44,21 +44,23 @@ def make_inputs(lengths, q_heads, kv_heads, heads_kind, dtype, device, seed=0, h
     return (q, k, v), grad, heads, cu
 
 
-def forward_backward(fn, tensors, grad, heads, cu, causal, device):
+def forward_backward(fn, tensors, grad, heads, cu, causal, device, **kwargs):
     """``[out, dq, dk, dv]`` of ``fn`` on copies of ``tensors`` moved to ``device``."""
     leaves = [t.detach().to(device).requires_grad_() for t in tensors]
     heads = heads.to(device) if isinstance(heads, torch.Tensor) else heads
-    out = fn(*leaves, heads=heads, cu_seqlens=cu.to(device), causal=causal)
+    out = fn(*leaves, heads=heads, cu_seqlens=cu.to(device), causal=causal, **kwargs)
     out.backward(grad.to(device, out.dtype))
     return [out] + [t.grad for t in leaves]
 
 
-def run(backend, lengths, q_heads, kv_heads, heads_kind, causal, dtype, device, seed=0, head_dim=16):
-    """Ours under ``backend`` and the fp64 reference on the CPU, same inputs."""
+def run(backend, lengths, q_heads, kv_heads, heads_kind, causal, dtype, device, seed=0, head_dim=16, **kwargs):
+    """Ours under ``backend`` and the fp64 reference on the CPU, same inputs (``kwargs``:
+    the ops' options, such as ``window``)."""
     tensors, grad, heads, cu = make_inputs(lengths, q_heads, kv_heads, heads_kind, dtype, device, seed, head_dim)
     with fk.use_backend(backend):
-        ours = forward_backward(fk.elastic_attention, tensors, grad, heads, cu, causal, device)
-    exact = forward_backward(reference.elastic_attention, [t.double() for t in tensors], grad, heads, cu, causal, "cpu")
+        ours = forward_backward(fk.elastic_attention, tensors, grad, heads, cu, causal, device, **kwargs)
+    exact = forward_backward(reference.elastic_attention, [t.double() for t in tensors], grad, heads, cu, causal, "cpu",
+                             **kwargs)
     return ours, exact
 
 
@@ -74,6 +76,54 @@ def test_matches_reference_fp32(backend, q_heads, kv_heads, heads_kind, causal, 
             assert (o == 0).all(), name
         else:
             assert rel_err(o, r) < 1e-5, name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("window", [1, 5, 16, 23, 40])
+def test_sliding_window_matches_reference(backend, window, device):
+    """Windows shorter than a tile, a tile's width, longer, and longer than most sequences:
+    the forward's and the dq kernel's cut key blocks, the dk/dv kernel's cut query blocks."""
+    got, want = run(backend, [1, 19, 0, 70, 2], 4, 2, "per_token", True, torch.float32, device, seed=6,
+                    window=window)
+    for name, o, r in zip(("out", "dq", "dk", "dv"), got, want):
+        assert rel_err(o, r) < 1e-5, (name, window)
+    if window < 19:  # the window changes the result: a test of it can fail
+        plain, _ = run(backend, [1, 19, 0, 70, 2], 4, 2, "per_token", True, torch.float32, device, seed=6)
+        assert rel_err(plain[0], want[0]) > 1e-3
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+@pytest.mark.parametrize("dkdv_tiles", [(16, 32), (32, 16)])
+def test_sliding_window_with_other_tiles(overlap, dkdv_tiles, device, monkeypatch):
+    import importlib
+
+    module = importlib.import_module("flextron_kernels.ops.elastic_attention")
+    default = module.attention_config
+
+    def config(t, kernel, **kwargs):
+        tiles = default(t, kernel, **kwargs)
+        if kernel == "fwd":
+            return dict(tiles, OVERLAP=overlap, BLOCK_M=32, BLOCK_N=16)
+        if kernel == "bwd_dkdv":
+            return dict(tiles, BLOCK_M=dkdv_tiles[0], BLOCK_N=dkdv_tiles[1])
+        return dict(tiles, BLOCK_M=32, BLOCK_N=16)
+
+    monkeypatch.setattr(module, "attention_config", config)
+    for window in (7, 33):
+        got, want = run("triton", [70, 3, 45], 4, 2, "per_sequence", True, torch.float32, device, seed=7, window=window)
+        for name, o, r in zip(("out", "dq", "dk", "dv"), got, want):
+            assert rel_err(o, r) < 1e-5, (name, window)
+
+
+def test_sliding_window_arguments():
+    q, k = torch.randn(6, 4, 16), torch.randn(6, 2, 16)
+    for window, message in ((0, "window: expected None or an int >= 1 .*got 0"),
+                            (2.0, "window: expected None or an int >= 1 .*got 2.0"),
+                            (True, "window: expected None or an int >= 1 .*got True")):
+        with pytest.raises(ValueError, match=message):
+            fk.elastic_attention(q, k, k, heads=4, window=window)
+    with pytest.raises(ValueError, match="window: a sliding window is causal .*got causal=False with window=3"):
+        fk.elastic_attention(q, k, k, heads=4, window=3, causal=False)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -94,8 +144,8 @@ def test_forward_with_and_without_overlapped_softmax(overlap, causal, device, mo
     module = importlib.import_module("flextron_kernels.ops.elastic_attention")
     default = module.attention_config
 
-    def config(t, kernel):
-        tiles = default(t, kernel)
+    def config(t, kernel, **kwargs):
+        tiles = default(t, kernel, **kwargs)
         return dict(tiles, OVERLAP=overlap) if kernel == "fwd" else tiles
 
     monkeypatch.setattr(module, "attention_config", config)
@@ -154,8 +204,8 @@ def test_dkdv_kernel_takes_any_tiles(dkdv_tiles, causal, device, monkeypatch):
     default = module.attention_config
     block_m, block_n = dkdv_tiles
 
-    def config(t, kernel):
-        tiles = default(t, kernel)
+    def config(t, kernel, **kwargs):
+        tiles = default(t, kernel, **kwargs)
         return dict(tiles, BLOCK_M=block_m, BLOCK_N=block_n) if kernel == "bwd_dkdv" else tiles
 
     monkeypatch.setattr(module, "attention_config", config)
@@ -258,7 +308,9 @@ def test_the_custom_op_checks_the_softmax_scale_too():
     q, k = torch.randn(6, 4, 16), torch.randn(6, 2, 16)
     cu = torch.tensor([0, 6], dtype=torch.int32)
     with pytest.raises(ValueError, match="softmax_scale: expected a finite float > 0, got -1.0"):
-        torch.ops.flextron.elastic_attention_fwd(q, k, k, cu, None, 4, True, -1.0)
+        torch.ops.flextron.elastic_attention_fwd(q, k, k, cu, None, 4, True, 0, -1.0)
+    with pytest.raises(ValueError, match="window: expected None or an int >= 1 .*got -2"):
+        torch.ops.flextron.elastic_attention_fwd(q, k, k, cu, None, 4, True, -2, 0.25)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -271,10 +323,11 @@ def test_opcheck(backend, device):
     heads = (torch.randint(0, 3, (21,), generator=gen) * 2).to(device)
     ops = torch.ops.flextron
     with fk.use_backend(backend):
-        for h, static in ((heads, 4), (None, 2)):
-            torch.library.opcheck(ops.elastic_attention_fwd, (q, k, v, cu, h, static, True, 0.25))
-            out, lse = ops.elastic_attention_fwd(q, k, v, cu, h, static, True, 0.25)
-            torch.library.opcheck(ops.elastic_attention_bwd, (torch.randn_like(out), q, k, v, out, lse, cu, h, static, True, 0.25))
+        for h, static, window in ((heads, 4, 0), (None, 2, 0), (heads, 4, 3)):
+            torch.library.opcheck(ops.elastic_attention_fwd, (q, k, v, cu, h, static, True, window, 0.25))
+            out, lse = ops.elastic_attention_fwd(q, k, v, cu, h, static, True, window, 0.25)
+            torch.library.opcheck(ops.elastic_attention_bwd,
+                                  (torch.randn_like(out), q, k, v, out, lse, cu, h, static, True, window, 0.25))
 
 
 def test_torch_compile_fullgraph(device):
@@ -315,6 +368,24 @@ def test_bf16_error_within_twice_torch(kv_heads, heads_kind, kv_tma, monkeypatch
     # PyTorch's own bf16 error: the reference evaluated in bf16 on the same inputs.
     torch_bf16 = forward_backward(reference.elastic_attention, tensors, grad, heads, cu, True, device)
     exact = forward_backward(reference.elastic_attention, [t.double() for t in tensors], grad, heads, cu, True, device)
+    for name, o, t, e in zip(("out", "dq", "dk", "dv"), ours, torch_bf16, exact):
+        ours_err = (o.double() - e).abs().max().item()
+        torch_err = (t.double() - e).abs().max().item()
+        assert torch.isfinite(o).all(), name
+        assert ours_err <= 2 * torch_err + 1e-6, (name, ours_err, torch_err)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("window", [100, 512])
+def test_bf16_sliding_window_within_twice_torch(window):
+    """The window's key blocks (cut, whole, skipped) at the GPU's tiles, forward and backward."""
+    device = torch.device("cuda")
+    tensors, grad, heads, cu = make_inputs([1, 700, 1023, 300], 32, 8, "per_token", torch.bfloat16, device, seed=8,
+                                           head_dim=128)
+    ours = forward_backward(fk.elastic_attention, tensors, grad, heads, cu, True, device, window=window)
+    torch_bf16 = forward_backward(reference.elastic_attention, tensors, grad, heads, cu, True, device, window=window)
+    exact = forward_backward(reference.elastic_attention, [t.double() for t in tensors], grad, heads, cu, True, device,
+                             window=window)
     for name, o, t, e in zip(("out", "dq", "dk", "dv"), ours, torch_bf16, exact):
         ours_err = (o.double() - e).abs().max().item()
         torch_err = (t.double() - e).abs().max().item()

@@ -28,12 +28,12 @@ def make(batch, q_heads, kv_heads, kv_len, head_dim, *, dtype, device, seed):
     return q, k, v
 
 
-def exact(q, k, v, cache_seqlens, heads, softmax_scale=None):
+def exact(q, k, v, cache_seqlens, heads, softmax_scale=None, window=None):
     """The reference in fp64 on the CPU, on the same (rounded) inputs."""
     heads = heads.cpu() if isinstance(heads, torch.Tensor) else heads
     return reference.elastic_attention_decode(
         q.double().cpu(), k.double().cpu(), v.double().cpu(), cache_seqlens=cache_seqlens.cpu(), heads=heads,
-        softmax_scale=softmax_scale,
+        softmax_scale=softmax_scale, window=window,
     )
 
 
@@ -86,14 +86,40 @@ def test_matches_reference_int_heads(backend, heads, device):
     check(out, exact(q, k, v, cache_seqlens, heads), cache_seqlens, heads, 1e-5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("window", [1, 7, 40, 200])
+@pytest.mark.parametrize("num_splits", [None, 3])
+def test_sliding_window_matches_reference(backend, window, num_splits, device, monkeypatch):
+    if num_splits is not None:  # short splits: some wholly before the window, some cut by it
+        config = decode_module.decode_config
+        monkeypatch.setattr(decode_module, "decode_config", lambda q, k_cache, active, window=0: dict(
+            config(q, k_cache, active, window), BLOCK_N=16, num_splits=num_splits))
+    q_heads, kv_heads, head_counts = LAYOUTS["gqa"]
+    q, k, v = make(5, q_heads, kv_heads, 100, 16, dtype=torch.float32, device=device, seed=11)
+    cache_seqlens = torch.tensor(SEQLENS, device=device, dtype=torch.int32)
+    heads = torch.tensor(head_counts, device=device)
+    out = run(backend, q, k, v, cache_seqlens, heads, window=window)
+    want = exact(q, k, v, cache_seqlens, heads, window=window)
+    check(out, want, cache_seqlens, heads, 1e-5)
+    if window < 63:  # the window changes the result: a test of it can fail
+        assert (exact(q, k, v, cache_seqlens, heads) - want).norm() > 1e-3 * want.norm()
+
+
+def test_sliding_window_argument():
+    q, k, v = make(2, 4, 2, 8, 16, dtype=torch.float32, device="cpu", seed=12)
+    lens = torch.tensor([8, 3])
+    with pytest.raises(ValueError, match="window: expected None or an int >= 1 .*got 0"):
+        fk.elastic_attention_decode(q, k, v, cache_seqlens=lens, heads=4, window=0)
+
+
 @pytest.mark.parametrize("num_splits,kv_len", [(1, 99), (3, 99), (64, 99), (200, 1121)])
 def test_many_splits_are_combined(num_splits, kv_len, device, monkeypatch):
     # On a GPU the default would take one split at this size: force short blocks and many
     # splits (71 at 1121 positions: the combine reads them in two chunks).
     config = decode_module.decode_config
 
-    def forced(q, k_cache, active_kv_heads):
-        return dict(config(q, k_cache, active_kv_heads), BLOCK_N=16, num_splits=num_splits)
+    def forced(q, k_cache, active_kv_heads, window=0):
+        return dict(config(q, k_cache, active_kv_heads, window), BLOCK_N=16, num_splits=num_splits)
 
     monkeypatch.setattr(decode_module, "decode_config", forced)
     q, k, v = make(4, 8, 2, kv_len, 16, dtype=torch.float32, device=device, seed=3)
@@ -238,7 +264,7 @@ def test_opcheck(backend, device):
     cache_seqlens = torch.tensor([33, 0, 9], device=device)
     heads = torch.tensor([8, 4, 0], device=device)
     with fk.use_backend(backend):
-        for args in [(heads, 8, 0.25), (None, 4, 0.25)]:
+        for args in [(heads, 8, 0.25, 0), (None, 4, 0.25, 0), (heads, 8, 0.25, 5)]:
             torch.library.opcheck(torch.ops.flextron.elastic_attention_decode, (q, k, v, cache_seqlens, *args))
 
 
@@ -280,6 +306,23 @@ def test_bf16_error_within_twice_torch(heads_kind, batch, kv_len):
     want = reference.elastic_attention_decode(q.double(), k.double(), v.double(), cache_seqlens=cache_seqlens, heads=heads)
     assert torch.isfinite(ours).all()
     assert (ours.cpu()[unused(cache_seqlens, heads, q_heads)] == 0).all()
+    ours_err = (ours.double() - want).abs().max().item()
+    torch_err = (torch_bf16.double() - want).abs().max().item()
+    assert ours_err <= 2 * torch_err + 1e-6, (ours_err, torch_err)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("window", [100, 4096])
+def test_bf16_sliding_window_within_twice_torch(window):
+    device = torch.device("cuda")
+    q, k, v = make(4, 32, 8, 8192, 128, dtype=torch.bfloat16, device=device, seed=13)
+    cache_seqlens = torch.tensor([8192, 1, 5000, 99], device=device)
+    heads = torch.tensor([32, 8, 16, 24], device=device)
+    ours = fk.elastic_attention_decode(q, k, v, cache_seqlens=cache_seqlens, heads=heads, window=window)
+    torch_bf16 = reference.elastic_attention_decode(q, k, v, cache_seqlens=cache_seqlens, heads=heads, window=window)
+    want = reference.elastic_attention_decode(q.double(), k.double(), v.double(), cache_seqlens=cache_seqlens,
+                                              heads=heads, window=window)
+    assert torch.isfinite(ours).all()
     ours_err = (ours.double() - want).abs().max().item()
     torch_err = (torch_bf16.double() - want).abs().max().item()
     assert ours_err <= 2 * torch_err + 1e-6, (ours_err, torch_err)

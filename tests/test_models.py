@@ -409,53 +409,59 @@ def test_conversion_refuses_rope_it_does_not_compute(scaling, message):
         FlextronForCausalLM.from_hf(hf)
 
 
-def test_a_windowed_checkpoint_takes_sequences_up_to_its_window():
-    from flextron_kernels.serving import Server
-
-    hf = hf_scaled_model("mistral", None, sliding_window=8)
-    model = FlextronForCausalLM.from_hf(hf)
-    assert model.config.sliding_window == 8
-    ids = torch.randint(0, VOCAB, (2, 12))
-    with torch.no_grad():
-        assert max_rel(model(ids[:, :8]), hf(input_ids=ids[:, :8]).logits) < 1e-4
-        # Past the window the source attends differently (so this model refuses to).
-        full = FlextronForCausalLM.from_hf(hf_scaled_model("mistral", None, sliding_window=None))
-        assert max_rel(full(ids)[:, -1], hf(input_ids=ids).logits[:, -1]) > 1e-3
-        with pytest.raises(ValueError, match="input_ids .*: expected at most sliding_window=8, got 12"):
-            model(ids)
-        with pytest.raises(ValueError, match="input_ids .*: expected at most sliding_window=8, got 9"):
-            model(ids[0, :9], cu_seqlens=torch.tensor([0, 9], dtype=torch.int32))
-        with pytest.raises(ValueError, match="prompt length \\+ max_new_tokens: expected at most sliding_window=8, got 10"):
-            model.generate(ids[:, :5], max_new_tokens=5)
-        assert model.generate(ids[:, :5], max_new_tokens=3).shape == (2, 8)
-    with pytest.raises(ValueError, match="max_len: expected at most sliding_window=8, got 9"):
-        model.new_caches(1, 9)
-    # Caches made by hand, longer than the window: refused before a prefill or a step.
-    caches = [fk.nn.KVCache.empty(2, layer.attn.kv_heads, 16, model.config.head_dim) for layer in model.layers]
-    with pytest.raises(ValueError, match="caches \\(their positions per request\\): expected at most sliding_window=8, got 16"):
-        model(ids[:, :4], caches=caches)
-    with pytest.raises(ValueError, match="caches \\(their positions per request\\): expected at most sliding_window=8, got 16"):
-        model.decode_step(ids[:, 0], caches)
-    with pytest.raises(ValueError, match="max_len: expected at most sliding_window=8, got 16"):
-        Server(model, max_batch=2, max_len=16)
-
-
-@pytest.mark.parametrize("kind,extra,window", [
-    ("mistral", dict(sliding_window=None), None),
-    ("mistral", dict(sliding_window=4096), 4096),
-    ("qwen2", dict(), None),
-    ("qwen2", dict(use_sliding_window=True, sliding_window=32, max_window_layers=1), 32),
-    ("llama", dict(), None),
+@pytest.mark.parametrize("kind,extra,layers", [
+    ("mistral", dict(sliding_window=8), None),
+    ("qwen2", dict(use_sliding_window=True, sliding_window=8, max_window_layers=1), [1]),
 ])
-def test_converted_window_and_its_export(tmp_path, kind, extra, window):
+def test_a_windowed_checkpoint_matches_transformers_past_its_window(kind, extra, layers):
+    from flextron_kernels.serving import Request, Server
+
+    hf = hf_scaled_model(kind, None, **extra)
+    model = FlextronForCausalLM.from_hf(hf, calibration=torch.randint(0, VOCAB, (2, 9)))
+    assert (model.config.sliding_window, model.config.window_layers) == (8, layers)
+    ids = torch.randint(0, VOCAB, (2, 30))
+    with torch.no_grad():
+        expected = hf(input_ids=ids).logits
+        assert max_rel(model(ids), expected) < 1e-4
+        # Past the window it matters: a test of it can fail.
+        full = FlextronForCausalLM.from_hf(hf_scaled_model(kind, None))
+        assert max_rel(full(ids), expected) > 1e-3
+        # Decode steps past the window read its last positions only, as the prefill does.
+        generated = model.generate(ids[:, :5], max_new_tokens=20)
+        assert torch.equal(generated, hf.generate(ids[:, :5], max_new_tokens=20, do_sample=False, pad_token_id=0))
+        served = Server(model, max_batch=2, max_len=32, cuda_graphs=False).run(
+            [Request(ids[i, :5].tolist(), max_new_tokens=20) for i in range(2)])
+        assert [c.tokens for c in served] == generated[:, 5:].tolist()
+
+
+@pytest.mark.parametrize("kind,extra,window,layers", [
+    ("mistral", dict(sliding_window=None), None, None),
+    ("mistral", dict(sliding_window=4096), 4096, None),
+    ("qwen2", dict(), None, None),
+    ("qwen2", dict(use_sliding_window=True, sliding_window=32, max_window_layers=1), 32, [1]),
+    ("qwen2", dict(use_sliding_window=True, sliding_window=32, max_window_layers=0), 32, None),
+    ("qwen2", dict(use_sliding_window=True, sliding_window=32, layer_types=["sliding_attention", "full_attention"]),
+     32, [0]),
+    ("llama", dict(), None, None),
+])
+def test_converted_window_and_its_export(tmp_path, kind, extra, window, layers):
     model = FlextronForCausalLM.from_hf(hf_scaled_model(kind, None, **extra))
-    assert model.config.sliding_window == window
+    assert (model.config.sliding_window, model.config.window_layers) == (window, layers)
     model.export_hf(1.0, tmp_path / "dense")
     dense = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense", local_files_only=True).eval()
-    assert FlextronForCausalLM.from_hf(dense).config.sliding_window == window
+    again = FlextronForCausalLM.from_hf(dense).config
+    assert (again.sliding_window, again.window_layers) == (window, layers)
     if window is not None and kind == "mistral":
         with pytest.raises(ValueError, match="export_hf: a Llama checkpoint has no attention window"):
             model.export_hf(1.0, tmp_path / "as_llama", model_type="llama")
+
+
+def test_a_mistral_checkpoint_windows_every_layer_or_none(tmp_path):
+    config = FlextronConfig(arch="llama", vocab_size=VOCAB, d_model=64, n_layers=2, q_heads=4, kv_heads=2, ffn=128,
+                            sliding_window=8, window_layers=[1])
+    model = FlextronForCausalLM(config)
+    with pytest.raises(ValueError, match=r"export_hf: a Mistral checkpoint windows every layer or none; .*layers \[1\]"):
+        model.export_hf(1.0, tmp_path / "as_mistral", model_type="mistral")
 
 
 @pytest.mark.parametrize("values,message", [
@@ -464,6 +470,8 @@ def test_converted_window_and_its_export(tmp_path, kind, extra, window):
     (dict(arch="llama", rope_scaling={"rope_type": "linear"}), r"rope_scaling: a 'linear' scaling takes factor; missing \['factor'\]"),
     (dict(arch="llama", sliding_window=0), "sliding_window: expected None or a positive int, got 0"),
     (dict(arch="llama", sliding_window=True), "sliding_window: expected None or a positive int, got True"),
+    (dict(arch="llama", sliding_window=4, window_layers=[1]), r"window_layers: expected None or distinct ascending .*\[0, 1\)"),
+    (dict(arch="llama", window_layers=[0]), "window_layers: expected None or .* with a sliding_window"),
 ])
 def test_config_refuses_bad_rope_scaling_and_window(values, message):
     with pytest.raises(ValueError, match=message):
@@ -527,10 +535,12 @@ def test_rope_and_window_of_configs_written_by_older_transformers():
     assert _rope_from_hf(old) == (1e6, {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64})
     assert _rope_from_hf(SimpleNamespace(rope_theta=10000.0, rope_scaling=None)) == (10000.0, None)
     qwen2 = dict(sliding_window=8, use_sliding_window=True, num_hidden_layers=2)
-    assert _sliding_window(SimpleNamespace(max_window_layers=1, **qwen2)) == 8
-    assert _sliding_window(SimpleNamespace(max_window_layers=2, **qwen2)) is None
-    assert _sliding_window(SimpleNamespace(**dict(qwen2, use_sliding_window=False), max_window_layers=0)) is None
-    assert _sliding_window(SimpleNamespace(sliding_window=8)) == 8  # Mistral: every layer
+    assert _sliding_window(SimpleNamespace(max_window_layers=1, **qwen2)) == dict(sliding_window=8, window_layers=[1])
+    assert _sliding_window(SimpleNamespace(max_window_layers=0, **qwen2)) == dict(sliding_window=8, window_layers=None)
+    assert _sliding_window(SimpleNamespace(max_window_layers=2, **qwen2)) == {}
+    assert _sliding_window(SimpleNamespace(**dict(qwen2, use_sliding_window=False), max_window_layers=0)) == {}
+    mistral = SimpleNamespace(sliding_window=8, num_hidden_layers=3)  # every layer
+    assert _sliding_window(mistral) == dict(sliding_window=8, window_layers=None)
 
 
 def _left_padded(prompts, pad=0):

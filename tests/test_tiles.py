@@ -66,6 +66,11 @@ def test_attention_tiles_follow_the_head_dim(fake_gpu):
             assert config(kernel, head_dim, torch.float32) == dict(fp32, INPUT_PRECISION="ieee")
     with pytest.raises(ValueError, match="kernel: expected one of fwd, bwd_dq, bwd_dkdv, got 'bwd'"):
         config("bwd", 128)
+    # A sliding window at head dim 256: the dq kernel's shorter key steps (no register spills).
+    t = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16, shape=(8, 4, 256))
+    windowed = tiles.attention_config(t, "bwd_dq", window=True)
+    assert windowed["BLOCK_N"] == 16 and windowed["BLOCK_M"] % 16 == 0
+    assert tiles.attention_config(t, "fwd", window=True) == tiles.attention_config(t, "fwd")
 
 
 def test_unreadable_table_gives_the_defaults(fake_gpu):

@@ -39,12 +39,9 @@ class FlextronConfig:
     ``type_vocab_size`` token types). ``qkv_bias`` / ``out_bias``: Q/K/V and O projection biases in a
     ``llama`` model (Qwen2 has the first, Llama's ``attention_bias`` both). ``rope_scaling``: None
     or a checkpoint's RoPE scaling (``linear``, ``llama3``, ``yarn``; see
-    :mod:`flextron_kernels.nn.rotary`). ``sliding_window``: the source checkpoint's attention
-    window (Mistral, Qwen2), or None; :func:`~flextron_kernels.elastic_attention` has no
-    window, so such a model takes sequences of at most that many positions, where the window
-    changes nothing, and refuses longer ones (a packed batch's lengths are read on the host
-    for that, except where value checks are skipped: inside
-    :func:`~flextron_kernels.skip_width_value_checks`, graph capture or ``torch.compile``).
+    :mod:`flextron_kernels.nn.rotary`). ``sliding_window``: None, or a causal attention
+    window (Mistral, Qwen2): a token attends to the last ``sliding_window`` positions up to
+    its own, in the layers ``window_layers`` lists (None: every layer).
     ``qk_norm``: an RMSNorm over each query and key head before the rotary embeddings
     (Qwen3; ``llama`` only). ``mlp_choices[i]`` / ``head_choices[i]``: layer ``i``'s allowed MLP
     widths and query-head counts, ascending, the full size last. ``permutations``: the
@@ -73,6 +70,7 @@ class FlextronConfig:
     layer_sizes: list = field(default_factory=list)
     rope_scaling: Optional[dict] = None
     sliding_window: Optional[int] = None
+    window_layers: Optional[list] = None
     qk_norm: bool = False
 
     def __post_init__(self):
@@ -89,6 +87,11 @@ class FlextronConfig:
         if self.sliding_window is not None and (isinstance(self.sliding_window, bool) or not isinstance(self.sliding_window, int)
                                                 or self.sliding_window < 1):
             raise ValueError(f"sliding_window: expected None or a positive int, got {self.sliding_window!r}")
+        if self.window_layers is not None and (self.sliding_window is None or sorted(set(self.window_layers))
+                                               != list(self.window_layers) or not set(self.window_layers)
+                                               <= set(range(self.n_layers))):
+            raise ValueError(f"window_layers: expected None or distinct ascending layer indices in [0, {self.n_layers}) "
+                             f"with a sliding_window, got {self.window_layers!r} (sliding_window={self.sliding_window!r})")
         if self.q_heads % self.kv_heads:
             raise ValueError(f"kv_heads: expected a divisor of q_heads={self.q_heads}, got {self.kv_heads}")
         if self.head_dim is None:
@@ -126,16 +129,17 @@ class FlextronConfig:
     def group(self) -> int:
         return self.q_heads // self.kv_heads
 
+    def layer_window(self, i: int) -> Optional[int]:
+        """Layer ``i``'s sliding attention window (None: it attends to every earlier position)."""
+        if self.sliding_window is None or (self.window_layers is not None and i not in self.window_layers):
+            return None
+        return self.sliding_window
+
     def check_positions(self, count: int, name: str) -> None:
         """A ValueError naming ``name`` when sequences of ``count`` positions are more than
-        this model takes: a GPT-2's learned positions, or the source's attention window."""
+        this model takes (a GPT-2's learned positions)."""
         if self.arch != "llama" and count > self.max_positions:
             raise ValueError(f"{name}: expected at most max_positions={self.max_positions}, got {count}")
-        if self.sliding_window is not None and count > self.sliding_window:
-            raise ValueError(
-                f"{name}: expected at most sliding_window={self.sliding_window}, got {count} (the source "
-                "checkpoint attends within a window of that many positions, which elastic_attention does not "
-                "implement: up to it the window changes nothing, past it this model would differ from the source)")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -70,7 +70,7 @@ def config_from_hf(hf_config) -> FlextronConfig:
         qk_norm=model_type == "qwen3",
         out_bias=bool(getattr(hf_config, "attention_bias", False)),
         tie_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
-        rope_scaling=rope_scaling, sliding_window=_sliding_window(hf_config),
+        rope_scaling=rope_scaling, **_sliding_window(hf_config),
     )
 
 
@@ -110,19 +110,23 @@ def _rope_from_hf(hf_config) -> tuple[float, dict | None]:
                          + str(error).removeprefix("rope_scaling: ")) from None
 
 
-def _sliding_window(hf_config) -> int | None:
-    """The attention window of a Mistral or Qwen2 config, where some layer uses one."""
+def _sliding_window(hf_config) -> dict:
+    """``sliding_window`` and ``window_layers`` of a Mistral or Qwen2/3 config: the window,
+    and the layers that use it (None: every layer)."""
     window = getattr(hf_config, "sliding_window", None)
     if not window:
-        return None
+        return {}
+    layers = range(hf_config.num_hidden_layers)
     layer_types = getattr(hf_config, "layer_types", None)
     if layer_types is not None:
-        uses = "sliding_attention" in layer_types
-    elif hasattr(hf_config, "use_sliding_window"):  # Qwen2 in transformers < 5
-        uses = bool(hf_config.use_sliding_window) and hf_config.max_window_layers < hf_config.num_hidden_layers
+        windowed = [i for i in layers if layer_types[i] == "sliding_attention"]
+    elif hasattr(hf_config, "use_sliding_window"):  # Qwen2 in transformers < 5: the layers from max_window_layers
+        windowed = [i for i in layers if hf_config.use_sliding_window and i >= hf_config.max_window_layers]
     else:  # Mistral: every layer
-        uses = True
-    return int(window) if uses else None
+        windowed = list(layers)
+    if not windowed:
+        return {}
+    return dict(sliding_window=int(window), window_layers=None if len(windowed) == len(layers) else windowed)
 
 
 @torch.no_grad()

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 from pathlib import Path
 
@@ -75,6 +76,29 @@ def _copy_attention_prefix(dst, src, q_rows: int, kv_rows: int) -> None:
     for name in ("q_norm", "k_norm"):  # Qwen3's, over one head: shared by every head
         if getattr(src, name, None) is not None:
             getattr(dst, name).weight.copy_(getattr(src, name).weight)
+
+
+def _window_settings(cfg, model_type: str, config_class) -> dict:
+    """The Hugging Face config settings of ``cfg``'s sliding window for ``model_type``."""
+    windowed = [i for i in range(cfg.n_layers) if cfg.layer_window(i) is not None]
+    if model_type == "mistral":
+        if windowed and len(windowed) != cfg.n_layers:
+            raise ValueError(f"export_hf: a Mistral checkpoint windows every layer or none; this model windows layers "
+                             f"{windowed}; use model_type='qwen2' or 'qwen3'")
+        return dict(sliding_window=cfg.sliding_window if windowed else None)  # MistralConfig's default is a window
+    if not windowed:
+        return {}
+    if model_type == "llama":
+        raise ValueError(f"export_hf: a Llama checkpoint has no attention window (this model has one of "
+                         f"{cfg.sliding_window} positions); use model_type='mistral', 'qwen2' or 'qwen3'")
+    # Qwen2/3 window the layers from max_window_layers on; transformers 5 also takes the layers' types.
+    settings = dict(use_sliding_window=True, sliding_window=cfg.sliding_window, max_window_layers=windowed[0])
+    if windowed != list(range(windowed[0], cfg.n_layers)):
+        if "layer_types" not in inspect.signature(config_class.__init__).parameters:
+            raise ValueError(f"export_hf: this transformers' {config_class.__name__} windows the last layers only; "
+                             f"this model windows layers {windowed}")
+        settings["layer_types"] = ["sliding_attention" if i in windowed else "full_attention" for i in range(cfg.n_layers)]
+    return settings
 
 
 def export_hf(model: FlextronForCausalLM, budget: float, path, *, model_type=None) -> Path:
@@ -203,14 +227,7 @@ def dense_hf_model(model: FlextronForCausalLM, budget: float, *, model_type=None
             raise ValueError(f"export_hf: model_type {model_type!r} does not match this model's attention biases")
         if cfg.rope_scaling is not None:
             extra["rope_scaling"] = dict(cfg.rope_scaling)
-        if model_type == "mistral":
-            extra["sliding_window"] = cfg.sliding_window  # None too: MistralConfig's default is a window
-        elif cfg.sliding_window is not None and model_type == "llama":
-            raise ValueError(f"export_hf: a Llama checkpoint has no attention window (this model's source had one of "
-                             f"{cfg.sliding_window} positions); use model_type='mistral' or 'qwen2'")
-        elif cfg.sliding_window is not None:
-            # Every layer windowed: within the positions this model takes, the same as the source.
-            extra.update(use_sliding_window=True, sliding_window=cfg.sliding_window, max_window_layers=0)
+        extra.update(_window_settings(cfg, model_type, config_class))
         hf_config = _hf_attention_config(
             config_class, n_heads, n_kv, loadable=loadable,
             vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=width, num_hidden_layers=cfg.n_layers,

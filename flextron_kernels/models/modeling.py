@@ -52,6 +52,7 @@ class FlextronBlock(nn.Module):
             d, heads, heads // config.group, config.head_dim, qkv_bias=config.qkv_bias or not llama,
             out_bias=config.out_bias or not llama, rotary=llama, rope_theta=config.rope_theta,
             rope_scaling=config.rope_scaling, qk_norm_eps=config.norm_eps if config.qk_norm else None,
+            window=config.layer_window(index),
         )
         self.mlp = ElasticMLP(d, ffn, gated=llama, activation="silu" if llama else "gelu_tanh", bias=not llama)
 
@@ -281,8 +282,6 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
         not where the ops skip their value checks (:func:`~flextron_kernels.skip_width_value_checks`,
         graph capture, compile)."""
         num_seqs, num_tokens = cu.numel() - 1, input_ids.numel()
-        if caches:
-            self.config.check_positions(caches[0].k.shape[2], "caches (their positions per request)")
         if caches is not None and (len(caches) != len(self.layers) or any(c.k.shape[0] != num_seqs for c in caches)):
             raise ValueError(
                 f"caches: expected one cache per layer ({len(self.layers)}) with one request per sequence "
@@ -384,7 +383,6 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
                 f"tokens of shape {tuple(tokens.shape)} and {len(caches)} caches of batch "
                 f"{caches[0].k.shape[0] if caches else '-'} (new_caches(batch, max_len) makes them)"
             )
-        self.config.check_positions(caches[0].k.shape[2], "caches (their positions per request)")
         h = self.embed(tokens)
         positions = caches[0].seqlens.to(torch.int64)  # every layer's cache holds the same lengths
         if self.pos_embed is not None:

@@ -19,7 +19,7 @@ from flextron_kernels.nn.linear import ElasticLinear
 from flextron_kernels.nn.norm import RMSNorm
 from flextron_kernels.nn.rotary import apply_rotary, check_rope_scaling, rotary_cos_sin
 from flextron_kernels.ops.checks import value_checks_enabled
-from flextron_kernels.ops.elastic_attention import elastic_attention, one_sequence
+from flextron_kernels.ops.elastic_attention import check_window, elastic_attention, one_sequence
 
 Heads = Union[int, torch.Tensor]
 
@@ -54,13 +54,15 @@ class ElasticAttention(nn.Module):
         ``rope_scaling`` (None, or a checkpoint's scaling: see :mod:`flextron_kernels.nn.rotary`);
         causal: each token attends to the tokens before it (decoders) or to all (encoders);
         qk_norm_eps: None, or an RMSNorm over each head's query and key (weights ``[head_dim]``
-        shared by the heads) with this epsilon, before the rotary embeddings (Qwen3).
+        shared by the heads) with this epsilon, before the rotary embeddings (Qwen3);
+        window: None, or a causal sliding window: a token attends to the last ``window``
+        positions up to its own (Mistral's ``sliding_window``), in prefill and decode.
     """
 
     def __init__(self, d_model: int, q_heads: int, kv_heads: Optional[int] = None, head_dim: Optional[int] = None, *,
                  qkv_bias: bool = False, out_bias: bool = False, rotary: bool = True, rope_theta: float = 10000.0,
                  rope_scaling: Optional[dict] = None, causal: bool = True, qk_norm_eps: Optional[float] = None,
-                 device=None, dtype=None):
+                 window: Optional[int] = None, device=None, dtype=None):
         super().__init__()
         kv_heads = q_heads if kv_heads is None else kv_heads
         if q_heads % kv_heads:
@@ -70,6 +72,7 @@ class ElasticAttention(nn.Module):
         self.head_dim = head_dim or d_model // q_heads
         self.rotary, self.rope_theta, self.causal = rotary, rope_theta, causal
         self.rope_scaling = check_rope_scaling(rope_scaling)
+        self.window = check_window(window, causal) or None
         factory = dict(device=device, dtype=dtype)
         self.q_proj = ElasticLinear(d_model, q_heads * self.head_dim, bias=qkv_bias, **factory)
         self.k_proj = ElasticLinear(d_model, kv_heads * self.head_dim, bias=qkv_bias, **factory)
@@ -150,7 +153,7 @@ class ElasticAttention(nn.Module):
         if q.shape[1] == 0:  # no head at all: only the output projection's bias remains
             return self._output(q, heads)
         attn = elastic_attention(q, k, v, heads=q.shape[1] if not isinstance(heads, torch.Tensor) else heads,
-                                 cu_seqlens=cu_seqlens, causal=self.causal)
+                                 cu_seqlens=cu_seqlens, causal=self.causal, window=self.window)
         return self._output(attn, heads)
 
     def decode(self, x: torch.Tensor, cache: KVCache, *, heads: Optional[Heads] = None,
@@ -175,7 +178,7 @@ class ElasticAttention(nn.Module):
             return self._output(q, heads)
         attn = elastic_attention_decode(
             q, cache.k[:, :nkv], cache.v[:, :nkv], cache_seqlens=cache.seqlens,
-            heads=q.shape[1] if not isinstance(heads, torch.Tensor) else heads,
+            heads=q.shape[1] if not isinstance(heads, torch.Tensor) else heads, window=self.window,
         )
         return self._output(attn, heads)
 

@@ -3,8 +3,10 @@
 Meaning: :func:`flextron_kernels.reference.elastic_attention`. Two custom ops (with fake
 implementations) and an autograd function that calls them:
 
-- ``flextron::elastic_attention_fwd(q, k, v, cu_seqlens, heads, static_heads, causal, scale) -> (out, lse)``
-- ``flextron::elastic_attention_bwd(dout, q, k, v, out, lse, cu_seqlens, heads, static_heads, causal, scale) -> (dq, dk, dv)``
+- ``flextron::elastic_attention_fwd(q, k, v, cu_seqlens, heads, static_heads, causal, window, scale) -> (out, lse)``
+- ``flextron::elastic_attention_bwd(dout, q, k, v, out, lse, cu_seqlens, heads, static_heads, causal, window, scale) -> (dq, dk, dv)``
+
+(``window`` 0: none; else a causal sliding window of that many positions.)
 
 Triton path: flash attention (online softmax, never a T x T matrix) over tiles that
 never cross a sequence boundary; a (tile, query head) that no token of the tile uses
@@ -62,13 +64,15 @@ def _used_heads(heads, static_heads, num_tokens, q_heads, device):
 # --------------------------------------------------------------------------- #
 # Torch backend: one sequence at a time, fp32 softmax
 # --------------------------------------------------------------------------- #
-def _sequence_scores(q, k, scale, causal):
+def _sequence_scores(q, k, scale, causal, window):
     """``q [L, Hkv, g, D]``, ``k [L, Hkv, D]`` -> scores ``[Hkv, g, L, L]`` (fp32, masked)."""
     scores = torch.einsum("tkgd,ukd->kgtu", q, k) * scale
     if causal:
         length = q.shape[0]
-        future = torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1)
-        scores = scores.masked_fill(future, float("-inf"))
+        hidden = torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1)
+        if window:
+            hidden |= torch.ones_like(hidden).tril(-window)
+        scores = scores.masked_fill(hidden, float("-inf"))
     return scores
 
 
@@ -77,7 +81,7 @@ def _active_kv_heads(q_heads, kv_heads, heads, static_heads):
     return kv_heads if heads is not None else static_heads // (q_heads // kv_heads)
 
 
-def _forward_torch(q, k, v, cu_seqlens, heads, static_heads, causal, scale):
+def _forward_torch(q, k, v, cu_seqlens, heads, static_heads, causal, window, scale):
     num_tokens, q_heads, head_dim = q.shape
     kv_heads = k.shape[1]
     group = q_heads // kv_heads
@@ -90,7 +94,7 @@ def _forward_torch(q, k, v, cu_seqlens, heads, static_heads, causal, scale):
             continue
         length = end - start
         qs = q[start:end, : active * group].float().reshape(length, active, group, head_dim)
-        scores = _sequence_scores(qs, k[start:end, :active].float(), scale, causal)
+        scores = _sequence_scores(qs, k[start:end, :active].float(), scale, causal, window)
         seq_lse = torch.logsumexp(scores, dim=-1)
         probs = torch.exp(scores - seq_lse[..., None])
         out[start:end, : active * group] = torch.einsum("kgtu,ukd->tkgd", probs, v[start:end, :active].float()).reshape(
@@ -101,7 +105,7 @@ def _forward_torch(q, k, v, cu_seqlens, heads, static_heads, causal, scale):
     return out, lse
 
 
-def _backward_torch(dout, q, k, v, out, lse, cu_seqlens, heads, static_heads, causal, scale):
+def _backward_torch(dout, q, k, v, out, lse, cu_seqlens, heads, static_heads, causal, window, scale):
     num_tokens, q_heads, head_dim = q.shape
     kv_heads = k.shape[1]
     group = q_heads // kv_heads
@@ -122,7 +126,7 @@ def _backward_torch(dout, q, k, v, out, lse, cu_seqlens, heads, static_heads, ca
         ks, vs = k[start:end, :active].float(), v[start:end, :active].float()
         dos = dout[start:end, :nq].reshape(length, active, group, head_dim)
         seq_lse = lse[:nq, start:end].reshape(active, group, length)
-        probs = torch.exp(_sequence_scores(qs, ks, scale, causal) - seq_lse[..., None])
+        probs = torch.exp(_sequence_scores(qs, ks, scale, causal, window) - seq_lse[..., None])
         dv[start:end, :active] = torch.einsum("kgtu,tkgd->ukd", probs, dos)
         dprobs = torch.einsum("tkgd,ukd->kgtu", dos, vs)
         seq_delta = delta[start:end, :nq].reshape(length, active, group).permute(1, 2, 0)
@@ -139,22 +143,23 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _forward_triton(q, k, v, cu_seqlens, heads, static_heads, causal, scale):
+def _forward_triton(q, k, v, cu_seqlens, heads, static_heads, causal, window, scale):
     from flextron_kernels.triton.attention import attention_fwd
 
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    config = attention_config(q, "fwd")
+    config = attention_config(q, "fwd", window=window > 0)
     out = new_output(q.shape, dtype=q.dtype, device=q.device)
     lse = new_output((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
-    attention_fwd(q, k, v, out, lse, heads, static_heads, cu_seqlens, causal=causal, softmax_scale=scale, config=config)
+    attention_fwd(q, k, v, out, lse, heads, static_heads, cu_seqlens, causal=causal, window=window, softmax_scale=scale,
+                  config=config)
     return out, lse
 
 
-def _backward_triton(dout, q, k, v, out, lse, cu_seqlens, heads, static_heads, causal, scale):
+def _backward_triton(dout, q, k, v, out, lse, cu_seqlens, heads, static_heads, causal, window, scale):
     from flextron_kernels.triton.attention import attention_bwd, attention_bwd_delta
 
     dout, q, k, v, out = (_last_dim_contiguous(t) for t in (dout, q, k, v, out))
-    dq_config, dkdv_config = attention_config(q, "bwd_dq"), attention_config(q, "bwd_dkdv")
+    dq_config, dkdv_config = (attention_config(q, kernel, window=window > 0) for kernel in ("bwd_dq", "bwd_dkdv"))
     delta = new_output((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)  # zero at unused heads
     attention_bwd_delta(out, dout, delta, block_t=dq_config["BLOCK_M"])
     dq = new_output(q.shape, dtype=q.dtype, device=q.device)
@@ -168,7 +173,7 @@ def _backward_triton(dout, q, k, v, out, lse, cu_seqlens, heads, static_heads, c
         seq_heads.scatter_reduce_(0, seq_ids, heads.to(torch.int32), reduce="amax")
     attention_bwd(
         q, k, v, dout, lse, delta, dq, dk, dv, heads, seq_heads, static_heads, cu_seqlens,
-        causal=causal, softmax_scale=scale, dq_config=dq_config, dkdv_config=dkdv_config,
+        causal=causal, window=window, softmax_scale=scale, dq_config=dq_config, dkdv_config=dkdv_config,
     )
     return dq, dk, dv
 
@@ -185,23 +190,25 @@ def _fwd_op(
     heads: Optional[torch.Tensor],
     static_heads: int,
     causal: bool,
+    window: int,
     softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``q [T, Hq, D]``, ``k, v [T, Hkv, D]``, ``cu_seqlens [B+1]`` int32, ``heads [T]`` (or
-    None: ``static_heads`` for every token) -> ``out [T, Hq, D]`` and ``lse [Hq, T]`` fp32
-    (natural log; unspecified where the head is unused)."""
-    softmax_scale_or_default(softmax_scale, q.shape[-1])  # the op is public too: the same rule
-    return _forward_impl(q, k, v, cu_seqlens, heads, static_heads, causal, softmax_scale)
+    None: ``static_heads`` for every token), ``window`` (0: none) -> ``out [T, Hq, D]`` and
+    ``lse [Hq, T]`` fp32 (natural log; unspecified where the head is unused)."""
+    softmax_scale_or_default(softmax_scale, q.shape[-1])  # the op is public too: the same rules
+    check_window(window, causal, none=0)
+    return _forward_impl(q, k, v, cu_seqlens, heads, static_heads, causal, window, softmax_scale)
 
 
-def _forward_impl(q, k, v, cu_seqlens, heads, static_heads, causal, softmax_scale):
-    """The implementation of :func:`_fwd_op` (``softmax_scale`` already checked)."""
+def _forward_impl(q, k, v, cu_seqlens, heads, static_heads, causal, window, softmax_scale):
+    """The implementation of :func:`_fwd_op` (``softmax_scale`` and ``window`` already checked)."""
     impl = _forward_triton if _select(q) == "triton" else _forward_torch
-    return impl(q, k, v, cu_seqlens, heads, static_heads, causal, softmax_scale)
+    return impl(q, k, v, cu_seqlens, heads, static_heads, causal, window, softmax_scale)
 
 
 @_fwd_op.register_fake
-def _(q, k, v, cu_seqlens, heads, static_heads, causal, softmax_scale):
+def _(q, k, v, cu_seqlens, heads, static_heads, causal, window, softmax_scale):
     return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
@@ -217,30 +224,31 @@ def _bwd_op(
     heads: Optional[torch.Tensor],
     static_heads: int,
     causal: bool,
+    window: int,
     softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(dq, dk, dv)`` of :func:`_fwd_op` (``dq`` zero at unused heads)."""
-    return _backward_impl(dout, q, k, v, out, lse, cu_seqlens, heads, static_heads, causal, softmax_scale)
+    return _backward_impl(dout, q, k, v, out, lse, cu_seqlens, heads, static_heads, causal, window, softmax_scale)
 
 
-def _backward_impl(dout, q, k, v, out, lse, cu_seqlens, heads, static_heads, causal, softmax_scale):
+def _backward_impl(dout, q, k, v, out, lse, cu_seqlens, heads, static_heads, causal, window, softmax_scale):
     """The implementation of :func:`_bwd_op`."""
     impl = _backward_triton if _select(q) == "triton" else _backward_torch
-    return impl(dout, q, k, v, out, lse, cu_seqlens, heads, static_heads, causal, softmax_scale)
+    return impl(dout, q, k, v, out, lse, cu_seqlens, heads, static_heads, causal, window, softmax_scale)
 
 
 @_bwd_op.register_fake
-def _(dout, q, k, v, out, lse, cu_seqlens, heads, static_heads, causal, softmax_scale):
+def _(dout, q, k, v, out, lse, cu_seqlens, heads, static_heads, causal, window, softmax_scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 class _ElasticAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, heads, static_heads, causal, softmax_scale):
+    def forward(ctx, q, k, v, cu_seqlens, heads, static_heads, causal, window, softmax_scale):
         out, lse = call_op(torch.ops.flextron.elastic_attention_fwd, _forward_impl, q, k, v, cu_seqlens, heads,
-                           static_heads, causal, softmax_scale)
+                           static_heads, causal, window, softmax_scale)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, heads)
-        ctx.static_heads, ctx.causal, ctx.softmax_scale = static_heads, causal, softmax_scale
+        ctx.static_heads, ctx.causal, ctx.window, ctx.softmax_scale = static_heads, causal, window, softmax_scale
         ctx.dispatch = dispatch_state()
         return out
 
@@ -250,8 +258,8 @@ class _ElasticAttentionFunction(torch.autograd.Function):
         with dispatch_state_restored(ctx.dispatch):
             dq, dk, dv = call_op(torch.ops.flextron.elastic_attention_bwd, _backward_impl,
                                  dout, q, k, v, out, lse, cu_seqlens, heads, ctx.static_heads, ctx.causal,
-                                 ctx.softmax_scale)
-        return dq, dk, dv, None, None, None, None, None
+                                 ctx.window, ctx.softmax_scale)
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------- #
@@ -281,6 +289,19 @@ def _check_values(cu_seqlens, head_counts, num_tokens, q_heads, kv_heads):
                              f"got {bad[:4].tolist()}")
 
 
+def check_window(window, causal: bool, *, none=None) -> int:
+    """``window`` as the kernels take it (0: none): None (or ``none``) or an int >= 1, with
+    ``causal`` attention."""
+    if window is None or (window == none and not isinstance(window, bool)):
+        return 0
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window: expected None or an int >= 1 (a sliding window of positions), got {window!r}")
+    if not causal:
+        raise ValueError(f"window: a sliding window is causal (a query sees the window's positions up to its own); "
+                         f"expected causal=True, got causal=False with window={window}")
+    return window
+
+
 def check_head_dim(name: str, head_dim: int) -> None:
     # The kernels hold a (tile, head_dim) block in registers, padded to a power of two.
     if not 1 <= head_dim <= 256:
@@ -297,6 +318,7 @@ def elastic_attention(
     cu_seqlens: Optional[torch.Tensor] = None,
     causal: bool = True,
     softmax_scale: Optional[float] = None,
+    window: Optional[int] = None,
 ) -> torch.Tensor:
     """Attention over packed sequences where token ``t`` uses its first ``heads[t]`` query heads.
 
@@ -309,6 +331,8 @@ def elastic_attention(
             (sequence ``b`` is tokens ``cu_seqlens[b]:cu_seqlens[b+1]``); None: one sequence.
         causal: each query sees the keys at or before it in its sequence.
         softmax_scale: a float > 0, default ``Dh ** -0.5``.
+        window: None, or (with ``causal``) a sliding window: query ``i`` sees the keys
+            ``j`` with ``i - window < j <= i`` (Mistral's ``sliding_window``).
 
     Returns:
         ``[T, Hq, Dh]``, exactly zero at heads a token does not use.
@@ -345,10 +369,11 @@ def elastic_attention(
         _check_values(given_cu_seqlens, head_counts, num_tokens, q_heads, kv_heads)
 
     scale = softmax_scale_or_default(softmax_scale, head_dim)
+    window = check_window(window, causal)
     if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
         # Inference: no autograd function, nothing saved (one step less on the host).
         return call_op(torch.ops.flextron.elastic_attention_fwd, _forward_impl, q, k, v, cu_seqlens, head_counts,
-                       static_heads, bool(causal), scale)[0]
+                       static_heads, bool(causal), window, scale)[0]
     if v is k:  # torch.compile cannot trace one tensor passed twice to an autograd.Function
         v = v.view(v.shape)
-    return _ElasticAttentionFunction.apply(q, k, v, cu_seqlens, head_counts, static_heads, bool(causal), scale)
+    return _ElasticAttentionFunction.apply(q, k, v, cu_seqlens, head_counts, static_heads, bool(causal), window, scale)

@@ -5,7 +5,7 @@ the arguments, picks a backend, and registers one forward-only custom op (decode
 no backward), with a fake implementation so that ``torch.compile`` traces it:
 
 - ``flextron::elastic_attention_decode(q, k_cache, v_cache, cache_seqlens, heads_per_request,
-  heads, softmax_scale) -> out``.
+  heads, softmax_scale, window) -> out`` (``window`` 0: none).
 
 Backends: on CUDA, the Triton split-KV kernels (:mod:`flextron_kernels.triton.attention_decode`),
 which read the KV cache of the active heads only, each KV head once for its whole GQA
@@ -36,6 +36,7 @@ from flextron_kernels.ops.checks import (
     width_range,
 )
 from flextron_kernels.ops.common import call_op, outside_autocast
+from flextron_kernels.ops.elastic_attention import check_window
 from flextron_kernels.ops.tiles import attention_decode_tiles, input_precision
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -52,12 +53,14 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def decode_config(q: torch.Tensor, k_cache: torch.Tensor, active_kv_heads: int) -> dict:
+def decode_config(q: torch.Tensor, k_cache: torch.Tensor, active_kv_heads: int, window: int = 0) -> dict:
     """Tiles and split count for :func:`~flextron_kernels.triton.attention_decode.attention_decode`,
     from shapes only (no host sync). ``active_kv_heads``: an upper bound on the KV heads a
-    request uses."""
+    request uses; ``window``: 0, or the sliding window (a request reads at most that many
+    positions)."""
     precision = input_precision(q)
-    num_blocks = lambda block_n: -(-k_cache.shape[2] // block_n)  # noqa: E731
+    span = min(k_cache.shape[2], window) if window else k_cache.shape[2]
+    num_blocks = lambda block_n: -(-span // block_n)  # noqa: E731
     if q.device.type == "cpu":  # the Triton interpreter: small blocks, two per split, so the combine has work
         return dict(BLOCK_N=16, num_splits=max(-(-num_blocks(16) // 2), 1), INPUT_PRECISION=precision)
     block_d = max(1 << (q.shape[-1] - 1).bit_length(), 16)
@@ -87,7 +90,7 @@ def decode_config(q: torch.Tensor, k_cache: torch.Tensor, active_kv_heads: int) 
     )
 
 
-def _forward_torch(q, k_cache, v_cache, cache_seqlens, heads_per_request, heads, softmax_scale):
+def _forward_torch(q, k_cache, v_cache, cache_seqlens, heads_per_request, heads, softmax_scale, window):
     batch, q_heads, head_dim = q.shape
     kv_heads, kv_len = k_cache.shape[1], k_cache.shape[2]
     group = q_heads // kv_heads
@@ -98,7 +101,11 @@ def _forward_torch(q, k_cache, v_cache, cache_seqlens, heads_per_request, heads,
     qg = q[:, : used_kv * group].reshape(batch, used_kv, group, head_dim)
     k, v = k_cache[:, :used_kv], v_cache[:, :used_kv]
     scores = torch.matmul(qg, k.transpose(-1, -2)).float() * softmax_scale  # [B, Hkv, G, S]
-    valid = (torch.arange(kv_len, device=q.device) < cache_seqlens.reshape(-1, 1)).reshape(batch, 1, 1, kv_len)
+    positions = torch.arange(kv_len, device=q.device)
+    valid = positions < cache_seqlens.reshape(-1, 1)
+    if window:
+        valid &= positions >= cache_seqlens.reshape(-1, 1) - window
+    valid = valid.reshape(batch, 1, 1, kv_len)
     probs = torch.softmax(scores.masked_fill(~valid, float("-inf")), dim=-1)
     # An empty cache gives NaN rows (softmax over nothing); it attends to nothing.
     probs = torch.where(valid, probs, torch.zeros((), dtype=probs.dtype, device=probs.device))
@@ -113,7 +120,7 @@ def _forward_torch(q, k_cache, v_cache, cache_seqlens, heads_per_request, heads,
     return out
 
 
-def _forward_triton(q, k_cache, v_cache, cache_seqlens, heads_per_request, heads, softmax_scale):
+def _forward_triton(q, k_cache, v_cache, cache_seqlens, heads_per_request, heads, softmax_scale, window):
     from flextron_kernels.triton.attention_decode import attention_decode
 
     group = q.shape[1] // k_cache.shape[1]
@@ -121,7 +128,7 @@ def _forward_triton(q, k_cache, v_cache, cache_seqlens, heads_per_request, heads
     out = new_output(q.shape, dtype=q.dtype, device=q.device)
     return attention_decode(
         q, k_cache, v_cache, cache_seqlens, heads_per_request, heads, softmax_scale, out,
-        config=decode_config(q, k_cache, active_kv_heads),
+        config=decode_config(q, k_cache, active_kv_heads, window), window=window,
     )
 
 
@@ -137,21 +144,24 @@ def _decode_op(
     heads_per_request: Optional[torch.Tensor],
     heads: int,
     softmax_scale: float,
+    window: int,
 ) -> torch.Tensor:
     """``q [B, Hq, Dh]`` against ``k_cache, v_cache [B, Hkv, S_max, Dh]`` -> ``out [B, Hq, Dh]``
     (contiguous). Request ``b`` uses its first ``heads_per_request[b]`` query heads (None:
-    ``heads`` for every request) and cache positions ``< cache_seqlens[b]``; zeros elsewhere."""
-    return _forward_impl(q, k_cache, v_cache, cache_seqlens, heads_per_request, heads, softmax_scale)
+    ``heads`` for every request) and cache positions ``< cache_seqlens[b]`` (and, with a
+    ``window`` > 0, ``>= cache_seqlens[b] - window``); zeros elsewhere."""
+    check_window(window, True, none=0)  # the op is public too: the same rule
+    return _forward_impl(q, k_cache, v_cache, cache_seqlens, heads_per_request, heads, softmax_scale, window)
 
 
-def _forward_impl(q, k_cache, v_cache, cache_seqlens, heads_per_request, heads, softmax_scale):
+def _forward_impl(q, k_cache, v_cache, cache_seqlens, heads_per_request, heads, softmax_scale, window):
     """The implementation of :func:`_decode_op`."""
     impl = _forward_triton if _select(q) == "triton" else _forward_torch
-    return impl(q, k_cache, v_cache, cache_seqlens, heads_per_request, heads, softmax_scale)
+    return impl(q, k_cache, v_cache, cache_seqlens, heads_per_request, heads, softmax_scale, window)
 
 
 @_decode_op.register_fake
-def _(q, k_cache, v_cache, cache_seqlens, heads_per_request, heads, softmax_scale):
+def _(q, k_cache, v_cache, cache_seqlens, heads_per_request, heads, softmax_scale, window):
     return q.new_empty(q.shape)
 
 
@@ -192,6 +202,7 @@ def elastic_attention_decode(
     cache_seqlens: torch.Tensor,
     heads: Union[int, torch.Tensor],
     softmax_scale: Optional[float] = None,
+    window: Optional[int] = None,
 ) -> torch.Tensor:
     """Attention of one new query per request to its KV cache, with a head count per request.
 
@@ -206,6 +217,8 @@ def elastic_attention_decode(
             GQA group ``Hq // Hkv``: request ``b`` uses its first ``heads[b]`` query heads
             (and reads only the KV heads those use).
         softmax_scale: the score scale, a float > 0, default ``Dh ** -0.5``.
+        window: None, or a sliding window: request ``b`` attends to its last ``window``
+            positions only (``>= cache_seqlens[b] - window``), as the prefill's ``window``.
 
     Returns:
         ``[B, Hq, Dh]`` in the dtype of ``q``, exactly 0 at heads ``h >= heads[b]`` and for
@@ -252,6 +265,7 @@ def elastic_attention_decode(
         _check_values(cache_seqlens, heads_per_request, kv_len, q_heads, kv_heads)
 
     softmax_scale = softmax_scale_or_default(softmax_scale, head_dim)
+    window = check_window(window, True)
 
     return call_op(torch.ops.flextron.elastic_attention_decode, _forward_impl,
-                   q, k_cache, v_cache, cache_seqlens, heads_per_request, num_heads, float(softmax_scale))
+                   q, k_cache, v_cache, cache_seqlens, heads_per_request, num_heads, float(softmax_scale), window)

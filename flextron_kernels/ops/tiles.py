@@ -84,6 +84,16 @@ WIDE_HEAD_TILES_16BIT = {
 }
 
 
+def wide_head_tiles(kernel: str, window: bool = False) -> dict:
+    """16-bit tiles of an attention kernel for head dims above 128; ``window``: with a
+    sliding window, whose masked steps take more registers (the dq kernel's 32-key steps
+    would spill on sm_90; 16-key steps do not)."""
+    config = dict(WIDE_HEAD_TILES_16BIT[kernel])
+    if window and kernel == "bwd_dq":
+        config["BLOCK_N"] = 16
+    return config
+
+
 def attention_fp32_tiles(kernel: str, precision: str, *, wide_head: bool = False) -> dict:
     """Tiles of an attention kernel (``fwd``, ``bwd_dq``, ``bwd_dkdv``) for fp32 operands,
     at ``precision`` (``tf32`` or ``ieee``), for head dims up to 128 or above
@@ -210,9 +220,9 @@ def weight_grad_config(t: torch.Tensor) -> dict:
     return dict(_sixteen_bit("weight_grad", t.device), INPUT_PRECISION=precision)
 
 
-def attention_config(t: torch.Tensor, kernel: str) -> dict:
+def attention_config(t: torch.Tensor, kernel: str, *, window: bool = False) -> dict:
     """Tiles for an attention kernel: ``kernel`` is ``"fwd"``, ``"bwd_dq"`` or ``"bwd_dkdv"``
-    (``BLOCK_M`` queries and ``BLOCK_N`` keys at a time)."""
+    (``BLOCK_M`` queries and ``BLOCK_N`` keys at a time); ``window``: for a sliding window."""
     if kernel not in ATTENTION_KERNELS:
         raise ValueError(f"kernel: expected one of {', '.join(ATTENTION_KERNELS)}, got {kernel!r}")
     precision = input_precision(t)
@@ -227,7 +237,7 @@ def attention_config(t: torch.Tensor, kernel: str) -> dict:
     if t.dtype == torch.float32:
         return dict(attention_fp32_tiles(kernel, precision, wide_head=wide_head), INPUT_PRECISION=precision)
     if wide_head:
-        return dict(WIDE_HEAD_TILES_16BIT[kernel], INPUT_PRECISION=precision)
+        return dict(wide_head_tiles(kernel, window), INPUT_PRECISION=precision)
     return dict(_sixteen_bit(f"attention_{kernel}", t.device), INPUT_PRECISION=precision)
 
 

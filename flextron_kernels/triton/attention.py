@@ -110,20 +110,41 @@ def _token_block(ptr, n0, end, head, stride_t, stride_h, dims, dim_mask, BLOCK: 
 
 
 @triton.jit
+def _key_mask(cols, rows, kv_end, window, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """``[len(rows), len(cols)]``: the keys ``cols`` each query row sees: before ``kv_end``,
+    with ``CAUSAL`` at or before its own position, with ``WINDOW`` within ``window`` of it."""
+    keep = cols[None, :] < kv_end
+    if CAUSAL:
+        keep = keep & (cols[None, :] <= rows[:, None])
+    if WINDOW:
+        keep = keep & (cols[None, :] > rows[:, None] - window)
+    return keep
+
+
+@triton.jit
+def _window_keys(seq_start, start, end, window, unmasked_end, BLOCK_N: tl.constexpr):
+    """A causal sliding window over the keys of query tile ``[start, end)``: key blocks
+    (of BLOCK_N from the sequence start) from ``lo`` reach some row's window, and from
+    ``unmasked_lo`` (up to ``unmasked_end``) lie inside every row's (keys ``>= end - window``)."""
+    first = tl.maximum(start - window + 1, seq_start)
+    lo = seq_start + (first - seq_start) // BLOCK_N * BLOCK_N
+    inside = tl.maximum(end - window - seq_start, 0)
+    unmasked_lo = tl.minimum(tl.maximum(seq_start + tl.cdiv(inside, BLOCK_N) * BLOCK_N, lo), unmasked_end)
+    return lo, unmasked_lo
+
+
+@triton.jit
 def _softmax_step(acc, m_i, l_i, s, v_ptr, n0, kv_end, rows, kv_head, stride_vt, stride_vh, dims, dim_mask, qk_scale,
-                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, KV_TMA: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                  BLOCK_N: tl.constexpr):
+                  window, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, KV_TMA: tl.constexpr,
+                  INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
     """The online softmax over one block of keys ``n0 .. n0 + BLOCK_N``: their raw scores
     ``s [BLOCK_M, BLOCK_N]`` (fp32) update the running row maxima ``m_i`` (scaled, base 2),
-    sums ``l_i`` and output ``acc``. ``MASKED``: keys at or past ``kv_end``, and with
-    ``CAUSAL`` keys after a row's own position, are dropped."""
+    sums ``l_i`` and output ``acc``. ``MASKED``: keys a row does not see
+    (:func:`_key_mask`) are dropped."""
     v = _token_block(v_ptr, n0, kv_end, kv_head, stride_vt, stride_vh, dims, dim_mask, BLOCK_N, KV_TMA)
     if MASKED:
         cols = n0 + tl.arange(0, BLOCK_N)
-        keep = cols[None, :] < kv_end
-        if CAUSAL:
-            keep = keep & (cols[None, :] <= rows[:, None])
-        s = tl.where(keep, s, float("-inf"))
+        s = tl.where(_key_mask(cols, rows, kv_end, window, CAUSAL, WINDOW), s, float("-inf"))
         if KV_TMA:
             # Values past kv_end (another sequence's) get zero weight, but 0 * inf is NaN.
             v = tl.where((cols < kv_end)[:, None], v, 0.0)
@@ -152,7 +173,7 @@ def _query_stats(lse_ptr, delta_ptr, rows64, used, head, num_tokens):
 @triton.jit
 def attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, heads_ptr, cu_seqlens_ptr,
-    num_tokens, num_seqs, static_heads, softmax_scale,
+    num_tokens, num_seqs, static_heads, softmax_scale, window,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     GROUP: tl.constexpr,
     HAS_HEADS: tl.constexpr,
@@ -164,13 +185,15 @@ def attention_fwd_kernel(
     BLOCK_N: tl.constexpr,
     OVERLAP: tl.constexpr,
     KV_TMA: tl.constexpr,
+    WINDOW: tl.constexpr,
 ):
     """``q, out [T, Hq, HEAD_DIM]``, ``k, v [T, Hkv, HEAD_DIM]`` (last dim contiguous;
     ``BLOCK_D``, a power of two >= 16, pads the head dimension), ``lse [Hq, T]``.
     ``OVERLAP``: each key block's softmax runs while the next block's scores are computed
     (more registers: for 16-bit tiles that fit them). ``KV_TMA``: ``k_ptr`` and ``v_ptr``
     are TMA descriptors over ``k`` and ``v`` as ``[T, Hkv * HEAD_DIM]`` (``HEAD_DIM ==
-    BLOCK_D``), blocks ``[BLOCK_N, HEAD_DIM]``. Grid: (tiles of BLOCK_M query tokens, Hq)."""
+    BLOCK_D``), blocks ``[BLOCK_N, HEAD_DIM]``. ``WINDOW`` (with ``CAUSAL``): a query sees
+    the keys less than ``window`` positions before it. Grid: (tiles of BLOCK_M query tokens, Hq)."""
     head = tl.program_id(1)
     seq, start, end, seq_start, seq_end, rows, row_mask = _tile(
         cu_seqlens_ptr, num_seqs, _query_tile_order(CAUSAL), BLOCK_M, SEQ_CHUNK
@@ -202,9 +225,13 @@ def attention_fwd_kernel(
     else:
         unmasked_end = seq_start + (seq_end - seq_start) // BLOCK_N * BLOCK_N
         kv_end = seq_end
-    for phase in tl.static_range(2):
-        lo = seq_start if phase == 0 else unmasked_end
-        hi = unmasked_end if phase == 0 else kv_end
+    # Phases: keys some row's window cuts (masked; WINDOW only), keys every row sees, masked keys.
+    window_lo, unmasked_lo = seq_start, seq_start
+    if WINDOW:
+        window_lo, unmasked_lo = _window_keys(seq_start, start, end, window, unmasked_end, BLOCK_N)
+    for phase in tl.static_range(0 if WINDOW else 1, 3):
+        lo = window_lo if phase == 0 else unmasked_lo if phase == 1 else unmasked_end
+        hi = unmasked_lo if phase == 0 else unmasked_end if phase == 1 else kv_end
         if OVERLAP:
             # The next block's scores go to the tensor cores before this block's softmax, so
             # that the two overlap: in order, the exponentials leave the tensor cores idle.
@@ -218,19 +245,19 @@ def attention_fwd_kernel(
                                      KV_TMA)
                     s_next = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
                     acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v_ptr, n0, hi, rows, kv_head, stride_vt,
-                                                  stride_vh, dims, dim_mask, qk_scale, phase == 1, CAUSAL, KV_TMA,
-                                                  INPUT_PRECISION, BLOCK_N)
+                                                  stride_vh, dims, dim_mask, qk_scale, window, phase != 1, CAUSAL,
+                                                  WINDOW, KV_TMA, INPUT_PRECISION, BLOCK_N)
                     s = s_next
                 acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v_ptr, last, hi, rows, kv_head, stride_vt, stride_vh,
-                                              dims, dim_mask, qk_scale, phase == 1, CAUSAL, KV_TMA, INPUT_PRECISION,
-                                              BLOCK_N)
+                                              dims, dim_mask, qk_scale, window, phase != 1, CAUSAL, WINDOW, KV_TMA,
+                                              INPUT_PRECISION, BLOCK_N)
         else:
             for n0 in range(lo, hi, BLOCK_N):
                 k = _token_block(k_ptr, n0, hi, kv_head, stride_kt, stride_kh, dims, dim_mask, BLOCK_N, KV_TMA)
                 s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
                 acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v_ptr, n0, hi, rows, kv_head, stride_vt, stride_vh,
-                                              dims, dim_mask, qk_scale, phase == 1, CAUSAL, KV_TMA, INPUT_PRECISION,
-                                              BLOCK_N)
+                                              dims, dim_mask, qk_scale, window, phase != 1, CAUSAL, WINDOW, KV_TMA,
+                                              INPUT_PRECISION, BLOCK_N)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = tl.where(used[:, None], acc / l_safe[:, None], 0.0)
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & dim_mask[None, :])
@@ -240,11 +267,13 @@ def attention_fwd_kernel(
 
 @triton.jit
 def _dkdv_step(dk, dv, k, v, cols, q_ptr, dout_ptr, lse_ptr, delta_ptr, heads_ptr, m0, seq_end, head, num_tokens,
-               static_heads, qk_scale, stride_qt, stride_qh, stride_dot, stride_doh, dims, dim_mask,
-               HAS_HEADS: tl.constexpr, CAUSAL_MASK: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-               BLOCK_M: tl.constexpr):
+               static_heads, qk_scale, stride_qt, stride_qh, stride_dot, stride_doh, dims, dim_mask, window,
+               HAS_HEADS: tl.constexpr, CAUSAL_MASK: tl.constexpr, WINDOW: tl.constexpr,
+               INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
     """Add one block of BLOCK_M queries (from ``m0``) of one head to a key tile's ``dk``
     and ``dv``. Keys past the tile are zeros, which only touch rows never stored.
+    ``CAUSAL_MASK``: drop the pairs a query does not see (causal, and with ``WINDOW``
+    farther than ``window`` back).
 
     Computed transposed (scores ``[keys, queries]``), as flash attention 2's Triton
     kernels do: the key tile's k and v, and the probabilities and their gradients, are the
@@ -263,7 +292,11 @@ def _dkdv_step(dk, dv, k, v, cols, q_ptr, dout_ptr, lse_ptr, delta_ptr, heads_pt
     dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
     p_t = tl.exp2(s_t * qk_scale - lse[None, :])
     if CAUSAL_MASK:
-        p_t = tl.where(cols[:, None] <= rows[None, :], p_t, 0.0)
+        if WINDOW:  # 0 <= row - col < window, in one unsigned comparison
+            seen = (rows[None, :] - cols[:, None]).to(tl.uint32) < window
+        else:
+            seen = cols[:, None] <= rows[None, :]
+        p_t = tl.where(seen, p_t, 0.0)
     dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
     return tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, input_precision=INPUT_PRECISION), dv
@@ -271,11 +304,11 @@ def _dkdv_step(dk, dv, k, v, cols, q_ptr, dout_ptr, lse_ptr, delta_ptr, heads_pt
 
 @triton.jit
 def _dq_step(dq, q, do, lse, delta, rows, k_ptr, v_ptr, n0, kv_head, qk_scale, stride_kt, stride_kh, stride_vt,
-             stride_vh, dims, dim_mask, kv_end, MASKED: tl.constexpr, CAUSAL: tl.constexpr, KV_TMA: tl.constexpr,
-             INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+             stride_vh, dims, dim_mask, kv_end, window, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+             WINDOW: tl.constexpr, KV_TMA: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
     """Add one block of BLOCK_N keys (from ``n0``) to a query tile's ``dq``. ``MASKED``:
-    keys at or past ``kv_end``, and with ``CAUSAL`` keys after a row's own position, add
-    nothing (unmasked blocks end before ``kv_end``)."""
+    keys a row does not see (:func:`_key_mask`) add nothing (unmasked blocks end before
+    ``kv_end``)."""
     cols = n0 + tl.arange(0, BLOCK_N)
     k = _token_block(k_ptr, n0, kv_end, kv_head, stride_kt, stride_kh, dims, dim_mask, BLOCK_N, KV_TMA)
     v = _token_block(v_ptr, n0, kv_end, kv_head, stride_vt, stride_vh, dims, dim_mask, BLOCK_N, KV_TMA)
@@ -287,10 +320,7 @@ def _dq_step(dq, q, do, lse, delta, rows, k_ptr, v_ptr, n0, kv_head, qk_scale, s
     s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
     p = tl.exp2(s - lse[:, None])
     if MASKED:
-        keep = cols[None, :] < kv_end
-        if CAUSAL:
-            keep = keep & (cols[None, :] <= rows[:, None])
-        p = tl.where(keep, p, 0.0)
+        p = tl.where(_key_mask(cols, rows, kv_end, window, CAUSAL, WINDOW), p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
     ds = p * (dp - delta[:, None])
     return tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
@@ -299,7 +329,7 @@ def _dq_step(dq, q, do, lse, delta, rows, k_ptr, v_ptr, n0, kv_head, qk_scale, s
 @triton.jit
 def attention_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, heads_ptr, seq_heads_ptr, cu_seqlens_ptr,
-    num_tokens, num_seqs, static_heads, softmax_scale,
+    num_tokens, num_seqs, static_heads, softmax_scale, window,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh,
     GROUP: tl.constexpr,
@@ -310,6 +340,7 @@ def attention_bwd_dkdv_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    WINDOW: tl.constexpr,
 ):
     """Gradients of one tile of BLOCK_N keys for one KV head, summed over the GROUP query
     heads that read it and over the queries of its sequence, BLOCK_M queries at a time
@@ -347,17 +378,25 @@ def attention_bwd_dkdv_kernel(
         num_masked = 0
     unmasked_lo = q_lo + num_masked * BLOCK_M
     num_unmasked = tl.maximum(tl.cdiv(seq_end - unmasked_lo, BLOCK_M), 0)
-    # One flat loop over (head, query block) pairs per kind of block (masked, then not):
-    # a loop over heads around the query loop kept far more registers alive (it spilled
-    # at every tile size).
-    for phase in tl.static_range(2):
-        lo = q_lo if phase == 0 else unmasked_lo
-        steps = num_masked if phase == 0 else num_unmasked
+    window_lo, num_window = unmasked_lo, 0
+    if WINDOW:
+        # Queries before `start + window` see every key of the tile; the later ones, up to the
+        # last that sees the tile's last key, are masked blocks of their own.
+        if start + window < seq_end:
+            num_unmasked = tl.maximum((start + window - unmasked_lo) // BLOCK_M, 0)
+        window_lo = unmasked_lo + num_unmasked * BLOCK_M
+        num_window = tl.maximum(tl.cdiv(tl.minimum(seq_end, end - 1 + window) - window_lo, BLOCK_M), 0)
+    # One flat loop over (head, query block) pairs per kind of block (masked, not masked,
+    # and with WINDOW masked again): a loop over heads around the query loop kept far more
+    # registers alive (it spilled at every tile size).
+    for phase in tl.static_range(3 if WINDOW else 2):
+        lo = q_lo if phase == 0 else unmasked_lo if phase == 1 else window_lo
+        steps = num_masked if phase == 0 else num_unmasked if phase == 1 else num_window
         for i in range(0, num_heads * steps):
             dk, dv = _dkdv_step(dk, dv, k, v, cols, q_ptr, dout_ptr, lse_ptr, delta_ptr, heads_ptr,
                                 lo + (i % steps) * BLOCK_M, seq_end, kv_head * GROUP + i // steps, num_tokens,
                                 static_heads, qk_scale, stride_qt, stride_qh, stride_dot, stride_doh, dims, dim_mask,
-                                HAS_HEADS, CAUSAL and phase == 0, INPUT_PRECISION, BLOCK_M)
+                                window, HAS_HEADS, CAUSAL and phase != 1, WINDOW, INPUT_PRECISION, BLOCK_M)
     dk = dk * softmax_scale
     tl.store(dk_ptr + cols64[:, None] * stride_dkt + kv_head * stride_dkh + dims[None, :], dk.to(dk_ptr.dtype.element_ty), mask=col_mask[:, None] & dim_mask[None, :])
     tl.store(dv_ptr + cols64[:, None] * stride_dvt + kv_head * stride_dvh + dims[None, :], dv.to(dv_ptr.dtype.element_ty), mask=col_mask[:, None] & dim_mask[None, :])
@@ -366,7 +405,7 @@ def attention_bwd_dkdv_kernel(
 @triton.jit
 def attention_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, heads_ptr, cu_seqlens_ptr,
-    num_tokens, num_seqs, static_heads, softmax_scale,
+    num_tokens, num_seqs, static_heads, softmax_scale, window,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_dqt, stride_dqh,
     GROUP: tl.constexpr,
     HAS_HEADS: tl.constexpr,
@@ -377,6 +416,7 @@ def attention_bwd_dq_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     KV_TMA: tl.constexpr,
+    WINDOW: tl.constexpr,
 ):
     """Query gradient of one tile of BLOCK_M queries for one query head (zeros where
     the head is unused). ``KV_TMA``: keys and values through descriptors, as in
@@ -403,14 +443,27 @@ def attention_bwd_dq_kernel(
         # Not causal: only the sequence's last, partial key block needs one.
         kv_end = end if CAUSAL else seq_end
         unmasked_end = start if CAUSAL else seq_start + (seq_end - seq_start) // BLOCK_N * BLOCK_N
-        for n0 in range(seq_start, unmasked_end, BLOCK_N):
+        window_lo, unmasked_lo = seq_start, seq_start
+        if WINDOW:  # as in the forward: the key blocks some row's window cuts are masked too
+            window_lo, unmasked_lo = _window_keys(seq_start, start, end, window, unmasked_end, BLOCK_N)
+        for n0 in range(unmasked_lo, unmasked_end, BLOCK_N):
             dq = _dq_step(dq, q, do, lse, delta, rows, k_ptr, v_ptr, n0, kv_head, qk_scale, stride_kt, stride_kh,
-                          stride_vt, stride_vh, dims, dim_mask, kv_end, False, CAUSAL, KV_TMA, INPUT_PRECISION,
-                          BLOCK_N)
-        for n0 in range(unmasked_end, kv_end, BLOCK_N):
-            dq = _dq_step(dq, q, do, lse, delta, rows, k_ptr, v_ptr, n0, kv_head, qk_scale, stride_kt, stride_kh,
-                          stride_vt, stride_vh, dims, dim_mask, kv_end, True, CAUSAL, KV_TMA, INPUT_PRECISION,
-                          BLOCK_N)
+                          stride_vt, stride_vh, dims, dim_mask, kv_end, window, False, CAUSAL, WINDOW, KV_TMA,
+                          INPUT_PRECISION, BLOCK_N)
+        if WINDOW:
+            # The cut blocks and the last ones in one masked loop: a loop of their own made a
+            # third copy of the step, which spilled registers at head dim 256.
+            num_cut = (unmasked_lo - window_lo) // BLOCK_N
+            for i in range(0, num_cut + tl.cdiv(kv_end - unmasked_end, BLOCK_N)):
+                n0 = tl.where(i < num_cut, window_lo + i * BLOCK_N, unmasked_end + (i - num_cut) * BLOCK_N)
+                dq = _dq_step(dq, q, do, lse, delta, rows, k_ptr, v_ptr, n0, kv_head, qk_scale, stride_kt, stride_kh,
+                              stride_vt, stride_vh, dims, dim_mask, kv_end, window, True, CAUSAL, WINDOW, KV_TMA,
+                              INPUT_PRECISION, BLOCK_N)
+        else:
+            for n0 in range(unmasked_end, kv_end, BLOCK_N):
+                dq = _dq_step(dq, q, do, lse, delta, rows, k_ptr, v_ptr, n0, kv_head, qk_scale, stride_kt, stride_kh,
+                              stride_vt, stride_vh, dims, dim_mask, kv_end, window, True, CAUSAL, WINDOW, KV_TMA,
+                              INPUT_PRECISION, BLOCK_N)
     dq = dq * softmax_scale
     tl.store(dq_ptrs, dq.to(dq_ptr.dtype.element_ty), mask=row_mask[:, None] & dim_mask[None, :])
 
@@ -478,11 +531,11 @@ def _keys_and_values(k, v, config):
     return tiles, k, v
 
 
-def attention_fwd(q, k, v, out, lse, heads, static_heads, cu_seqlens, *, causal, softmax_scale, config):
+def attention_fwd(q, k, v, out, lse, heads, static_heads, cu_seqlens, *, causal, softmax_scale, config, window=0):
     """Launch the forward: writes every element of ``out [T, Hq, D]`` and ``lse [Hq, T]``;
     ``cu_seqlens [B + 1]`` int32. ``config``: the tiles, and ``KV_TMA`` (optional): read
     ``k`` and ``v`` through TMA descriptors where they allow it (:func:`_heads_descriptor`),
-    with pointers otherwise."""
+    with pointers otherwise. ``window``: 0, or a causal sliding window of that many positions."""
     num_tokens, q_heads, head_dim = q.shape
     _check_tiles(config)
     if num_tokens == 0:
@@ -492,38 +545,38 @@ def attention_fwd(q, k, v, out, lse, heads, static_heads, cu_seqlens, *, causal,
     grid = (num_tile_slots(num_tokens, num_seqs, config["BLOCK_M"]), q_heads)
     attention_fwd_kernel[grid](
         q, k_arg, v_arg, out, lse, heads if heads is not None else cu_seqlens, cu_seqlens,
-        num_tokens, num_seqs, static_heads, softmax_scale,
+        num_tokens, num_seqs, static_heads, softmax_scale, window,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         GROUP=q_heads // k.shape[1], HAS_HEADS=heads is not None, CAUSAL=causal, HEAD_DIM=head_dim,
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), KV_TMA=k_arg is not k, **tiles,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), KV_TMA=k_arg is not k, WINDOW=window > 0, **tiles,
     )
 
 
 def attention_bwd(q, k, v, dout, lse, delta, dq, dk, dv, heads, seq_heads, static_heads, cu_seqlens,
-                  *, causal, softmax_scale, dq_config, dkdv_config):
+                  *, causal, softmax_scale, dq_config, dkdv_config, window=0):
     """Launch the backward: writes ``dq``, ``dk``, ``dv`` (shapes of q, k, v) from
     ``dout``, the forward's ``lse [Hq, T]`` and ``delta [Hq, T] = rowsum(dout * out)``;
     ``seq_heads [B]``: each sequence's largest head count (with per-token ``heads``);
     ``cu_seqlens [B + 1]`` int32. ``dq_config`` / ``dkdv_config``: each kernel's tiles
-    (the dq kernel's may ask for ``KV_TMA``, as the forward's)."""
+    (the dq kernel's may ask for ``KV_TMA``, as the forward's); ``window`` as the forward's."""
     num_tokens, q_heads, head_dim = q.shape
     _check_tiles(dq_config)
     if num_tokens == 0:
         return
     common = dict(GROUP=q_heads // k.shape[1], HAS_HEADS=heads is not None, CAUSAL=causal, HEAD_DIM=head_dim,
-                  BLOCK_D=max(16, triton.next_power_of_2(head_dim)))
+                  BLOCK_D=max(16, triton.next_power_of_2(head_dim)), WINDOW=window > 0)
     heads_arg = heads if heads is not None else cu_seqlens
     num_seqs = cu_seqlens.numel() - 1
     attention_bwd_dkdv_kernel[(num_tile_slots(num_tokens, num_seqs, dkdv_config["BLOCK_N"]), k.shape[1])](
         q, k, v, dout, lse, delta, dk, dv, heads_arg, seq_heads if seq_heads is not None else cu_seqlens, cu_seqlens,
-        num_tokens, num_seqs, static_heads, softmax_scale,
+        num_tokens, num_seqs, static_heads, softmax_scale, window,
         *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *_strides(dv),
         **common, **dkdv_config,
     )
     dq_tiles, k_arg, v_arg = _keys_and_values(k, v, dq_config)
     attention_bwd_dq_kernel[(num_tile_slots(num_tokens, num_seqs, dq_config["BLOCK_M"]), q_heads)](
         q, k_arg, v_arg, dout, lse, delta, dq, heads_arg, cu_seqlens,
-        num_tokens, num_seqs, static_heads, softmax_scale,
+        num_tokens, num_seqs, static_heads, softmax_scale, window,
         *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
         KV_TMA=k_arg is not k, **common, **dq_tiles,
     )

@@ -2,7 +2,7 @@
 head count.
 
 Request ``b`` attends with its first ``heads[b]`` query heads to cache positions
-``< cache_seqlens[b]``; query head ``h`` reads KV head ``h // G`` (``G = Hq // Hkv``,
+``< cache_seqlens[b]`` (with a sliding ``window`` > 0, the last ``window`` of them); query head ``h`` reads KV head ``h // G`` (``G = Hq // Hkv``,
 and ``heads[b]`` is a multiple of ``G``). Two kernels:
 
 - :func:`attention_decode_split_kernel`, grid ``(B, Hkv, num_splits)``: a program takes
@@ -25,9 +25,15 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _first_position(seqlen, window):
+    """The first cache position a request attends to: 0, or with a window the window's first."""
+    return tl.where(window > 0, tl.maximum(seqlen - window, 0), 0)
+
+
+@triton.jit
 def attention_decode_split_kernel(
     q_ptr, k_ptr, v_ptr, seqlens_ptr, heads_ptr, part_out_ptr, part_lse_ptr,
-    num_heads, num_q_heads, num_splits, split_len, qk_scale,
+    num_heads, num_q_heads, num_splits, split_len, qk_scale, window,
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
@@ -44,6 +50,7 @@ def attention_decode_split_kernel(
     ``num_heads`` is every request's count), workspaces ``part_out [B, Hq, num_splits,
     HEAD_DIM]`` and ``part_lse [B, Hq, num_splits]`` fp32, contiguous. ``qk_scale`` is the
     softmax scale times log2(e): the softmax runs in base 2 and ``part_lse`` is in log2 units.
+    ``window`` > 0: the splits cover the request's last ``window`` positions only.
     """
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -53,7 +60,7 @@ def attention_decode_split_kernel(
         heads = tl.load(heads_ptr + b).to(tl.int32)
     else:
         heads = num_heads
-    start = split * split_len
+    start = _first_position(seqlen, window) + split * split_len
     if (kv_head * GROUP >= heads) | (start >= seqlen):
         return
     end = tl.minimum(start + split_len, seqlen)
@@ -111,7 +118,7 @@ def attention_decode_split_kernel(
 @triton.jit
 def attention_decode_combine_kernel(
     part_out_ptr, part_lse_ptr, seqlens_ptr, heads_ptr, out_ptr,
-    num_heads, num_q_heads, num_splits, split_len,
+    num_heads, num_q_heads, num_splits, split_len, window,
     stride_ob, stride_oh, stride_od,
     HAS_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -130,7 +137,8 @@ def attention_decode_combine_kernel(
         heads = tl.load(heads_ptr + b).to(tl.int32)
     else:
         heads = num_heads
-    num_valid = tl.where(h < heads, (seqlen + split_len - 1) // split_len, 0)
+    span = seqlen - _first_position(seqlen, window)
+    num_valid = tl.where(h < heads, (span + split_len - 1) // split_len, 0)
     rows = (b.to(tl.int64) * num_q_heads + h) * num_splits
 
     s = tl.arange(0, BLOCK_S)
@@ -155,13 +163,14 @@ def attention_decode_combine_kernel(
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
-def attention_decode(q, k_cache, v_cache, cache_seqlens, heads_per_request, heads, softmax_scale, out, *, config):
+def attention_decode(q, k_cache, v_cache, cache_seqlens, heads_per_request, heads, softmax_scale, out, *, config,
+                     window=0):
     """Launch both kernels, writing every element of ``out [B, Hq, Dh]``.
 
     ``heads_per_request`` is the ``[B]`` integer tensor of head counts, or None for the
     int ``heads`` everywhere. ``config``: ``BLOCK_N`` and ``num_splits`` (an upper bound:
     the cache is cut into splits of whole blocks), ``INPUT_PRECISION``, and optionally
-    ``num_warps`` / ``num_stages``.
+    ``num_warps`` / ``num_stages``. ``window``: 0, or a sliding window of positions.
     """
     batch, q_heads, head_dim = q.shape
     kv_heads, kv_len = k_cache.shape[1], k_cache.shape[2]
@@ -169,7 +178,7 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, heads_per_request, head
         return out
     group = q_heads // kv_heads
     block_n = config["BLOCK_N"]
-    num_blocks = triton.cdiv(kv_len, block_n)
+    num_blocks = triton.cdiv(min(kv_len, window) if window else kv_len, block_n)
     blocks_per_split = max(triton.cdiv(num_blocks, config["num_splits"]), 1)
     split_len = blocks_per_split * block_n
     num_splits = max(triton.cdiv(num_blocks, blocks_per_split), 1)
@@ -186,7 +195,7 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, heads_per_request, head
     if active_kv_heads > 0 and kv_len > 0:
         attention_decode_split_kernel[(batch, active_kv_heads, num_splits)](
             q, k_cache, v_cache, seqlens_arg, heads_arg, part_out, part_lse,
-            heads, q_heads, num_splits, split_len, softmax_scale * LOG2E,
+            heads, q_heads, num_splits, split_len, softmax_scale * LOG2E, window,
             *q.stride(), *k_cache.stride(), *v_cache.stride(),
             GROUP=group,
             HAS_HEADS=has_heads,
@@ -204,7 +213,7 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, heads_per_request, head
     chunk_s = min(block_s, 64)
     attention_decode_combine_kernel[(batch, q_heads)](
         part_out, part_lse, seqlens_arg, heads_arg, out,
-        heads, q_heads, num_splits, split_len,
+        heads, q_heads, num_splits, split_len, window,
         *out.stride(),
         HAS_HEADS=has_heads,
         HEAD_DIM=head_dim,
