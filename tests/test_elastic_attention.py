@@ -492,3 +492,16 @@ def test_argument_values_are_checked_with_one_copy_to_the_host(host_copies, devi
     with torch.no_grad(), fk.use_backend("triton"):
         fk.elastic_attention(*tensors, heads=heads.to(device), cu_seqlens=cu.to(device))
     assert host_copies == [("tolist", "checks.py")]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_window_as_long_as_the_sequences_or_longer_hides_nothing(backend, device):
+    """Windows up to and past 32-bit positions (the kernels' arithmetic) run as no window."""
+    tensors, _, heads, cu = make_inputs([5, 40], 4, 2, "per_token", torch.float32, device, seed=9)
+    q, k, v = tensors
+    heads, cu = heads.to(device), cu.to(device)
+    with fk.use_backend(backend):
+        plain = fk.elastic_attention(q, k, v, heads=heads, cu_seqlens=cu)
+        for window in (40, 45, 2**31 - 1, 2**31 + 5, 10**12):
+            assert torch.equal(fk.elastic_attention(q, k, v, heads=heads, cu_seqlens=cu, window=window), plain), window
+        assert not torch.equal(fk.elastic_attention(q, k, v, heads=heads, cu_seqlens=cu, window=39), plain)

@@ -389,3 +389,14 @@ def test_argument_values_are_checked_with_one_copy_to_the_host(host_copies, devi
     assert host_copies == [("tolist", "checks.py")]
     with pytest.raises(ValueError, match="got 5 for request 1"):
         fk.elastic_attention_decode(q, k, v, cache_seqlens=lens, heads=torch.tensor([8, 5, 0], device=device))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_window_as_long_as_the_cache_or_longer_hides_nothing(backend, device):
+    q, k, v = make(3, 8, 2, 40, 16, dtype=torch.float32, device=device, seed=14)
+    lens = torch.tensor([40, 7, 0], device=device)
+    heads = torch.tensor([8, 4, 8], device=device)
+    plain = run(backend, q, k, v, lens, heads)
+    for window in (40, 2**31 - 1, 2**31 + 5, 10**12):
+        assert torch.equal(run(backend, q, k, v, lens, heads, window=window), plain), window
+    assert not torch.equal(run(backend, q, k, v, lens, heads, window=39), plain)

@@ -204,7 +204,7 @@ def _fwd_op(
 def _forward_impl(q, k, v, cu_seqlens, heads, static_heads, causal, window, softmax_scale):
     """The implementation of :func:`_fwd_op` (``softmax_scale`` and ``window`` already checked)."""
     impl = _forward_triton if _select(q) == "triton" else _forward_torch
-    return impl(q, k, v, cu_seqlens, heads, static_heads, causal, window, softmax_scale)
+    return impl(q, k, v, cu_seqlens, heads, static_heads, causal, effective_window(window, q.shape[0]), softmax_scale)
 
 
 @_fwd_op.register_fake
@@ -234,7 +234,8 @@ def _bwd_op(
 def _backward_impl(dout, q, k, v, out, lse, cu_seqlens, heads, static_heads, causal, window, softmax_scale):
     """The implementation of :func:`_bwd_op`."""
     impl = _backward_triton if _select(q) == "triton" else _backward_torch
-    return impl(dout, q, k, v, out, lse, cu_seqlens, heads, static_heads, causal, window, softmax_scale)
+    return impl(dout, q, k, v, out, lse, cu_seqlens, heads, static_heads, causal, effective_window(window, q.shape[0]),
+                softmax_scale)
 
 
 @_bwd_op.register_fake
@@ -300,6 +301,13 @@ def check_window(window, causal: bool, *, none=None) -> int:
         raise ValueError(f"window: a sliding window is causal (a query sees the window's positions up to its own); "
                          f"expected causal=True, got causal=False with window={window}")
     return window
+
+
+def effective_window(window: int, positions: int) -> int:
+    """``window`` (0: none) as the kernels run it over at most ``positions`` positions: a
+    window that long or longer hides nothing, and the kernels' 32-bit position arithmetic
+    never sees a larger one."""
+    return 0 if window >= positions else window
 
 
 def check_head_dim(name: str, head_dim: int) -> None:

@@ -36,7 +36,7 @@ from flextron_kernels.ops.checks import (
     width_range,
 )
 from flextron_kernels.ops.common import call_op, outside_autocast
-from flextron_kernels.ops.elastic_attention import check_window
+from flextron_kernels.ops.elastic_attention import check_window, effective_window
 from flextron_kernels.ops.tiles import attention_decode_tiles, input_precision
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -157,7 +157,8 @@ def _decode_op(
 def _forward_impl(q, k_cache, v_cache, cache_seqlens, heads_per_request, heads, softmax_scale, window):
     """The implementation of :func:`_decode_op`."""
     impl = _forward_triton if _select(q) == "triton" else _forward_torch
-    return impl(q, k_cache, v_cache, cache_seqlens, heads_per_request, heads, softmax_scale, window)
+    return impl(q, k_cache, v_cache, cache_seqlens, heads_per_request, heads, softmax_scale,
+                effective_window(window, k_cache.shape[2]))
 
 
 @_decode_op.register_fake
