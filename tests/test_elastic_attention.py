@@ -92,9 +92,10 @@ def test_sliding_window_matches_reference(backend, window, device):
         assert rel_err(plain[0], want[0]) > 1e-3
 
 
-@pytest.mark.parametrize("overlap", [True, False])
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")
+@pytest.mark.parametrize("overlap,kv_tma", [(True, False), (False, False), (True, True)])
 @pytest.mark.parametrize("dkdv_tiles", [(16, 32), (32, 16)])
-def test_sliding_window_with_other_tiles(overlap, dkdv_tiles, device, monkeypatch):
+def test_sliding_window_with_other_tiles(overlap, kv_tma, dkdv_tiles, device, monkeypatch):
     import importlib
 
     module = importlib.import_module("flextron_kernels.ops.elastic_attention")
@@ -103,10 +104,10 @@ def test_sliding_window_with_other_tiles(overlap, dkdv_tiles, device, monkeypatc
     def config(t, kernel, **kwargs):
         tiles = default(t, kernel, **kwargs)
         if kernel == "fwd":
-            return dict(tiles, OVERLAP=overlap, BLOCK_M=32, BLOCK_N=16)
+            return dict(tiles, OVERLAP=overlap, KV_TMA=kv_tma, BLOCK_M=32, BLOCK_N=16)
         if kernel == "bwd_dkdv":
             return dict(tiles, BLOCK_M=dkdv_tiles[0], BLOCK_N=dkdv_tiles[1])
-        return dict(tiles, BLOCK_M=32, BLOCK_N=16)
+        return dict(tiles, KV_TMA=kv_tma, BLOCK_M=32, BLOCK_N=16)
 
     monkeypatch.setattr(module, "attention_config", config)
     for window in (7, 33):
@@ -376,13 +377,17 @@ def test_bf16_error_within_twice_torch(kv_heads, heads_kind, kv_tma, monkeypatch
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("window", [100, 512])
-def test_bf16_sliding_window_within_twice_torch(window):
+@pytest.mark.parametrize("window,overlap,kv_tma", [(100, True, False), (512, True, False), (100, False, False),
+                                                   (512, True, True)])
+def test_bf16_sliding_window_within_twice_torch(window, overlap, kv_tma):
     """The window's key blocks (cut, whole, skipped) at the GPU's tiles, forward and backward."""
+    from flextron_kernels.ops.tiles import override_tiles
+
     device = torch.device("cuda")
     tensors, grad, heads, cu = make_inputs([1, 700, 1023, 300], 32, 8, "per_token", torch.bfloat16, device, seed=8,
                                            head_dim=128)
-    ours = forward_backward(fk.elastic_attention, tensors, grad, heads, cu, True, device, window=window)
+    with override_tiles(attention_fwd=dict(OVERLAP=overlap, KV_TMA=kv_tma), attention_bwd_dq=dict(KV_TMA=kv_tma)):
+        ours = forward_backward(fk.elastic_attention, tensors, grad, heads, cu, True, device, window=window)
     torch_bf16 = forward_backward(reference.elastic_attention, tensors, grad, heads, cu, True, device, window=window)
     exact = forward_backward(reference.elastic_attention, [t.double() for t in tensors], grad, heads, cu, True, device,
                              window=window)
@@ -500,8 +505,10 @@ def test_a_window_as_long_as_the_sequences_or_longer_hides_nothing(backend, devi
     tensors, _, heads, cu = make_inputs([5, 40], 4, 2, "per_token", torch.float32, device, seed=9)
     q, k, v = tensors
     heads, cu = heads.to(device), cu.to(device)
+    grad = torch.randn_like(q)
     with fk.use_backend(backend):
-        plain = fk.elastic_attention(q, k, v, heads=heads, cu_seqlens=cu)
-        for window in (40, 45, 2**31 - 1, 2**31 + 5, 10**12):
-            assert torch.equal(fk.elastic_attention(q, k, v, heads=heads, cu_seqlens=cu, window=window), plain), window
-        assert not torch.equal(fk.elastic_attention(q, k, v, heads=heads, cu_seqlens=cu, window=39), plain)
+        plain = forward_backward(fk.elastic_attention, tensors, grad, heads, cu, True, device)
+        for window in (40, 45, 2**31 - 1, 2**31 + 5, 2**32 + 5, 10**12):
+            got = forward_backward(fk.elastic_attention, tensors, grad, heads, cu, True, device, window=window)
+            assert all(torch.equal(a, b) for a, b in zip(got, plain)), window
+        assert not torch.equal(fk.elastic_attention(q, k, v, heads=heads, cu_seqlens=cu, window=39), plain[0])

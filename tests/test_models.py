@@ -429,6 +429,9 @@ def test_a_windowed_checkpoint_matches_transformers_past_its_window(kind, extra,
         # Decode steps past the window read its last positions only, as the prefill does.
         generated = model.generate(ids[:, :5], max_new_tokens=20)
         assert torch.equal(generated, hf.generate(ids[:, :5], max_new_tokens=20, do_sample=False, pad_token_id=0))
+        if kind == "mistral":  # the kernels too (the Triton interpreter), past the window
+            with fk.use_backend("triton"):
+                assert max_rel(model(ids[:1, :20]), expected[:1, :20]) < 1e-4
         served = Server(model, max_batch=2, max_len=32, cuda_graphs=False).run(
             [Request(ids[i, :5].tolist(), max_new_tokens=20) for i in range(2)])
         assert [c.tokens for c in served] == generated[:, 5:].tolist()
@@ -540,6 +543,10 @@ def test_rope_and_window_of_configs_written_by_older_transformers():
     assert _sliding_window(SimpleNamespace(max_window_layers=2, **qwen2)) == {}
     assert _sliding_window(SimpleNamespace(**dict(qwen2, use_sliding_window=False), max_window_layers=0)) == {}
     mistral = SimpleNamespace(sliding_window=8, num_hidden_layers=3)  # every layer
+    assert _sliding_window(mistral) == dict(sliding_window=8, window_layers=None)
+    # A Mistral config with layer_types: transformers' Mistral windows every layer all the same.
+    mistral = SimpleNamespace(model_type="mistral", sliding_window=8, num_hidden_layers=2,
+                              layer_types=["sliding_attention", "full_attention"])
     assert _sliding_window(mistral) == dict(sliding_window=8, window_layers=None)
 
 

@@ -118,11 +118,13 @@ def _sliding_window(hf_config) -> dict:
         return {}
     layers = range(hf_config.num_hidden_layers)
     layer_types = getattr(hf_config, "layer_types", None)
-    if layer_types is not None:
+    if getattr(hf_config, "model_type", None) == "mistral":  # every layer (it ignores layer_types)
+        windowed = list(layers)
+    elif layer_types is not None:
         windowed = [i for i in layers if layer_types[i] == "sliding_attention"]
     elif hasattr(hf_config, "use_sliding_window"):  # Qwen2 in transformers < 5: the layers from max_window_layers
         windowed = [i for i in layers if hf_config.use_sliding_window and i >= hf_config.max_window_layers]
-    else:  # Mistral: every layer
+    else:  # Mistral in transformers < 5: every layer
         windowed = list(layers)
     if not windowed:
         return {}
