@@ -610,6 +610,8 @@ def test_forward_with_an_attention_mask_runs_each_row_alone():
         for i, row in enumerate(mask.bool()):
             alone = model(ids[i][row][None], budget=budgets[i: i + 1])[0]
             torch.testing.assert_close(logits[i][row], alone)
+    empty = torch.zeros(0, 6, dtype=torch.long)  # an empty batch, with or without a mask
+    assert model(empty).shape == model(empty, attention_mask=empty).shape == (0, 6, VOCAB)
     with pytest.raises(ValueError, match="attention_mask: expected with input_ids \\[B, S\\] and no cu_seqlens"):
         model(ids.reshape(-1), attention_mask=mask.reshape(-1), cu_seqlens=torch.tensor([0, 18], dtype=torch.int32))
 

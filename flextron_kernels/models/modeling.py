@@ -317,6 +317,8 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
         ``attention_mask [B, S]`` (with ``[B, S]`` ids): 1 for a token, 0 for padding; each
         row's tokens run as one sequence (positions from 0, pads never attended; packed, so
         pads cost nothing) and the logits at pads are zeros."""
+        if input_ids.dim() == 2 and input_ids.shape[0] == 0:  # an empty batch: no sequence to run
+            return self.embed.weight.new_zeros(*input_ids.shape, self.config.vocab_size)
         if attention_mask is not None:
             if input_ids.dim() != 2 or cu_seqlens is not None:
                 raise ValueError(f"attention_mask: expected with input_ids [B, S] and no cu_seqlens, got input_ids of "
@@ -517,11 +519,11 @@ def _pack_by_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tupl
     others, *counts = torch.cat([others.reshape(1), lengths]).tolist()
     if others:
         raise ValueError(f"attention_mask: expected 0 (padding) and 1 (a token) only, got {others} other values")
-    if min(counts) < 1:
+    if counts and min(counts) < 1:
         raise ValueError(f"attention_mask: expected at least one token (a 1) in every row, got none in rows "
                          f"{[i for i, c in enumerate(counts) if c < 1][:8]}")
     cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-    return input_ids[keep], cu, max(counts)
+    return input_ids[keep], cu, max(counts, default=0)
 
 
 @functools.lru_cache(maxsize=None)
