@@ -204,7 +204,25 @@ def train_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue exactly from OUT/trainer.pt")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard with FSDP2 (fully_shard) instead of DDP")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None,
+                   help="where to train, e.g. cuda, cuda:1 or cpu (default: a GPU if there is one; under torchrun, "
+                        "each process's local GPU). The weights stay fp32.")
     return p
+
+
+def _train_device(name):
+    """``--device`` as a torch device (default: a GPU if there is one), or SystemExit."""
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"--device: expected a torch device such as cuda, cuda:1 or cpu, got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device: {name!r} asks for a GPU, and this machine has none (torch sees no CUDA device)")
+    return device
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -232,12 +250,15 @@ def run_train(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as err:
         raise SystemExit(str(err)) from None
     out = _writable_folder(args.out)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    # Under torchrun each process takes its local GPU (_distribute); alone, the chosen device.
+    device = None if distributed and args.device is None else _train_device(args.device)
     model_path = Path(args.model)
     config_file = model_path / "config.json"
     if config_file.exists() and "flextron_config" in json.loads(config_file.read_text()):
-        model = FlextronForCausalLM.from_pretrained(model_path)
+        model = FlextronForCausalLM.from_pretrained(model_path, device=device)
     elif model_path.exists():  # a Hugging Face checkpoint: convert, ranked on the first training rows
-        model = FlextronForCausalLM.from_hf(model_path, calibration=train.rows[:16, :-1])
+        model = FlextronForCausalLM.from_hf(model_path, calibration=train.rows[:16, :-1], device=device)
     else:
         raise SystemExit(f"--model: no such folder: {str(model_path)!r}")
     if args.lut:
@@ -251,7 +272,7 @@ def run_train(args: argparse.Namespace) -> int:
     metrics = out / f"metrics_{args.stage}.jsonl"
     torch.manual_seed(args.seed)
     trained = model
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun
+    if distributed:  # started by torchrun
         trained = _distribute(model, args.fsdp)
         if args.stage != "elastic":
             raise SystemExit(f"train {args.stage}: run it in one process (only the elastic stage is distributed)")

@@ -198,7 +198,8 @@ def test_train_command_runs_the_three_stages(tmp_path):
     tiny_model(0).save_pretrained(tmp_path / "start")
     common = ["--data", str(corpus), "--seq-len", "32", "--batch-size", "4", "--steps", "3"]
     assert main(["train", "elastic", "--model", str(tmp_path / "start"), "--out", str(tmp_path / "s1")] + common) == 0
-    assert main(["train", "routers", "--model", str(tmp_path / "s1"), "--out", str(tmp_path / "s2")] + common) == 0
+    assert main(["train", "routers", "--model", str(tmp_path / "s1"), "--out", str(tmp_path / "s2"), "--device", "cpu"]
+                + common) == 0
     assert main(["train", "joint", "--model", str(tmp_path / "s2"), "--out", str(tmp_path / "s3")] + common) == 0
     final = FlextronForCausalLM.from_pretrained(tmp_path / "s3")
     assert final.static_router is not None
@@ -209,7 +210,10 @@ def test_train_command_runs_the_three_stages(tmp_path):
     (["--data", "/nonexistent/corpus"], "data: no such file or folder"),
     (["--budgets", "0.5,1.2"], "--budgets: expected values in \\(0, 1\\]"),
     (["--model", "/nonexistent/model"], "--model: no such folder"),
-])
+    (["--device", "nonsense"], "--device: expected a torch device such as cuda, cuda:1 or cpu, got 'nonsense'"),
+] + ([] if torch.cuda.is_available() else [
+    (["--device", "cuda"], "--device: 'cuda' asks for a GPU, and this machine has none"),
+]))
 def test_train_command_bad_input(tmp_path, argv, message, capsys):
     from flextron_kernels.cli import main
 
