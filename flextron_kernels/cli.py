@@ -204,6 +204,8 @@ def train_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue exactly from OUT/trainer.pt")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard with FSDP2 (fully_shard) instead of DDP")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--autocast", choices=("bfloat16",), default=None,
+                   help="elastic stage: forward passes in bf16 under torch.autocast (fp32 weights and optimizer)")
     p.add_argument("--device", default=None,
                    help="where to train, e.g. cuda, cuda:1 or cpu (default: a GPU if there is one; under torchrun, "
                         "each process's local GPU). The weights stay fp32.")
@@ -243,6 +245,8 @@ def run_train(args: argparse.Namespace) -> int:
     )
 
     # Every input is checked before any training starts.
+    if args.autocast and args.stage != "elastic":
+        raise SystemExit(f"--autocast: the elastic stage takes it; train {args.stage} runs in the weights' dtype")
     try:
         files = find_files(args.data, args.pattern)
         stream = tokenize_files(files, load_tokenizer(args.tokenizer))
@@ -278,6 +282,7 @@ def run_train(args: argparse.Namespace) -> int:
             raise SystemExit(f"train {args.stage}: run it in one process (only the elastic stage is distributed)")
     if args.stage == "elastic":
         config = ElasticConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr or 3e-4, budgets=args.budgets,
+                               autocast=args.autocast,
                                distill=args.distill, seed=args.seed)
         rank0 = int(os.environ.get("RANK", "0")) == 0
         elastic_train(trained, train, val, config, metrics_path=metrics if rank0 else None,

@@ -1,6 +1,7 @@
 """Training stages on a tiny model and a small slice of Python's standard library."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -75,6 +76,22 @@ def test_elastic_training_lowers_every_budget_loss(data, tmp_path):
     assert all(last[str(b)] < before[b] - 0.3 for b in BUDGETS), (before, last)
     lines = (tmp_path / "m.jsonl").read_text().splitlines()
     assert len(lines) == 30 and "tokens_per_s" in json.loads(lines[-1])
+
+
+def test_elastic_training_under_bf16_autocast(data):
+    train, _ = data
+    model = tiny_model()
+    seen = []
+    model.layers[0].mlp.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    records = elastic_train(model, train, None, ElasticConfig(steps=2, batch_size=4, lr=3e-3, autocast="bfloat16"),
+                            progress=False)
+    assert seen and set(seen) == {torch.bfloat16}  # the forward passes ran in bf16
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # fp32 weights
+    assert all(math.isfinite(v) for r in records for v in r["loss_per_budget"].values())
+    assert any(not torch.equal(p, start[n]) for n, p in model.named_parameters())
+    with pytest.raises(ValueError, match="autocast: expected None or 'bfloat16' .*got 'float16'"):
+        ElasticConfig(autocast="float16")
 
 
 def test_resume_continues_the_same_run(data, tmp_path):
@@ -304,3 +321,11 @@ def test_elastic_training_brings_the_half_budget_close_to_the_full_model(data):
     elastic_train(model, train, None, ElasticConfig(steps=80, batch_size=16, lr=2e-3, distill="full"), progress=False)
     gap_after = evaluate(model, val, 0.5, batches=8) - evaluate(model, val, 1.0, batches=8)
     assert gap_before > 0.05 and gap_after < gap_before / 2, (gap_before, gap_after)
+
+
+def test_autocast_is_for_the_elastic_stage_only(tmp_path):
+    from flextron_kernels.cli import main
+
+    with pytest.raises(SystemExit, match="--autocast: the elastic stage takes it; train routers runs in the weights"):
+        main(["train", "routers", "--model", str(tmp_path / "m"), "--data", str(tmp_path), "--out", str(tmp_path / "o"),
+              "--autocast", "bfloat16"])

@@ -52,9 +52,14 @@ class ElasticConfig:
     grad_clip: float = 1.0
     seed: int = 0
     log_every: int = 10
+    # "bfloat16": forward passes under torch.autocast (the weights, gradients and optimizer
+    # state stay fp32). fp16 would need loss scaling: not offered.
+    autocast: Optional[str] = None
 
     def __post_init__(self):
         self.budgets = check_budgets(self.budgets)
+        if self.autocast not in (None, "bfloat16"):
+            raise ValueError(f"autocast: expected None or 'bfloat16' (fp16 would need loss scaling), got {self.autocast!r}")
         if self.distill not in ("none", "full", "teacher"):
             raise ValueError(f"distill: expected none, full or teacher, got {self.distill!r}")
         if not 0 <= self.random_layers <= 1:
@@ -108,7 +113,7 @@ def elastic_train(model, train, val=None, config: Optional[ElasticConfig] = None
         budgets = sample_budgets(config.budgets, config.subnets, config.sampling, generator)
         budgets = _with_random_layers(core.config, budgets, config, generator)
         optimizer.zero_grad(set_to_none=True)
-        with grads_mode():
+        with grads_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.autocast is not None):
             losses = _train_subnetworks(model, inputs, targets, budgets, config, teacher)
         if config.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
