@@ -53,6 +53,19 @@ def forward_backward(fn, tensors, grad, heads, cu, causal, device, **kwargs):
     return [out] + [t.grad for t in leaves]
 
 
+def assert_within_twice_torch(ours, tensors, grad, heads, cu, device, **kwargs):
+    """``ours`` (``[out, dq, dk, dv]`` of a causal bf16 run) within twice PyTorch's own bf16
+    error (the reference evaluated in bf16 on the same inputs) of the fp64 reference."""
+    torch_bf16 = forward_backward(reference.elastic_attention, tensors, grad, heads, cu, True, device, **kwargs)
+    exact = forward_backward(reference.elastic_attention, [t.double() for t in tensors], grad, heads, cu, True, device,
+                             **kwargs)
+    for name, o, t, e in zip(("out", "dq", "dk", "dv"), ours, torch_bf16, exact):
+        ours_err = (o.double() - e).abs().max().item()
+        torch_err = (t.double() - e).abs().max().item()
+        assert torch.isfinite(o).all(), name
+        assert ours_err <= 2 * torch_err + 1e-6, (name, ours_err, torch_err)
+
+
 def run(backend, lengths, q_heads, kv_heads, heads_kind, causal, dtype, device, seed=0, head_dim=16, **kwargs):
     """Ours under ``backend`` and the fp64 reference on the CPU, same inputs (``kwargs``:
     the ops' options, such as ``window``)."""
@@ -366,14 +379,7 @@ def test_bf16_error_within_twice_torch(kv_heads, heads_kind, kv_tma, monkeypatch
     with override_tiles(attention_fwd=dict(KV_TMA=kv_tma), attention_bwd_dq=dict(KV_TMA=kv_tma)):
         ours = forward_backward(fk.elastic_attention, tensors, grad, heads, cu, True, device)
     assert len(made) == (4 if kv_tma else 0) and all(d is not None for d in made)
-    # PyTorch's own bf16 error: the reference evaluated in bf16 on the same inputs.
-    torch_bf16 = forward_backward(reference.elastic_attention, tensors, grad, heads, cu, True, device)
-    exact = forward_backward(reference.elastic_attention, [t.double() for t in tensors], grad, heads, cu, True, device)
-    for name, o, t, e in zip(("out", "dq", "dk", "dv"), ours, torch_bf16, exact):
-        ours_err = (o.double() - e).abs().max().item()
-        torch_err = (t.double() - e).abs().max().item()
-        assert torch.isfinite(o).all(), name
-        assert ours_err <= 2 * torch_err + 1e-6, (name, ours_err, torch_err)
+    assert_within_twice_torch(ours, tensors, grad, heads, cu, device)
 
 
 @pytest.mark.gpu
@@ -388,14 +394,7 @@ def test_bf16_sliding_window_within_twice_torch(window, overlap, kv_tma):
                                            head_dim=128)
     with override_tiles(attention_fwd=dict(OVERLAP=overlap, KV_TMA=kv_tma), attention_bwd_dq=dict(KV_TMA=kv_tma)):
         ours = forward_backward(fk.elastic_attention, tensors, grad, heads, cu, True, device, window=window)
-    torch_bf16 = forward_backward(reference.elastic_attention, tensors, grad, heads, cu, True, device, window=window)
-    exact = forward_backward(reference.elastic_attention, [t.double() for t in tensors], grad, heads, cu, True, device,
-                             window=window)
-    for name, o, t, e in zip(("out", "dq", "dk", "dv"), ours, torch_bf16, exact):
-        ours_err = (o.double() - e).abs().max().item()
-        torch_err = (t.double() - e).abs().max().item()
-        assert torch.isfinite(o).all(), name
-        assert ours_err <= 2 * torch_err + 1e-6, (name, ours_err, torch_err)
+    assert_within_twice_torch(ours, tensors, grad, heads, cu, device, window=window)
 
 
 @pytest.mark.gpu

@@ -515,7 +515,7 @@ def _pack_by_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tupl
         raise TypeError(f"attention_mask: expected a bool, integer or float tensor of 0 and 1, got {attention_mask.dtype}")
     keep = attention_mask != 0
     lengths = keep.sum(1)
-    others = ((attention_mask != 0) & (attention_mask != 1)).sum()
+    others = (keep & (attention_mask != 1)).sum()
     others, *counts = torch.cat([others.reshape(1), lengths]).tolist()
     if others:
         raise ValueError(f"attention_mask: expected 0 (padding) and 1 (a token) only, got {others} other values")
