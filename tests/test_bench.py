@@ -158,3 +158,13 @@ def test_report_shows_per_op_summaries_and_their_plots(tmp_path):
     from flextron_kernels.bench.report import summary_lines
 
     assert summary_lines(tmp_path) == ["serving.json: backend = cuda, ratio = 1.25"]
+
+
+def test_report_shows_a_per_op_file_with_its_own_columns_even_one_named_op(tmp_path):
+    from flextron_kernels.bench.report import build_report
+
+    payload = dict(benchmark="host_overhead", rows=[dict(op="F.linear", host_us=13.6, graph_us=34.4)])
+    (tmp_path / "host_overhead.json").write_text(json.dumps(payload))
+    table = build_report(tmp_path).split("## host_overhead")[1]
+    assert "host_us" in table and "13.6" in table and "34.4" in table
+    assert "baseline_ms" not in table  # not the flextron bench columns

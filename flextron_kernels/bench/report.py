@@ -44,7 +44,9 @@ def _section(path: Path, data: dict, root: Path, out_dir: Path) -> str:
         lines += ["Summary: " + ", ".join(f"{k} = {_cell(v)}" for k, v in data["summary"].items()), ""]
     rows = data.get("rows", [])
     if rows:
-        columns = HARNESS_COLUMNS if "op" in rows[0] else list(rows[0])
+        # A flextron bench file's rows share HARNESS_COLUMNS; a per-op file's rows have their own
+        # (some name a column "op" too).
+        columns = HARNESS_COLUMNS if "settings" in data else list(rows[0])
         lines += ["```", format_table(rows, columns), "```", ""]
     plot = path.parent / "plot.png" if path.name == "results.json" else path.with_suffix(".png")
     if plot.exists():
