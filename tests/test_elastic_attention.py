@@ -140,6 +140,35 @@ def test_sliding_window_arguments():
         fk.elastic_attention(q, k, k, heads=4, window=3, causal=False)
 
 
+@pytest.mark.parametrize("cpu_flash", [True, False])
+@pytest.mark.parametrize("lengths", [[7, 7, 7], [1, 19, 0, 33, 2]])
+@pytest.mark.parametrize("heads_kind", ["static", "per_token"])
+@pytest.mark.parametrize("window", [None, 3])
+def test_torch_backend_both_ways_to_attend(cpu_flash, lengths, heads_kind, window, monkeypatch):
+    """The torch backend's two ways to attend: PyTorch's CPU flash attention (on a CPU) and
+    einsums (elsewhere, or a torch without it); sequences of one length run in one call."""
+    import importlib
+
+    module = importlib.import_module("flextron_kernels.ops.elastic_attention")
+    calls = []
+    if cpu_flash:
+        if module._CPU_FLASH is None:
+            pytest.skip("this torch has no CPU flash attention")
+        for name in ("_CPU_FLASH", "_CPU_FLASH_BACKWARD"):
+            op = getattr(module, name)
+            monkeypatch.setattr(module, name, lambda *a, _op=op, **kw: calls.append(a[1].shape[0]) or _op(*a, **kw))
+    else:
+        monkeypatch.setattr(module, "_CPU_FLASH", None)
+    for dtype, tolerance in ((torch.float32, 1e-5), (torch.float64, 1e-6), (torch.float16, 1e-3)):
+        calls.clear()
+        got, want = run("torch", lengths, 4, 2, heads_kind, True, dtype, "cpu", seed=4, window=window)
+        for name, o, r in zip(("out", "dq", "dk", "dv"), got, want):
+            assert rel_err(o, r) < tolerance, (name, dtype)
+        nonempty = [n for n in lengths if n]
+        runs = [len(lengths)] if len(set(lengths)) == 1 else [1] * len(nonempty)
+        assert calls == (2 * runs if cpu_flash else []), calls  # forward and backward, each run once
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("head_dim", [8, 24])
 def test_head_dims_that_are_not_a_power_of_two(backend, head_dim, device):

@@ -10,8 +10,8 @@ implementations) and an autograd function that calls them:
 
 Triton path: flash attention (online softmax, never a T x T matrix) over tiles that
 never cross a sequence boundary; a (tile, query head) that no token of the tile uses
-writes zeros and reads nothing. The torch path loops over sequences (one host sync) and
-is meant for CPUs and for checking.
+writes zeros and reads nothing. The torch path runs the sequences of one length together
+(one host sync), through PyTorch's CPU flash attention on a CPU and einsums elsewhere.
 """
 
 from __future__ import annotations
@@ -56,83 +56,159 @@ def one_sequence(num_tokens: int, device: torch.device) -> torch.Tensor:
     return torch.arange(2, dtype=torch.int32, device=device) * num_tokens
 
 
-def _used_heads(heads, static_heads, num_tokens, q_heads, device):
-    counts = heads if heads is not None else torch.full((num_tokens,), static_heads, device=device)
-    return torch.arange(q_heads, device=device) < counts.reshape(-1, 1)
-
-
 # --------------------------------------------------------------------------- #
-# Torch backend: one sequence at a time, fp32 softmax
+# Torch backend: runs of sequences of one length, fp32 (fp64) softmax
 # --------------------------------------------------------------------------- #
-def _sequence_scores(q, k, scale, causal, window):
-    """``q [L, Hkv, g, D]``, ``k [L, Hkv, D]`` -> scores ``[Hkv, g, L, L]`` (fp32, masked)."""
-    scores = torch.einsum("tkgd,ukd->kgtu", q, k) * scale
-    if causal:
-        length = q.shape[0]
-        hidden = torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1)
-        if window:
-            hidden |= torch.ones_like(hidden).tril(-window)
-        scores = scores.masked_fill(hidden, float("-inf"))
-    return scores
+# PyTorch's CPU flash attention, which also gives the log-sum-exp a backward needs (private
+# ops; a torch without them takes the einsum path).
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_CPU_FLASH_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 
 
-def _active_kv_heads(q_heads, kv_heads, heads, static_heads):
-    """KV heads to compute: with one head count for every token, only the used ones."""
-    return kv_heads if heads is not None else static_heads // (q_heads // kv_heads)
+def _uses_cpu_flash(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and _CPU_FLASH is not None and _CPU_FLASH_BACKWARD is not None
+
+
+def _sequence_groups(cu_seqlens: torch.Tensor):
+    """``(start, count, length)``: runs of ``count`` consecutive non-empty sequences of
+    ``length`` tokens from token ``start``; all of them in one run when every sequence has
+    the same length (one host sync)."""
+    bounds = cu_seqlens.tolist()
+    lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
+    if lengths and lengths[0] > 0 and all(n == lengths[0] for n in lengths):
+        return [(bounds[0], len(lengths), lengths[0])]
+    return [(start, 1, n) for start, n in zip(bounds[:-1], lengths) if n > 0]
+
+
+def _hidden_positions(length, causal, window, device):
+    """``[L, L]`` bool, True where a query (row) may not see a key (column); None if none."""
+    if not causal:
+        return None
+    hidden = torch.ones(length, length, dtype=torch.bool, device=device).triu(1)
+    if window:
+        hidden |= torch.ones_like(hidden).tril(-window)
+    return hidden
+
+
+def _scores(q, k, scale, hidden):
+    """``q [n, L, Hkv, g, D]``, ``k [n, L, Hkv, D]`` -> ``[n, Hkv, g, L, L]`` (fp32, masked)."""
+    scores = torch.einsum("ntkgd,nukd->nkgtu", q, k) * scale
+    return scores if hidden is None else scores.masked_fill(hidden, float("-inf"))
+
+
+def _flash_inputs(q, k, v, causal, window):
+    """``q [n, L, Hkv, g, D]``, ``k, v [n, L, Hkv, D]`` as the CPU flash op takes them
+    (``[n, Hq, L, D]``, each query head's KV head repeated), its ``is_causal`` and its mask
+    (additive, for a window)."""
+    n, length, kv_heads, group, head_dim = q.shape
+    q = q.reshape(n, length, kv_heads * group, head_dim).transpose(1, 2)
+    k, v = (t[:, :, :, None].expand(n, length, kv_heads, group, head_dim)
+            .reshape(n, length, kv_heads * group, head_dim).transpose(1, 2) for t in (k, v))
+    if not window:
+        return q, k, v, causal, None
+    hidden = _hidden_positions(length, causal, window, q.device)
+    return q, k, v, False, torch.zeros(hidden.shape, dtype=q.dtype, device=q.device).masked_fill(hidden, float("-inf"))
+
+
+def _attend(q, k, v, causal, window, scale):
+    """One run of sequences of one length: ``q [n, L, Hkv, g, D]``, ``k, v [n, L, Hkv, D]``
+    (fp32 or fp64) -> ``out [n, L, Hkv * g, D]`` and ``lse [n, Hkv * g, L]``."""
+    n, length, kv_heads, group, head_dim = q.shape
+    if _uses_cpu_flash(q):
+        fq, fk, fv, is_causal, mask = _flash_inputs(q, k, v, causal, window)
+        out, lse = _CPU_FLASH(fq, fk, fv, 0.0, is_causal, attn_mask=mask, scale=scale)
+        return out.transpose(1, 2), lse
+    scores = _scores(q, k, scale, _hidden_positions(length, causal, window, q.device))
+    lse = torch.logsumexp(scores, dim=-1)
+    out = torch.einsum("nkgtu,nukd->ntkgd", torch.exp(scores - lse[..., None]), v)
+    return out.reshape(n, length, kv_heads * group, head_dim), lse.reshape(n, kv_heads * group, length)
+
+
+def _attend_backward(dout, q, k, v, out, lse, causal, window, scale):
+    """Gradients of :func:`_attend`: ``dout, out [n, L, Hq, D]``, ``lse [n, Hq, L]``, ``q, k,
+    v`` as there -> ``dq [n, L, Hq, D]``, ``dk, dv [n, L, Hkv, D]``."""
+    n, length, kv_heads, group, head_dim = q.shape
+    if _uses_cpu_flash(q):
+        fq, fk, fv, is_causal, mask = _flash_inputs(q, k, v, causal, window)
+        dq, dk, dv = _CPU_FLASH_BACKWARD(dout.transpose(1, 2), fq, fk, fv, out.transpose(1, 2), lse, 0.0, is_causal,
+                                         attn_mask=mask, scale=scale)
+        dk, dv = (t.transpose(1, 2).reshape(n, length, kv_heads, group, head_dim).sum(3) for t in (dk, dv))
+        return dq.transpose(1, 2), dk, dv
+    probs = torch.exp(_scores(q, k, scale, _hidden_positions(length, causal, window, q.device))
+                      - lse.reshape(n, kv_heads, group, length)[..., None])
+    dout = dout.reshape(n, length, kv_heads, group, head_dim)
+    delta = (dout * out.reshape(dout.shape)).sum(-1).permute(0, 2, 3, 1)  # [n, Hkv, g, L]
+    dv = torch.einsum("nkgtu,ntkgd->nukd", probs, dout)
+    dscores = probs * (torch.einsum("ntkgd,nukd->nkgtu", dout, v) - delta[..., None])
+    dq = torch.einsum("nkgtu,nukd->ntkgd", dscores, k) * scale
+    dk = torch.einsum("nkgtu,ntkgd->nukd", dscores, q) * scale
+    return dq.reshape(n, length, kv_heads * group, head_dim), dk, dv
+
+
+def _computed_heads(heads, static_heads) -> int:
+    """Query heads to compute: ``static_heads``, or the largest per-token count (a host sync)."""
+    if heads is None:
+        return static_heads
+    return int(heads.max()) if heads.numel() else 0
+
+
+def _zero_unused(t: torch.Tensor, heads) -> torch.Tensor:
+    """``t [T, Hq, D]`` with zeros at the heads each token does not use (per-token counts)."""
+    if heads is not None:
+        unused = torch.arange(t.shape[1], device=t.device) >= heads.reshape(-1, 1)
+        t.masked_fill_(unused[:, :, None], 0.0)
+    return t
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _runs(t, start, count, length, heads):
+    """Tokens ``[start, start + count * length)`` of ``t [T, H, D]``, their first ``heads``
+    heads, as ``[count, length, heads, D]`` in the compute dtype."""
+    return t[start:start + count * length, :heads].to(_compute_dtype(t)).reshape(count, length, heads, -1)
+
+
+def _grouped(q: torch.Tensor, group: int) -> torch.Tensor:
+    """``q [n, L, Hq, D]`` -> ``[n, L, Hq / group, group, D]``."""
+    return q.reshape(*q.shape[:2], q.shape[2] // group, group, q.shape[3])
 
 
 def _forward_torch(q, k, v, cu_seqlens, heads, static_heads, causal, window, scale):
     num_tokens, q_heads, head_dim = q.shape
-    kv_heads = k.shape[1]
-    group = q_heads // kv_heads
-    active = _active_kv_heads(q_heads, kv_heads, heads, static_heads)
-    out = torch.zeros(num_tokens, q_heads, head_dim, dtype=torch.float32, device=q.device)
+    group = q_heads // k.shape[1]
+    nq = _computed_heads(heads, static_heads)
+    out = torch.zeros(num_tokens, q_heads, head_dim, dtype=_compute_dtype(q), device=q.device)
     lse = torch.zeros(q_heads, num_tokens, dtype=torch.float32, device=q.device)
-    bounds = cu_seqlens.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        if end == start or active == 0:
-            continue
-        length = end - start
-        qs = q[start:end, : active * group].float().reshape(length, active, group, head_dim)
-        scores = _sequence_scores(qs, k[start:end, :active].float(), scale, causal, window)
-        seq_lse = torch.logsumexp(scores, dim=-1)
-        probs = torch.exp(scores - seq_lse[..., None])
-        out[start:end, : active * group] = torch.einsum("kgtu,ukd->tkgd", probs, v[start:end, :active].float()).reshape(
-            length, active * group, head_dim)
-        lse[: active * group, start:end] = seq_lse.reshape(active * group, length)
-    used = _used_heads(heads, static_heads, num_tokens, q_heads, q.device)
-    out = torch.where(used[:, :, None], out, 0.0).to(q.dtype)
-    return out, lse
+    for start, count, length in (_sequence_groups(cu_seqlens) if nq else ()):
+        end = start + count * length
+        run_out, run_lse = _attend(_grouped(_runs(q, start, count, length, nq), group),
+                                   _runs(k, start, count, length, nq // group), _runs(v, start, count, length, nq // group),
+                                   causal, window, scale)
+        out[start:end, :nq] = run_out.reshape(end - start, nq, head_dim)
+        lse[:nq, start:end] = run_lse.transpose(0, 1).reshape(nq, end - start)
+    return _zero_unused(out, heads).to(q.dtype), lse
 
 
 def _backward_torch(dout, q, k, v, out, lse, cu_seqlens, heads, static_heads, causal, window, scale):
     num_tokens, q_heads, head_dim = q.shape
     kv_heads = k.shape[1]
     group = q_heads // kv_heads
-    used = _used_heads(heads, static_heads, num_tokens, q_heads, q.device)
-    dout = torch.where(used[:, :, None], dout.float(), 0.0)
-    delta = (dout * out.float()).sum(-1)  # [T, Hq]
-    dq = torch.zeros(num_tokens, q_heads, head_dim, dtype=torch.float32, device=q.device)
-    dk = torch.zeros(num_tokens, kv_heads, head_dim, dtype=torch.float32, device=q.device)
+    nq = _computed_heads(heads, static_heads)
+    dout = _zero_unused(dout.to(_compute_dtype(q), copy=True), heads)
+    dq = torch.zeros(num_tokens, q_heads, head_dim, dtype=_compute_dtype(q), device=q.device)
+    dk = torch.zeros(num_tokens, kv_heads, head_dim, dtype=_compute_dtype(q), device=q.device)
     dv = torch.zeros_like(dk)
-    active = _active_kv_heads(q_heads, kv_heads, heads, static_heads)
-    nq = active * group
-    bounds = cu_seqlens.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        if end == start or active == 0:
-            continue
-        length = end - start
-        qs = q[start:end, :nq].float().reshape(length, active, group, head_dim)
-        ks, vs = k[start:end, :active].float(), v[start:end, :active].float()
-        dos = dout[start:end, :nq].reshape(length, active, group, head_dim)
-        seq_lse = lse[:nq, start:end].reshape(active, group, length)
-        probs = torch.exp(_sequence_scores(qs, ks, scale, causal, window) - seq_lse[..., None])
-        dv[start:end, :active] = torch.einsum("kgtu,tkgd->ukd", probs, dos)
-        dprobs = torch.einsum("tkgd,ukd->kgtu", dos, vs)
-        seq_delta = delta[start:end, :nq].reshape(length, active, group).permute(1, 2, 0)
-        dscores = probs * (dprobs - seq_delta[..., None])
-        dq[start:end, :nq] = (torch.einsum("kgtu,ukd->tkgd", dscores, ks) * scale).reshape(length, nq, head_dim)
-        dk[start:end, :active] = torch.einsum("kgtu,tkgd->ukd", dscores, qs) * scale
+    for start, count, length in (_sequence_groups(cu_seqlens) if nq else ()):
+        end = start + count * length
+        run_lse = lse[:nq, start:end].reshape(nq, count, length).transpose(0, 1).to(_compute_dtype(q))
+        grads = _attend_backward(
+            _runs(dout, start, count, length, nq), _grouped(_runs(q, start, count, length, nq), group),
+            _runs(k, start, count, length, nq // group), _runs(v, start, count, length, nq // group),
+            _runs(out, start, count, length, nq), run_lse, causal, window, scale)
+        for grad, target, heads_used in zip(grads, (dq, dk, dv), (nq, nq // group, nq // group)):
+            target[start:end, :heads_used] = grad.reshape(end - start, heads_used, head_dim)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 

@@ -98,8 +98,10 @@ def _forward_torch(q, k_cache, v_cache, cache_seqlens, heads_per_request, heads,
     if used_kv == 0:
         return q.new_zeros(batch, q_heads, head_dim)
 
+    if q.device.type == "cpu" and batch:  # reads no cache position past the longest request (free host sync)
+        kv_len = min(max(int(cache_seqlens.max()), 1), kv_len)
     qg = q[:, : used_kv * group].reshape(batch, used_kv, group, head_dim)
-    k, v = k_cache[:, :used_kv], v_cache[:, :used_kv]
+    k, v = k_cache[:, :used_kv, :kv_len], v_cache[:, :used_kv, :kv_len]
     scores = torch.matmul(qg, k.transpose(-1, -2)).float() * softmax_scale  # [B, Hkv, G, S]
     positions = torch.arange(kv_len, device=q.device)
     valid = positions < cache_seqlens.reshape(-1, 1)
