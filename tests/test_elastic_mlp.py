@@ -105,6 +105,39 @@ def test_matches_reference_fp32(backend, gated, activation, bias, width_kind, de
     check(got, want, 1e-5)
 
 
+@pytest.mark.parametrize("widths_kind", ["few", "many", "one", "masked"])
+@pytest.mark.parametrize("gated,activation,bias", [(True, "silu", True), (False, "gelu_tanh", True)])
+@pytest.mark.parametrize("recompute", [False, True])
+def test_torch_backend_token_runs(widths_kind, gated, activation, bias, recompute, monkeypatch):
+    """The torch backend on a CPU computes runs of like-width tokens, each at its own width:
+    one run per distinct width (few), equal runs at their widest token's width, masked
+    (many), one width for every token (below the bound); and, as off a CPU, every token at
+    the bound, masked."""
+    import functools
+    import importlib
+
+    module = importlib.import_module("flextron_kernels.ops.elastic_mlp")
+    tensors, gen = make(29, 19, 45, gated=gated, bias=bias, dtype=torch.float32, device="cpu", seed=3)
+    width = {
+        "few": torch.tensor([0, 45, 17, 30])[torch.randint(0, 4, (29,), generator=gen)],
+        "many": torch.randint(0, 46, (29,), generator=gen),
+        "one": torch.full((29,), 17),
+        "masked": torch.randint(0, 46, (29,), generator=gen),
+    }[widths_kind]
+    seen = []
+    runs = (lambda widths, fw: [(None, fw, widths)]) if widths_kind == "masked" else module.torch_runs
+    monkeypatch.setattr(module, "torch_runs", lambda *a: seen.append(runs(*a)) or seen[-1])
+    partial_run = functools.partial(run, "torch", tensors, width, activation, use_scale=True, gen=gen)
+    if recompute:
+        monkeypatch.setattr(fk, "elastic_mlp", functools.partial(fk.elastic_mlp, recompute=True))
+    check(*partial_run(), 1e-5)
+    expected = {"few": 4, "many": module.MAX_TORCH_RUNS, "one": 1, "masked": 1}[widths_kind]
+    assert seen and all(len(r) == expected for r in seen), [len(r) for r in seen]
+    assert len(seen) == (3 if recompute else 2)  # forward, (recomputed pre-activations,) backward
+    if widths_kind == "many":
+        assert any(mask is not None for runs_seen in seen for _, _, mask in runs_seen)  # runs of unlike widths
+
+
 @pytest.mark.parametrize("gated,activation,bias", [(True, "silu", True), (False, "gelu_tanh", False)])
 def test_weight_tiles_through_tma_descriptors(gated, activation, bias, device, monkeypatch):
     """The routed matmul's B_TMA option on every matmul family: each weight (and its
