@@ -98,6 +98,55 @@ def test_several_width_groups(backend, kind, device):
         assert rel_err(o, r) < TOL[torch.float32], name
 
 
+@pytest.mark.parametrize("widths_kind", ["few", "many", "one", "masked"])
+@pytest.mark.parametrize("axis", ["out", "in", "both"])
+def test_torch_backend_token_runs(widths_kind, axis, monkeypatch):
+    """The torch backend on a CPU computes runs of like-width tokens (by the output widths
+    when given, else the input widths), each at its own width: one run per distinct width
+    (few), equal runs at their widest token's width, masked (many), one width for every
+    token; and, as off a CPU, every token at the bound, masked."""
+    import importlib
+
+    from flextron_kernels.ops.common import MAX_TORCH_RUNS
+
+    module = importlib.import_module("flextron_kernels.ops.elastic_linear")
+    gen = torch.Generator().manual_seed(12)
+    n_full, k_full, tokens = 37, 29, 31
+
+    def widths(size):
+        return {
+            "few": torch.tensor([0, size, 11, 20])[torch.randint(0, 4, (tokens,), generator=gen)],
+            "many": torch.randint(0, size + 1, (tokens,), generator=gen),
+            "one": torch.full((tokens,), 11),
+            "masked": torch.randint(0, size + 1, (tokens,), generator=gen),
+        }[widths_kind]
+
+    kw = {}
+    if axis in ("out", "both"):
+        kw["out_features"] = widths(n_full)
+    if axis in ("in", "both"):
+        kw["in_features"] = widths(k_full)
+    seen = []
+    runs = (lambda w, size: [(None, size, w)]) if widths_kind == "masked" else module.torch_runs
+    monkeypatch.setattr(module, "torch_runs", lambda *a: seen.append(runs(*a)) or seen[-1])
+    x = torch.randn(tokens, k_full, generator=gen)
+    w = torch.randn(n_full, k_full, generator=gen) / k_full**0.5
+    b = torch.randn(n_full, generator=gen)
+    grad = torch.randn(tokens, n_full, generator=gen)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    with fk.use_backend("torch"):
+        fk.elastic_linear(*leaves, **kw).backward(grad)
+    exact = [t.double().requires_grad_() for t in (x, w, b)]
+    y64 = reference.elastic_linear(*exact, **kw)
+    y64.backward(grad.double())
+    with fk.use_backend("torch"):
+        y = fk.elastic_linear(x, w, b, **kw)
+    for name, o, r in zip(("y", "dx", "dweight", "dbias"), [y] + [t.grad for t in leaves], [y64] + [t.grad for t in exact]):
+        assert rel_err(o, r) < 1e-5, name
+    expected = {"few": 4, "many": MAX_TORCH_RUNS, "one": 1, "masked": 1}[widths_kind]
+    assert len(seen) == 4 and all(len(r) == expected for r in seen)  # forward, dx, dweight, forward
+
+
 @pytest.mark.parametrize("axis", ["out", "in"])
 def test_row_tiles_straddling_width_groups(axis, device):
     """Groups of 5, 18 and 17 tokens (shuffled): under the interpreter's 16-row tiles,

@@ -5,6 +5,7 @@ import torch
 
 import flextron_kernels as fk
 from flextron_kernels import reference
+from flextron_kernels.ops.common import MAX_TORCH_RUNS
 from flextron_kernels.ops.elastic_mlp import activation_derivative
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
@@ -131,7 +132,7 @@ def test_torch_backend_token_runs(widths_kind, gated, activation, bias, recomput
     if recompute:
         monkeypatch.setattr(fk, "elastic_mlp", functools.partial(fk.elastic_mlp, recompute=True))
     check(*partial_run(), 1e-5)
-    expected = {"few": 4, "many": module.MAX_TORCH_RUNS, "one": 1, "masked": 1}[widths_kind]
+    expected = {"few": 4, "many": MAX_TORCH_RUNS, "one": 1, "masked": 1}[widths_kind]
     assert seen and all(len(r) == expected for r in seen), [len(r) for r in seen]
     assert len(seen) == (3 if recompute else 2)  # forward, (recomputed pre-activations,) backward
     if widths_kind == "many":

@@ -171,6 +171,61 @@ def mask_columns(t: torch.Tensor, widths: Optional[torch.Tensor]) -> torch.Tenso
     return torch.where(keep, t, torch.zeros((), dtype=t.dtype, device=t.device))
 
 
+# A CPU reads the widths for free: it computes runs of tokens of like width, each at its
+# own width, in at most this many runs (the loop's per-run cost bounds it).
+MAX_TORCH_RUNS = 8
+
+
+def torch_runs(widths: Optional[torch.Tensor], fw: int) -> list:
+    """The token sets the torch backend computes together: ``(rows, width, mask_widths)``
+    with ``rows`` int64 token indices (None: every token, in order), the width the set is
+    computed at, and per-token widths to mask it with (None: every token of the set uses
+    all of it). On a CPU: the tokens sorted by width, in one run per distinct width or, with
+    more than :data:`MAX_TORCH_RUNS` of them, that many runs of equal size, each at its
+    widest token's width. Elsewhere (no host sync; capturable in a CUDA graph): every
+    token at ``fw``, masked."""
+    if widths is None:
+        return [(None, fw, None)]
+    if widths.device.type != "cpu" or widths.numel() == 0:
+        return [(None, fw, widths)]
+    sorted_widths, order = torch.sort(widths, stable=True)
+    values, counts = torch.unique_consecutive(sorted_widths, return_counts=True)
+    if values.numel() == 1:
+        return [(None, int(values[0]), None)]
+    num_tokens = widths.numel()
+    if values.numel() <= MAX_TORCH_RUNS:
+        ends = counts.cumsum(0).tolist()
+    else:
+        ends = [-(-num_tokens * (i + 1) // MAX_TORCH_RUNS) for i in range(MAX_TORCH_RUNS)]
+    runs, start = [], 0
+    for end in ends:
+        rows, run_widths = order[start:end], sorted_widths[start:end]
+        uniform = bool(run_widths[0] == run_widths[-1])
+        runs.append((rows, int(run_widths[-1]), None if uniform else run_widths))
+        start = end
+    return runs
+
+
+def torch_rows(t: Optional[torch.Tensor], rows: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``t``'s rows ``rows`` (a run of :func:`torch_runs`; None: all of them)."""
+    return t if (t is None or rows is None) else t.index_select(0, rows)
+
+
+def assemble_runs(shape, like, run_values):
+    """A ``shape`` tensor assembled from each run's (:func:`torch_runs`) ``(rows, limit,
+    values)``: ``values`` in its rows' first ``limit`` columns, zeros elsewhere (one run
+    over every row and column: ``values`` itself)."""
+    if len(run_values) == 1 and run_values[0][0] is None and run_values[0][1] == shape[1]:
+        return run_values[0][2]
+    t = like.new_zeros(shape)
+    for rows, limit, values in run_values:
+        if rows is None:
+            t[:, :limit] = values
+        else:
+            t[rows, :limit] = values
+    return t
+
+
 def boundaries_for(widths: Optional[torch.Tensor], size: int) -> Optional[torch.Tensor]:
     """The default group boundaries for per-token ``widths`` in ``[0, size]`` (None for static widths)."""
     return None if widths is None else default_boundaries(max(size, 1), widths.device)

@@ -43,6 +43,7 @@ from flextron_kernels.ops.checks import (
 )
 from flextron_kernels.ops.common import (
     accumulates_in_place,
+    assemble_runs,
     call_op,
     dispatch_state,
     dispatch_state_restored,
@@ -53,6 +54,8 @@ from flextron_kernels.ops.common import (
     matmul_routing,
     outside_autocast,
     runs_directly,
+    torch_rows,
+    torch_runs,
 )
 from flextron_kernels.ops.tiles import matmul_config, weight_grad_config
 
@@ -80,15 +83,38 @@ def _token_grouping(x, out_widths, in_widths, n, k):
     return group_tokens(widths, size, matmul_config(x, x.shape[0])["BLOCK_M"])
 
 
+def _linear_runs(out_widths, in_widths, n, k):
+    """The torch backend's runs (:func:`torch_runs`) by the widths the kernels group by:
+    ``(rows, out_limit, red_limit, out_mask, in_mask)``, the output and reduction prefixes
+    the run computes and the per-token widths that mask its output and its input."""
+    widths, size, by_out = _grouping(out_widths, in_widths, n, k)
+    for rows, width, mask in torch_runs(widths, size):
+        if by_out:
+            yield rows, width, k, mask, torch_rows(in_widths, rows)
+        else:
+            yield rows, n, width, None, mask
+
+
+def _forward_torch_runs(x, weight, bias, out_widths, in_widths, n, k):
+    run_values = []
+    for rows, out_limit, red_limit, out_mask, in_mask in _linear_runs(out_widths, in_widths, n, k):
+        x_rows = mask_columns(torch_rows(x, rows)[:, :red_limit], in_mask)
+        y_rows = F.linear(x_rows, weight[:out_limit, :red_limit], None if bias is None else bias[:out_limit])
+        run_values.append((rows, out_limit, mask_columns(y_rows, out_mask)))
+    return assemble_runs((x.shape[0], n), x, run_values)
+
+
 def _forward_impl(x, weight, bias, out_widths, in_widths, n, k, *, grouping=None):
     """``grouping``: :func:`_token_grouping` of these widths, if at hand."""
     per_token = out_widths is not None or in_widths is not None
     if _select("elastic_linear", x, per_token) == "torch":
+        if per_token:
+            return _forward_torch_runs(x, weight, bias, out_widths, in_widths, n, k)
         # Views only where they narrow: each costs host time, which decode steps feel.
-        xs = mask_columns(x if k == x.shape[1] else x[:, :k], in_widths)
+        xs = x if k == x.shape[1] else x[:, :k]
         w = weight if (n, k) == weight.shape else weight[:n, :k]
         b = bias if bias is None or n == bias.shape[0] else bias[:n]
-        return mask_columns(F.linear(xs, w, b), out_widths)
+        return F.linear(xs, w, b)
 
     from flextron_kernels.triton.routed_matmul import routed_matmul
 
@@ -106,7 +132,13 @@ def _grad_input_impl(dy, weight, out_widths, in_widths, k, kx, *, grouping=None)
     num_rows, n = dy.shape
     per_token = out_widths is not None or in_widths is not None
     if _select("elastic_linear", dy, per_token) == "torch":
-        dx_used = mask_columns(mask_columns(dy, out_widths) @ weight[:n, :k], in_widths)
+        if per_token:
+            run_values = []
+            for rows, out_limit, red_limit, out_mask, in_mask in _linear_runs(out_widths, in_widths, n, k):
+                dy_rows = mask_columns(torch_rows(dy, rows)[:, :out_limit], out_mask)
+                run_values.append((rows, red_limit, mask_columns(dy_rows @ weight[:out_limit, :red_limit], in_mask)))
+            return assemble_runs((num_rows, kx), dy, run_values)
+        dx_used = dy @ weight[:n, :k]
         if k == kx:
             return dx_used
         dx = dy.new_zeros(num_rows, kx)
@@ -138,9 +170,10 @@ def _grad_weight_impl_(grad_weight, grad_bias, dy, x, out_widths, in_widths, k, 
     if grad_weight is None:
         return
     if backend == "torch":
-        dy_used = mask_columns(dy, out_widths) if dy_used is None else dy_used
-        xs = mask_columns(x[:, :k], in_widths)
-        grad_weight[:n, :k].addmm_(dy_used.T.to(grad_weight.dtype), xs.to(grad_weight.dtype))
+        for rows, out_limit, red_limit, out_mask, in_mask in _linear_runs(out_widths, in_widths, n, k):
+            dy_rows = mask_columns(torch_rows(dy, rows)[:, :out_limit], out_mask)
+            x_rows = mask_columns(torch_rows(x, rows)[:, :red_limit], in_mask)
+            grad_weight[:out_limit, :red_limit].addmm_(dy_rows.T.to(grad_weight.dtype), x_rows.to(grad_weight.dtype))
         return
 
     from flextron_kernels.triton.prefix_weight_grad import prefix_weight_grad_

@@ -59,6 +59,9 @@ from flextron_kernels.ops.common import (
     matmul_routing,
     outside_autocast,
     runs_directly,
+    assemble_runs,
+    torch_rows,
+    torch_runs,
 )
 from flextron_kernels.ops.tiles import has_tuned_tiles, matmul_config, weight_grad_config
 
@@ -109,63 +112,10 @@ def _activation_grad_config(t: torch.Tensor) -> dict:
 # --------------------------------------------------------------------------- #
 # Torch backend
 # --------------------------------------------------------------------------- #
-# A CPU reads the widths for free: it computes runs of tokens of like width, each at its
-# own width, in at most this many runs (the loop's per-run cost bounds it).
-MAX_TORCH_RUNS = 8
-
-
-def torch_runs(widths: Optional[torch.Tensor], fw: int) -> list:
-    """The token sets the torch backend computes together: ``(rows, width, mask_widths)``
-    with ``rows`` int64 token indices (None: every token, in order), the width the set is
-    computed at, and per-token widths to mask it with (None: every token of the set uses
-    all of it). On a CPU: the tokens sorted by width, in one run per distinct width or, with
-    more than :data:`MAX_TORCH_RUNS` of them, that many runs of equal size, each at its
-    widest token's width. Elsewhere (no host sync; capturable in a CUDA graph): every
-    token at ``fw``, masked."""
-    if widths is None:
-        return [(None, fw, None)]
-    if widths.device.type != "cpu" or widths.numel() == 0:
-        return [(None, fw, widths)]
-    sorted_widths, order = torch.sort(widths, stable=True)
-    values, counts = torch.unique_consecutive(sorted_widths, return_counts=True)
-    if values.numel() == 1:
-        return [(None, int(values[0]), None)]
-    num_tokens = widths.numel()
-    if values.numel() <= MAX_TORCH_RUNS:
-        ends = counts.cumsum(0).tolist()
-    else:
-        ends = [-(-num_tokens * (i + 1) // MAX_TORCH_RUNS) for i in range(MAX_TORCH_RUNS)]
-    runs, start = [], 0
-    for end in ends:
-        rows, run_widths = order[start:end], sorted_widths[start:end]
-        uniform = bool(run_widths[0] == run_widths[-1])
-        runs.append((rows, int(run_widths[-1]), None if uniform else run_widths))
-        start = end
-    return runs
-
-
-def _rows(t: Optional[torch.Tensor], rows: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return t if (t is None or rows is None) else t.index_select(0, rows)
-
-
 def _first_layer_torch(x, w_up, w_gate, b_up, fw):
     """The up and gate pre-activations ``[T, fw]`` (gate None when ungated), unmasked."""
     up = F.linear(x, w_up[:fw], None if b_up is None else b_up[:fw])
     return up, F.linear(x, w_gate[:fw]) if w_gate is not None else None
-
-
-def _saved(num_tokens, fw, like, run_values):
-    """``[T, fw]`` pre-activations assembled from each run's ``(rows, width, values)``
-    (zeros past each run's width)."""
-    if len(run_values) == 1 and run_values[0][0] is None and run_values[0][1] == fw:
-        return run_values[0][2]
-    saved = like.new_zeros(num_tokens, fw)
-    for rows, width, values in run_values:
-        if rows is None:
-            saved[:, :width] = values
-        else:
-            saved[rows, :width] = values
-    return saved
 
 
 def _forward_torch(x, w_up, w_down, w_gate, b_up, b_down, widths, fw, activation, scale, save):
@@ -173,12 +123,12 @@ def _forward_torch(x, w_up, w_down, w_gate, b_up, b_down, widths, fw, activation
     out = x.new_empty(x.shape) if runs[0][0] is not None else None
     ups, gates = [], []
     for rows, width, mask in runs:
-        xs = _rows(x, rows)
+        xs = torch_rows(x, rows)
         up, gate = _first_layer_torch(xs, w_up, w_gate, b_up, width)
         hidden = reference.activation(activation, gate) * up if gate is not None else reference.activation(activation, up)
         run_out = F.linear(mask_columns(hidden, mask), w_down[:, :width])
         if scale is not None:
-            run_out = run_out * _rows(scale, rows).unsqueeze(1).to(run_out.dtype)
+            run_out = run_out * torch_rows(scale, rows).unsqueeze(1).to(run_out.dtype)
         if b_down is not None:
             run_out = run_out + b_down
         if rows is None:
@@ -189,8 +139,8 @@ def _forward_torch(x, w_up, w_down, w_gate, b_up, b_down, widths, fw, activation
             ups.append((rows, width, mask_columns(up, mask)))
             if gate is not None:
                 gates.append((rows, width, mask_columns(gate, mask)))
-    up_pre = _saved(x.shape[0], fw, x, ups) if save else None
-    gate_pre = _saved(x.shape[0], fw, x, gates) if (save and w_gate is not None) else None
+    up_pre = assemble_runs((x.shape[0], fw), x, ups) if save else None
+    gate_pre = assemble_runs((x.shape[0], fw), x, gates) if (save and w_gate is not None) else None
     return out, up_pre, gate_pre
 
 
@@ -198,11 +148,12 @@ def _pre_torch(x, w_up, w_gate, b_up, widths, fw):
     """The masked pre-activations ``up_pre``/``gate_pre [T, fw]`` alone (gate None when ungated)."""
     ups, gates = [], []
     for rows, width, mask in torch_runs(widths, fw):
-        up, gate = _first_layer_torch(_rows(x, rows), w_up, w_gate, b_up, width)
+        up, gate = _first_layer_torch(torch_rows(x, rows), w_up, w_gate, b_up, width)
         ups.append((rows, width, mask_columns(up, mask)))
         if gate is not None:
             gates.append((rows, width, mask_columns(gate, mask)))
-    return _saved(x.shape[0], fw, x, ups), _saved(x.shape[0], fw, x, gates) if w_gate is not None else None
+    shape = (x.shape[0], fw)
+    return assemble_runs(shape, x, ups), assemble_runs(shape, x, gates) if w_gate is not None else None
 
 
 def activation_derivative(activation: str, z: torch.Tensor) -> torch.Tensor:
@@ -233,8 +184,8 @@ def _backward_torch(grads, dout, x, w_up, w_down, w_gate, widths, fw, activation
     dscale = torch.empty(x.shape[0], dtype=torch.float32, device=x.device) if scale is not None else None
     for rows, width, mask in runs:
         run_dx, run_dscale = _backward_run(
-            grads, _rows(dout, rows), _rows(x, rows), w_up, w_down, w_gate, mask, width, activation, _rows(scale, rows),
-            up_pre[rows, :width], None if gate_pre is None else gate_pre[rows, :width], need_dx)
+            grads, torch_rows(dout, rows), torch_rows(x, rows), w_up, w_down, w_gate, mask, width, activation,
+            torch_rows(scale, rows), up_pre[rows, :width], None if gate_pre is None else gate_pre[rows, :width], need_dx)
         if need_dx:
             dx.index_copy_(0, rows, run_dx)
         if scale is not None:
