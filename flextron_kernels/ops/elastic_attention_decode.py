@@ -9,9 +9,10 @@ no backward), with a fake implementation so that ``torch.compile`` traces it:
 
 Backends: on CUDA, the Triton split-KV kernels (:mod:`flextron_kernels.triton.attention_decode`),
 which read the KV cache of the active heads only, each KV head once for its whole GQA
-group; the torch backend (any device) computes all ``G`` query heads of a KV head with
-one batched matmul against the cache (no ``repeat_interleave`` copy), on the used heads
-only when the head count is an int, with an fp32 softmax.
+group; the torch backend (any device) runs ``scaled_dot_product_attention`` with the
+``G`` query heads of a KV head as ``G`` queries against its cache (no ``repeat_interleave``
+copy), on the used heads only when the head count is an int; on a CPU it reads no
+position past the longest request.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import functools
 from typing import Optional, Union
 
 import torch
+import torch.nn.functional as F
 
 from flextron_kernels.backends import device_index, select_backend
 from flextron_kernels.ops.checks import (
@@ -95,26 +97,27 @@ def _forward_torch(q, k_cache, v_cache, cache_seqlens, heads_per_request, heads,
     kv_heads, kv_len = k_cache.shape[1], k_cache.shape[2]
     group = q_heads // kv_heads
     used_kv = kv_heads if heads_per_request is not None else heads // group
-    if used_kv == 0:
+    if q.device.type == "cpu" and batch:  # reads no cache position past the longest request (free host sync)
+        kv_len = min(int(cache_seqlens.max()), kv_len)
+    if used_kv == 0 or kv_len == 0:
         return q.new_zeros(batch, q_heads, head_dim)
 
-    if q.device.type == "cpu" and batch:  # reads no cache position past the longest request (free host sync)
-        kv_len = min(max(int(cache_seqlens.max()), 1), kv_len)
-    qg = q[:, : used_kv * group].reshape(batch, used_kv, group, head_dim)
-    k, v = k_cache[:, :used_kv, :kv_len], v_cache[:, :used_kv, :kv_len]
-    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * softmax_scale  # [B, Hkv, G, S]
     positions = torch.arange(kv_len, device=q.device)
-    valid = positions < cache_seqlens.reshape(-1, 1)
+    lengths = cache_seqlens.reshape(-1, 1)
+    visible = positions < lengths
     if window:
-        valid &= positions >= cache_seqlens.reshape(-1, 1) - window
-    valid = valid.reshape(batch, 1, 1, kv_len)
-    probs = torch.softmax(scores.masked_fill(~valid, float("-inf")), dim=-1)
-    # An empty cache gives NaN rows (softmax over nothing); it attends to nothing.
-    probs = torch.where(valid, probs, torch.zeros((), dtype=probs.dtype, device=probs.device))
-    used = torch.matmul(probs.to(v.dtype), v).reshape(batch, used_kv * group, head_dim)
+        visible &= positions >= lengths - window
+    # A KV head's G query heads are G queries against its cache: no GQA copy of the cache.
+    used = F.scaled_dot_product_attention(
+        q[:, : used_kv * group].reshape(batch, used_kv, group, head_dim),
+        k_cache[:, :used_kv, :kv_len], v_cache[:, :used_kv, :kv_len],
+        attn_mask=visible.reshape(batch, 1, 1, kv_len), scale=softmax_scale,
+    ).reshape(batch, used_kv * group, head_dim)
+    # An empty cache attends to nothing (softmax over no position).
+    keep = lengths > 0
     if heads_per_request is not None:
-        keep = torch.arange(q_heads, device=q.device) < heads_per_request.reshape(-1, 1)
-        return torch.where(keep[:, :, None], used, torch.zeros((), dtype=used.dtype, device=used.device))
+        keep = keep & (torch.arange(q_heads, device=q.device) < heads_per_request.reshape(-1, 1))
+    used = torch.where(keep[:, :, None], used, torch.zeros((), dtype=used.dtype, device=used.device))
     if used_kv == kv_heads:
         return used
     out = q.new_zeros(batch, q_heads, head_dim)
