@@ -167,6 +167,17 @@ def test_torch_backend_both_ways_to_attend(cpu_flash, lengths, heads_kind, windo
         nonempty = [n for n in lengths if n]
         runs = [len(lengths)] if len(set(lengths)) == 1 else [1] * len(nonempty)
         assert calls == (2 * runs if cpu_flash else []), calls  # forward and backward, each run once
+    # q, k, v and the output gradient with a strided last dimension (the flash op reads it
+    # as contiguous: each run is made so).
+    tensors, grad, heads, cu = make_inputs(lengths, 4, 2, heads_kind, torch.float32, "cpu", seed=5)
+    strided = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in tensors + (grad,)]
+    assert all(t.stride(-1) != 1 for t in strided)
+    with fk.use_backend("torch"):
+        got = forward_backward(fk.elastic_attention, strided[:3], strided[3], heads, cu, True, "cpu", window=window)
+    want = forward_backward(reference.elastic_attention, [t.double() for t in tensors], grad, heads, cu, True, "cpu",
+                            window=window)
+    for name, o, r in zip(("out", "dq", "dk", "dv"), got, want):
+        assert rel_err(o, r) < 1e-5, (name, "strided")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

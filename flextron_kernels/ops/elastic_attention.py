@@ -56,6 +56,10 @@ def one_sequence(num_tokens: int, device: torch.device) -> torch.Tensor:
     return torch.arange(2, dtype=torch.int32, device=device) * num_tokens
 
 
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 # --------------------------------------------------------------------------- #
 # Torch backend: runs of sequences of one length, fp32 (fp64) softmax
 # --------------------------------------------------------------------------- #
@@ -166,8 +170,10 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 
 def _runs(t, start, count, length, heads):
     """Tokens ``[start, start + count * length)`` of ``t [T, H, D]``, their first ``heads``
-    heads, as ``[count, length, heads, D]`` in the compute dtype."""
-    return t[start:start + count * length, :heads].to(_compute_dtype(t)).reshape(count, length, heads, -1)
+    heads, as ``[count, length, heads, D]`` in the compute dtype, the last dimension
+    contiguous (the CPU flash op reads it so, whatever its stride)."""
+    run = t[start:start + count * length, :heads].to(_compute_dtype(t))
+    return _last_dim_contiguous(run).reshape(count, length, heads, -1)
 
 
 def _grouped(q: torch.Tensor, group: int) -> torch.Tensor:
@@ -215,10 +221,6 @@ def _backward_torch(dout, q, k, v, out, lse, cu_seqlens, heads, static_heads, ca
 # --------------------------------------------------------------------------- #
 # Triton backend
 # --------------------------------------------------------------------------- #
-def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _forward_triton(q, k, v, cu_seqlens, heads, static_heads, causal, window, scale):
     from flextron_kernels.triton.attention import attention_fwd
 
