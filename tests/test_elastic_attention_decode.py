@@ -183,14 +183,21 @@ def test_triton_reads_nothing_outside_the_active_heads_and_cache(device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_nothing_is_read_past_the_longest_cache(backend, device):
-    """Caches allocated longer than any request has filled (as generation allocates them)."""
-    q, k, v = make(3, 8, 2, 60, 16, dtype=torch.float32, device=device, seed=8)
-    cache_seqlens = torch.tensor([40, 13, 1], device=device)
-    heads = torch.tensor([8, 4, 0], device=device)
-    want = exact(q, k, v, cache_seqlens, heads)
-    k[:, :, 40:], v[:, :, 40:] = float("nan"), float("nan")
-    check(run(backend, q, k, v, cache_seqlens, heads), want, cache_seqlens, heads, 1e-5)
+@pytest.mark.parametrize("window", [None, 9])
+def test_positions_a_request_does_not_see_may_hold_anything(backend, window, device):
+    """Caches allocated longer than any request has filled (as generation allocates them),
+    NaN and inf at every position a request does not see; one request's lengths, then
+    several."""
+    for lengths in ([40, 40], [40, 13, 1, 0]):
+        q, k, v = make(len(lengths), 8, 2, 60, 16, dtype=torch.float32, device=device, seed=8)
+        cache_seqlens = torch.tensor(lengths, device=device)
+        heads = torch.tensor([8, 4, 0, 8][: len(lengths)], device=device)
+        want = exact(q, k, v, cache_seqlens, heads, window=window)
+        for b, n in enumerate(lengths):
+            k[b, :, n:], v[b, :, n:] = float("nan"), float("inf")
+            if window:
+                k[b, :, : max(n - window, 0)], v[b, :, : max(n - window, 0)] = float("inf"), float("nan")
+        check(run(backend, q, k, v, cache_seqlens, heads, window=window), want, cache_seqlens, heads, 1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

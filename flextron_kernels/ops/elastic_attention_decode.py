@@ -11,8 +11,8 @@ Backends: on CUDA, the Triton split-KV kernels (:mod:`flextron_kernels.triton.at
 which read the KV cache of the active heads only, each KV head once for its whole GQA
 group; the torch backend (any device) runs ``scaled_dot_product_attention`` with the
 ``G`` query heads of a KV head as ``G`` queries against its cache (no ``repeat_interleave``
-copy), on the used heads only when the head count is an int; on a CPU it reads no
-position past the longest request.
+copy), on the used heads only when the head count is an int; on a CPU it reads only the
+positions some request sees.
 """
 
 from __future__ import annotations
@@ -97,21 +97,30 @@ def _forward_torch(q, k_cache, v_cache, cache_seqlens, heads_per_request, heads,
     kv_heads, kv_len = k_cache.shape[1], k_cache.shape[2]
     group = q_heads // kv_heads
     used_kv = kv_heads if heads_per_request is not None else heads // group
-    if q.device.type == "cpu" and batch:  # reads no cache position past the longest request (free host sync)
-        kv_len = min(int(cache_seqlens.max()), kv_len)
-    if used_kv == 0 or kv_len == 0:
+    lo, hi, same_lengths = 0, kv_len, False
+    if q.device.type == "cpu" and batch:  # reading the lengths is free: only the positions some request sees
+        shortest, longest = (int(n) for n in cache_seqlens.aminmax())
+        hi = min(longest, kv_len)
+        lo = max(shortest - window, 0) if window else 0
+        same_lengths = shortest == longest
+    if used_kv == 0 or hi <= lo:
         return q.new_zeros(batch, q_heads, head_dim)
 
-    positions = torch.arange(kv_len, device=q.device)
+    k, v = k_cache[:, :used_kv, lo:hi], v_cache[:, :used_kv, lo:hi]
+    mask = None
     lengths = cache_seqlens.reshape(-1, 1)
-    visible = positions < lengths
-    if window:
-        visible &= positions >= lengths - window
+    if not same_lengths:  # every request sees all of [lo, hi) otherwise
+        positions = torch.arange(lo, hi, device=q.device)
+        visible = positions < lengths
+        if window:
+            visible &= positions >= lengths - window
+        # Positions a request does not see may hold anything (NaN or inf too): zeroed, not
+        # only masked (a masked NaN score, or a NaN value at probability 0, is still NaN).
+        k, v = (torch.where(visible[:, None, :, None], t, 0.0) for t in (k, v))
+        mask = visible.reshape(batch, 1, 1, hi - lo)
     # A KV head's G query heads are G queries against its cache: no GQA copy of the cache.
     used = F.scaled_dot_product_attention(
-        q[:, : used_kv * group].reshape(batch, used_kv, group, head_dim),
-        k_cache[:, :used_kv, :kv_len], v_cache[:, :used_kv, :kv_len],
-        attn_mask=visible.reshape(batch, 1, 1, kv_len), scale=softmax_scale,
+        q[:, : used_kv * group].reshape(batch, used_kv, group, head_dim), k, v, attn_mask=mask, scale=softmax_scale,
     ).reshape(batch, used_kv * group, head_dim)
     # An empty cache attends to nothing (softmax over no position).
     keep = lengths > 0
