@@ -27,8 +27,9 @@ def bench_run(tmp_path_factory):
 def test_outputs_and_schema(bench_run):
     results = json.loads((bench_run / "results.json").read_text())
     assert set(results) == {"environment", "settings", "ceilings", "rows", "complete"} and results["complete"]
-    for key in ("device", "torch", "triton", "date"):
+    for key in ("device", "cpu", "torch", "triton", "date"):
         assert key in results["environment"]
+    assert "threads" in results["environment"]["cpu"]
     assert results["settings"]["budgets"] == [0.5, 1.0]
     assert results["ceilings"]["copy_tbps"] > 0 and results["ceilings"]["matmul_tflops"] > 0
     ops = [r["op"] for r in results["rows"]]

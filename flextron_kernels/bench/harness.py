@@ -44,6 +44,8 @@ MODELS = {
     "llama3-8b": dict(d_model=4096, ffn=14336, q_heads=32, kv_heads=8, head_dim=128, vocab_size=128256, n_layers=32, arch="llama"),
     "gpt2": dict(d_model=768, ffn=3072, q_heads=12, kv_heads=12, head_dim=64, vocab_size=50257, n_layers=12, arch="gpt2"),
     "tiny": dict(d_model=128, ffn=512, q_heads=4, kv_heads=2, head_dim=32, vocab_size=512, n_layers=2, arch="llama"),
+    # A CPU-sized Llama-style model: large enough that the work, not the host, sets the time.
+    "small": dict(d_model=1024, ffn=2816, q_heads=16, kv_heads=4, head_dim=64, vocab_size=8192, n_layers=4, arch="llama"),
 }
 OPS = ("linear", "mlp", "mlp_mixed", "attention", "layer", "prefill", "decode")
 

@@ -117,6 +117,17 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype, size: int = 8192) ->
     return 2 * size**3 / (ms * 1e-3) / 1e12
 
 
+def _cpu_name() -> str:
+    """The host CPU's model name and the threads torch uses."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name}, {torch.get_num_threads()} threads"
+
+
 def environment() -> dict:
     """Device, versions and date, for every result file."""
     from flextron_kernels.backends import build_info
@@ -125,6 +136,7 @@ def environment() -> dict:
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": info["device"],
+        "cpu": _cpu_name(),
         "torch": info["torch"],
         "cuda": info["torch_cuda"],
         "triton": info["triton"],

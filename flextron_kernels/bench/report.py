@@ -30,14 +30,15 @@ def _section(path: Path, data: dict, root: Path, out_dir: Path) -> str:
     env = data.get("environment", {})
     title = data.get("benchmark") or f"flextron bench ({data.get('settings', {}).get('model', '?')})"
     lines = [f"## {title}", "",
-             f"`{path.relative_to(root)}`: {env.get('device', '?')}, torch {env.get('torch', '?')}, "
-             f"CUDA {env.get('cuda', '-')}, triton {env.get('triton', '-')}, {env.get('date', '?')}", ""]
+             f"`{path.relative_to(root)}`: {env.get('device', '?')}"
+             f"{' (' + env['cpu'] + ')' if env.get('device') == 'cpu' and env.get('cpu') else ''}, torch {env.get('torch', '?')}, "
+             f"CUDA {env.get('cuda') or '-'}, triton {env.get('triton') or '-'}, {env.get('date', '?')}", ""]
     if data.get("complete") is False:
         lines += ["**Incomplete run**: it was cut short; these are the rows measured before it stopped.", ""]
     if "ceilings" in data:
         c = data["ceilings"]
         measured = ([f"copy {c['copy_tbps']:.2f} TB/s"] if c.get("copy_tbps") else []) + (
-            [f"dense matmul {c['matmul_tflops']:.0f} TFLOP/s"] if c.get("matmul_tflops") else [])
+            [f"dense matmul {c['matmul_tflops']:.3g} TFLOP/s"] if c.get("matmul_tflops") else [])
         if measured:
             lines += ["Ceilings measured in the same run: " + ", ".join(measured) + ".", ""]
     if "summary" in data:
