@@ -95,7 +95,7 @@ def _hidden_positions(length, causal, window, device):
 
 
 def _scores(q, k, scale, hidden):
-    """``q [n, L, Hkv, g, D]``, ``k [n, L, Hkv, D]`` -> ``[n, Hkv, g, L, L]`` (fp32, masked)."""
+    """``q [n, L, Hkv, g, D]``, ``k [n, L, Hkv, D]`` -> ``[n, Hkv, g, L, L]`` (their dtype, masked)."""
     scores = torch.einsum("ntkgd,nukd->nkgtu", q, k) * scale
     return scores if hidden is None else scores.masked_fill(hidden, float("-inf"))
 

@@ -49,6 +49,7 @@ from flextron_kernels.ops.checks import (
 )
 from flextron_kernels.ops.common import (
     accumulates_in_place,
+    assemble_runs,
     call_op,
     dispatch_state,
     dispatch_state_restored,
@@ -59,7 +60,6 @@ from flextron_kernels.ops.common import (
     matmul_routing,
     outside_autocast,
     runs_directly,
-    assemble_runs,
     torch_rows,
     torch_runs,
 )
