@@ -2,7 +2,8 @@
 
 Public API:
 - ops: :func:`elastic_linear`, :func:`elastic_mlp`, :func:`elastic_mlp_decode`,
-  :func:`elastic_attention`, :func:`elastic_attention_decode`, :func:`routing_metadata`;
+  :func:`elastic_attention`, :func:`elastic_attention_decode`, :func:`elastic_attention_extend`,
+  :func:`routing_metadata`;
 - modules: :class:`ElasticLinear`, :class:`ElasticMLP`;
 - backends: :func:`use_backend`, :func:`build_info`;
 - :mod:`flextron_kernels.reference`: the meaning of every op in plain PyTorch.
@@ -17,6 +18,7 @@ from flextron_kernels.ops import (
     default_boundaries,
     elastic_attention,
     elastic_attention_decode,
+    elastic_attention_extend,
     elastic_linear,
     elastic_mlp,
     elastic_mlp_decode,
@@ -34,6 +36,7 @@ __all__ = [
     "default_boundaries",
     "elastic_attention",
     "elastic_attention_decode",
+    "elastic_attention_extend",
     "elastic_linear",
     "elastic_mlp",
     "elastic_mlp_decode",

@@ -305,3 +305,45 @@ def elastic_attention_decode(
     head_counts = heads if isinstance(heads, torch.Tensor) else torch.full((batch,), heads, device=q.device)
     used = torch.arange(q_heads, device=q.device) < head_counts.reshape(-1, 1)
     return torch.where(used[:, :, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+def elastic_attention_extend(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    *,
+    cu_seqlens: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    heads: Union[int, torch.Tensor],
+    softmax_scale: Optional[float] = None,
+    window: Optional[int] = None,
+) -> torch.Tensor:
+    """New tokens of each request against its KV cache, which already holds them (a
+    prefill that continues a cache: a later chunk of a prompt, the next turn of a chat).
+
+    Shapes: ``q [T, Hq, Dh]``, the new tokens of request ``b`` at ``cu_seqlens[b]:cu_seqlens[b + 1]``;
+    ``k_cache, v_cache [B, Hkv, S_max, Dh]`` holding ``cache_seqlens[b]`` positions of
+    request ``b``, its new tokens last; ``heads`` an int or ``[B]`` integer tensor. New
+    token ``i`` of ``L`` is at position ``p = cache_seqlens[b] - L + i`` and attends to the
+    cache positions ``<= p`` (with a ``window``, only those ``> p - window``). Output
+    ``[T, Hq, Dh]``, exactly zero at heads ``h >= heads[b]``.
+    """
+    num_tokens, q_heads, head_dim = q.shape
+    group = q_heads // k_cache.shape[1]
+    scale = head_dim**-0.5 if softmax_scale is None else softmax_scale
+    seq = torch.bucketize(torch.arange(num_tokens, device=q.device), cu_seqlens[1:].to(torch.int64), right=True)
+    new_tokens = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
+    index = torch.arange(num_tokens, device=q.device) - cu_seqlens.to(torch.int64)[seq]
+    token_positions = cache_seqlens.to(torch.int64)[seq] - new_tokens[seq] + index  # [T]
+    k_full = k_cache.repeat_interleave(group, dim=1)[seq]  # [T, Hq, S_max, Dh]
+    v_full = v_cache.repeat_interleave(group, dim=1)[seq]
+    scores = torch.einsum("thd,thsd->ths", q, k_full) * scale
+    positions = torch.arange(k_cache.shape[2], device=q.device)
+    visible = positions <= token_positions.reshape(-1, 1, 1)
+    if window is not None:
+        visible = visible & (positions > token_positions.reshape(-1, 1, 1) - window)
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    out = torch.einsum("ths,thsd->thd", probs, v_full)
+    head_counts = (heads if isinstance(heads, torch.Tensor) else torch.full(new_tokens.shape, heads, device=q.device))[seq]
+    used = torch.arange(q_heads, device=q.device) < head_counts.reshape(-1, 1)
+    return torch.where(used[:, :, None], out, torch.zeros((), dtype=out.dtype, device=out.device))

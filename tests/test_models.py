@@ -660,3 +660,80 @@ def test_qwen3_conversion_generation_and_export(tmp_path, extra):
 def test_qk_norm_only_for_llama_models():
     with pytest.raises(ValueError, match="qk_norm: expected False for arch 'gpt2'"):
         FlextronConfig(arch="gpt2", vocab_size=VOCAB, d_model=64, n_layers=1, q_heads=4, kv_heads=4, ffn=128, qk_norm=True)
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral_window", "qwen3", "gpt2", "routers"])
+@pytest.mark.parametrize("budget", [1.0, 0.5, "mixed"])
+def test_extend_continues_caches_as_one_prefill(kind, budget):
+    """A prompt in chunks (a prefill, then extensions; packed and [B, S], a request with no
+    new token in one) gives the logits of one prefill over the whole prompt, and the caches
+    then hold what that prefill fills."""
+    if kind == "mistral_window":
+        hf = transformers.MistralForCausalLM(transformers.MistralConfig(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, sliding_window=5)).eval()
+    elif kind == "qwen3":
+        hf = hf_qwen3()
+    else:
+        hf = hf_model("gpt2" if kind == "gpt2" else "llama")
+    model = FlextronForCausalLM.from_hf(hf, mlp_choices=[[64, 128, 192, 256]] * 2)
+    if kind == "routers":
+        torch.manual_seed(3)
+        model.attach_routers(hidden=16, static=True, token=True)
+    model.eval()
+    budget = torch.tensor([1.0, 0.5, 0.25]) if budget == "mixed" else budget
+    ids = torch.randint(0, VOCAB, (3, 13))
+    with torch.no_grad():
+        whole_caches = model.new_caches(3, 16)
+        whole = model(ids, budget=budget, caches=whole_caches)
+        caches = model.new_caches(3, 16)
+        first = model(ids[:, :6], budget=budget, caches=caches)
+        middle = model.extend(ids[:, 6:9], caches, budget=budget)
+        # Packed: request 1 has no new token this time, then catches up.
+        packed = model.extend(torch.cat([ids[0, 9:], ids[2, 9:]]), caches, budget=budget,
+                              cu_seqlens=torch.tensor([0, 4, 4, 8]))
+        last = model.extend(ids[1, 9:], caches, budget=budget, cu_seqlens=torch.tensor([0, 0, 4, 4]))
+    got = torch.cat([first, middle], 1)
+    torch.testing.assert_close(got, whole[:, :9], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(packed, torch.cat([whole[0, 9:], whole[2, 9:]]), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(last, whole[1, 9:], rtol=1e-4, atol=1e-4)
+    for c, w in zip(caches, whole_caches):
+        assert c.seqlens.tolist() == [13, 13, 13]
+        torch.testing.assert_close(c.k[:, :, :13], w.k[:, :, :13], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("budget", [1.0, 0.5])
+def test_generate_continues_a_conversation_in_its_caches(budget):
+    """Turn by turn in the same caches, as one generate over the whole conversation."""
+    model = FlextronForCausalLM.from_hf(hf_model("llama"), mlp_choices=[[64, 128, 192, 256]] * 2)
+    turn1, turn2 = torch.randint(0, VOCAB, (2, 7)), torch.randint(0, VOCAB, (2, 4))
+    caches = model.new_caches(2, 40)
+    out1 = model.generate(turn1, budget=budget, max_new_tokens=5, caches=caches)
+    assert caches[0].seqlens.tolist() == [12, 12]  # every returned token, the last included
+    out2 = model.generate(turn2, budget=budget, max_new_tokens=6, caches=caches)
+    conversation = torch.cat([out1, turn2], 1)
+    whole = model.generate(conversation, budget=budget, max_new_tokens=6)
+    assert torch.equal(out2, whole[:, out1.shape[1]:])
+    assert caches[0].seqlens.tolist() == [22, 22]
+    with pytest.raises(ValueError, match="caches: 40 positions, too few for the 22 a request holds"):
+        model.generate(turn2, budget=budget, max_new_tokens=20, caches=caches)
+
+
+def test_extend_refuses_caches_it_cannot_continue():
+    config = FlextronConfig(arch="llama", vocab_size=VOCAB, d_model=64, n_layers=2, q_heads=4, kv_heads=2, ffn=128)
+    model = FlextronForCausalLM(config).eval()
+    ids = torch.randint(0, VOCAB, (2, 5))
+    caches = model.new_caches(2, 8)
+    with torch.no_grad():
+        model(ids, caches=caches)
+        with pytest.raises(ValueError, match="caches: expected one cache per layer \\(2\\) with one request per sequence \\(2\\)"):
+            model.extend(ids, caches[:1])
+        with pytest.raises(ValueError, match="caches: a request would hold 10 positions after this extension, past the caches' 8"):
+            model.extend(ids, caches)
+        with pytest.raises(ValueError, match="cu_seqlens: expected non-decreasing offsets from 0 to T=4"):
+            model.extend(ids[0, :4], caches, cu_seqlens=torch.tensor([0, 3, 2]))
+        with pytest.raises(ValueError, match="budget: expected one value per sequence \\(2\\), got shape \\(3,\\)"):
+            model.extend(ids[:, :1], caches, budget=torch.tensor([1.0, 0.5, 0.5]))
+        caches[1].seqlens += 1
+        with pytest.raises(ValueError, match="caches: expected every layer's cache to hold the same lengths"):
+            model.extend(ids[:, :1], caches)

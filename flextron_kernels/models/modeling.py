@@ -24,11 +24,13 @@ from flextron_kernels.models.config import FlextronConfig
 from flextron_kernels.models.graphs import capture
 from flextron_kernels.models.routers import StaticRouter, TokenRouter, encode_budget, select
 from flextron_kernels.nn import ElasticAttention, ElasticMLP, KVCache
+from flextron_kernels.nn.attention import extend_positions
 from flextron_kernels.nn.norm import RMSNorm
 from flextron_kernels.ops.checks import (
     FLOAT_DTYPES,
     INTEGER_DTYPES,
     check_cu_seqlens_values,
+    host_values,
     check_tensor,
     skip_width_value_checks,
     value_checks_enabled,
@@ -69,6 +71,11 @@ class FlextronBlock(nn.Module):
     def decode(self, h, cache, *, heads, width, token_router=None, rotary=None):
         return self._mlp(h + self.attn.decode(self.norm1(h), cache, heads=heads, rotary=rotary), width, None,
                          token_router)
+
+    def extend(self, h, cache, *, cu_seqlens, heads, width, token_router=None, rotary=None):
+        """``heads`` per request (int or ``[B]``), ``width`` per token (int or ``[T]``)."""
+        return self._mlp(h + self.attn.extend(self.norm1(h), cache, cu_seqlens=cu_seqlens, heads=heads, rotary=rotary),
+                         width, None, token_router)
 
     @staticmethod
     def _add_scaled(h, update, scale):
@@ -400,6 +407,67 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
                              token_router=None if code is None else self._token_router(i, code), rotary=rotary)
         return self.lm_head(self.final_norm(h))
 
+    def extend(self, input_ids: torch.Tensor, caches: list, *, budget: Budget = None,
+               cu_seqlens: Optional[torch.Tensor] = None, choices: Optional[list] = None) -> torch.Tensor:
+        """Logits for new tokens that continue each request's cache (a later chunk of a long
+        prompt, the next turn of a chat): ``input_ids [B, S]`` (``S`` new tokens per
+        request; logits ``[B, S, V]``) or packed ``[T]`` with ``cu_seqlens [B + 1]``
+        (logits ``[T, V]``; a request may have none). The tokens go after the
+        ``caches[i].seqlens[b]`` positions each cache holds, which advance by them.
+        ``budget`` / ``choices`` as in :meth:`forward`; a request's head counts must be
+        those its cache was filled with (the same budget does that). Equal, up to
+        rounding, to the logits of one prefill over the whole sequences."""
+        ids, cu = self._pack(input_ids, cu_seqlens)
+        num_seqs, num_tokens = cu.numel() - 1, ids.numel()
+        if isinstance(budget, torch.Tensor) and budget.numel() != num_seqs:
+            raise ValueError(f"budget: expected one value per sequence ({num_seqs}), got shape {tuple(budget.shape)}")
+        self._check_extension(caches, cu, num_seqs, num_tokens)
+        if num_tokens == 0:
+            return self.embed.weight.new_zeros(*input_ids.shape, self.config.vocab_size)
+        _, positions = extend_positions(caches[0].seqlens, cu, num_tokens)
+        h = self.embed(ids)
+        if self.pos_embed is not None:
+            h = h + self.pos_embed(positions)
+
+        def per_token(value):
+            return self._per_token(value, cu, num_tokens)
+
+        if choices is not None:
+            plans, code = [dict(width=w, heads=hd) for w, hd in choices], None
+        else:
+            plans = self._plan(budget, num_seqs, ids.device)
+            code = self._budget_code(budget, num_seqs, per_token)
+        rotary = self.layers[0].attn.rotary_tables(positions, h.dtype)
+        with skip_width_value_checks() if choices is None else contextlib.nullcontext():
+            for i, (layer, cache, plan) in enumerate(zip(self.layers, caches, plans)):
+                h = layer.extend(h, cache, cu_seqlens=cu, heads=plan["heads"], width=per_token(plan["width"]),
+                                 token_router=None if code is None else self._token_router(i, code), rotary=rotary)
+        logits = self.lm_head(self.final_norm(h))
+        return logits.reshape(*input_ids.shape, -1) if input_ids.dim() == 2 else logits
+
+    def _check_extension(self, caches: list, cu: torch.Tensor, num_seqs: int, num_tokens: int) -> None:
+        """The caches an :meth:`extend` continues (one per layer, a request per sequence,
+        the same lengths in every layer) and that its tokens fit them: one copy to the host."""
+        if len(caches) != len(self.layers) or any(c.k.shape[0] != num_seqs for c in caches):
+            raise ValueError(
+                f"caches: expected one cache per layer ({len(self.layers)}) with one request per sequence "
+                f"({num_seqs}), got {len(caches)} caches of batch {[c.k.shape[0] for c in caches][:4]}"
+            )
+        if not value_checks_enabled(cu):
+            return
+        lengths = torch.stack([c.seqlens.to(torch.int64) for c in caches])  # [layers, B]
+        values = host_values(cu, lengths[0] + (cu[1:] - cu[:-1]), (lengths != lengths[0]).any())
+        check_cu_seqlens_values(values[0], num_tokens)
+        if values[2][0]:
+            raise ValueError("caches: expected every layer's cache to hold the same lengths (the caches of one model's "
+                             "requests), got layers that differ")
+        room = min(c.k.shape[2] for c in caches)
+        longest = max(values[1], default=0)
+        if longest > room:
+            raise ValueError(f"caches: a request would hold {longest} positions after this extension, past the "
+                             f"caches' {room} (new_caches(batch, max_len) makes longer ones)")
+        self.config.check_positions(longest, "the caches' lengths after the extension")
+
     @torch.no_grad()
     def choices_for(self, budget: float) -> list[tuple[int, int]]:
         """Per layer ``(mlp_width, heads)`` that inference runs at a float ``budget``: the
@@ -428,7 +496,7 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
                  budget: Budget = None, max_new_tokens: int = 20,
                  temperature: float = 0.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
                  eos_token_id: Optional[int] = None, generator: Optional[torch.Generator] = None,
-                 cuda_graph: Optional[bool] = None) -> torch.Tensor:
+                 cuda_graph: Optional[bool] = None, caches: Optional[list] = None) -> torch.Tensor:
         """Continue each prompt of ``input_ids [B, S]``; returns ``[B, S + max_new_tokens]``.
 
         ``attention_mask [B, S]`` (1 for a token, 0 for padding, as a Hugging Face tokenizer
@@ -441,7 +509,11 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
         request keeps emitting it. ``cuda_graph``: the first decode step runs eagerly and
         is captured in a CUDA graph that the later steps replay, when at least four
         follow (default: on a GPU, unless :attr:`record_token_choices` is set, whose
-        record a replay would not extend).
+        record a replay would not extend). ``caches``: the requests' caches from an
+        earlier call (:meth:`new_caches`, filled by :meth:`forward`, :meth:`extend` or
+        ``generate``) to continue, as a chat's next turn continues the conversation: the
+        prompts extend them (:meth:`extend`) and, when this returns, they hold every
+        returned token; use the same budget. Default: fresh caches for this call alone.
         """
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids: expected [B, S] with S >= 1, got shape {tuple(input_ids.shape)}")
@@ -452,16 +524,26 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
         batch, prompt_len = input_ids.shape
         packed = None if attention_mask is None else _pack_by_mask(input_ids, attention_mask)
         total = (prompt_len if packed is None else packed[2]) + max_new_tokens
-        self.config.check_positions(total, "prompt length + max_new_tokens")
         budget = self.budget if budget is None else budget
         if isinstance(budget, torch.Tensor):  # on the device once: a captured step cannot copy from the host
             budget = budget.to(input_ids.device)
-        caches = self.new_caches(batch, total)
+        continued = caches is not None
+        if continued:  # the prompts extend the caches; the new tokens need room after them
+            held = int(caches[0].seqlens.max()) if batch and len(caches) else 0
+            self.config.check_positions(held + total, "the caches' lengths + prompt length + max_new_tokens")
+            if caches and caches[0].k.shape[2] < held + total:
+                raise ValueError(f"caches: {caches[0].k.shape[2]} positions, too few for the {held} a request holds, "
+                                 f"its prompt and max_new_tokens ({held + total} in all)")
+            prefill = self.extend
+        else:
+            self.config.check_positions(total, "prompt length + max_new_tokens")
+            caches = self.new_caches(batch, total)
+            prefill = self.forward
         if packed is None:
-            logits = self.forward(input_ids, budget=budget, caches=caches)[:, -1]
+            logits = prefill(input_ids, caches=caches, budget=budget)[:, -1]
         else:
             ids, cu, _ = packed
-            logits = self.forward(ids, cu_seqlens=cu, budget=budget, caches=caches)[cu[1:].to(torch.int64) - 1]
+            logits = prefill(ids, cu_seqlens=cu, budget=budget, caches=caches)[cu[1:].to(torch.int64) - 1]
         if self.token_routers is not None or self.training:  # choices made inside each step
             step_args = dict(budget=budget)
         else:  # the same choices at every step: made once (a static router's is a host sync)
@@ -497,6 +579,10 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
             if try_capture and max_new_tokens - step - 2 >= _MIN_GRAPH_REPLAYS:
                 captured = capture(decode_step, what="generate's decode step")
             try_capture = False
+        if continued and max_new_tokens:  # the caller's caches hold the last token too
+            tokens.copy_(out[-1][:, 0])
+            with skip_width_value_checks():
+                decode_step()
         return torch.cat(out, dim=1)
 
 

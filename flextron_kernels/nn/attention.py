@@ -182,6 +182,42 @@ class ElasticAttention(nn.Module):
         )
         return self._output(attn, heads)
 
+    def extend(self, x: torch.Tensor, cache: KVCache, *, cu_seqlens: torch.Tensor, heads: Optional[Heads] = None,
+               rotary: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        """New tokens of each request after those its cache holds (a later chunk of a
+        prompt, the next turn of a chat): ``x [T, d_model]``, request ``b``'s at
+        ``cu_seqlens[b]:cu_seqlens[b + 1]``; ``heads`` int or ``[B]`` (each request's KV
+        cap: the one its cache was filled with). Writes their K/V at positions
+        ``cache.seqlens[b]`` onwards, advances ``cache.seqlens``, and attends each to its
+        request's cache up to itself. ``rotary``: :meth:`rotary_tables` of those positions."""
+        from flextron_kernels.ops.elastic_attention_extend import elastic_attention_extend
+
+        num_tokens = x.shape[0]
+        heads = self.q_heads if heads is None else heads
+        seq_ids, positions = extend_positions(cache.seqlens, cu_seqlens, num_tokens)
+        token_heads = heads[seq_ids] if isinstance(heads, torch.Tensor) else heads
+        q, k, v = self._project(x, token_heads, token_heads)
+        q, k = self._rotate(q, k, positions, rotary)
+        nkv = k.shape[1]
+        cache.k[seq_ids, :nkv, positions] = k.to(cache.k.dtype)
+        cache.v[seq_ids, :nkv, positions] = v.to(cache.v.dtype)
+        cache.seqlens += (cu_seqlens[1:] - cu_seqlens[:-1]).to(cache.seqlens.dtype)
+        if q.shape[1] == 0:
+            return self._output(q, token_heads)
+        attn = elastic_attention_extend(
+            q, cache.k[:, :nkv], cache.v[:, :nkv], cu_seqlens=cu_seqlens, cache_seqlens=cache.seqlens,
+            heads=q.shape[1] if not isinstance(heads, torch.Tensor) else heads, window=self.window,
+        )
+        return self._output(attn, token_heads)
+
+
+def extend_positions(cache_seqlens: torch.Tensor, cu_seqlens: torch.Tensor, num_tokens: int):
+    """``(seq_ids [T], positions [T])`` (int64) of new tokens packed by ``cu_seqlens`` that
+    follow the ``cache_seqlens`` positions their requests' caches hold."""
+    index = torch.arange(num_tokens, device=cu_seqlens.device)
+    seq_ids = torch.bucketize(index, cu_seqlens[1:].to(torch.int64), right=True)
+    return seq_ids, cache_seqlens.to(torch.int64)[seq_ids] + index - cu_seqlens.to(torch.int64)[seq_ids]
+
 
 def _div(heads: Heads, group: int) -> Heads:
     return heads // group

@@ -8,6 +8,7 @@ from flextron_kernels.ops.checks import skip_width_value_checks
 from flextron_kernels.ops.common import full_size_weight_grads
 from flextron_kernels.ops.elastic_attention import elastic_attention
 from flextron_kernels.ops.elastic_attention_decode import elastic_attention_decode
+from flextron_kernels.ops.elastic_attention_extend import elastic_attention_extend
 from flextron_kernels.ops.elastic_linear import elastic_linear
 from flextron_kernels.ops.elastic_mlp import elastic_mlp
 from flextron_kernels.ops.elastic_mlp_decode import elastic_mlp_decode
@@ -17,6 +18,7 @@ __all__ = [
     "default_boundaries",
     "elastic_attention",
     "elastic_attention_decode",
+    "elastic_attention_extend",
     "elastic_linear",
     "elastic_mlp",
     "elastic_mlp_decode",

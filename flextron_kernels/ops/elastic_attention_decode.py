@@ -199,13 +199,72 @@ def _check_values(cache_seqlens, heads_per_request, kv_len, q_heads, kv_heads):
             f"got values in [{low}, {high}]"
         )
     if heads_per_request is not None:
-        check_width_range("heads", *values[1], q_heads)
-        any_bad, index, value = values[2]
-        if any_bad:
-            raise ValueError(
-                f"heads: expected every head count to be a multiple of the GQA group size {group} "
-                f"(Hq // Hkv = {q_heads} // {kv_heads}), got {value} for request {index}"
-            )
+        check_request_head_values(values[1], values[2], q_heads, kv_heads)
+
+
+def check_request_head_values(head_range, off_group_values, q_heads: int, kv_heads: int) -> None:
+    """Per-request head counts on the host: ``head_range`` (:func:`width_range`) within
+    ``[0, Hq]`` and no count off the GQA group (:func:`off_group`)."""
+    check_width_range("heads", *head_range, q_heads)
+    any_bad, index, value = off_group_values
+    if any_bad:
+        raise ValueError(
+            f"heads: expected every head count to be a multiple of the GQA group size {q_heads // kv_heads} "
+            f"(Hq // Hkv = {q_heads} // {kv_heads}), got {value} for request {index}"
+        )
+
+
+def check_cache_seqlens(cache_seqlens, batch: int, device: torch.device) -> None:
+    check_tensor("cache_seqlens", cache_seqlens, device=device, shape=(batch,))
+    if cache_seqlens.dtype not in INTEGER_DTYPES:
+        raise TypeError(f"cache_seqlens: expected an integer tensor (int32 or int64), got dtype {cache_seqlens.dtype}")
+
+
+def check_caches(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: int,
+                 batch_source: str = "q") -> None:
+    """``k_cache, v_cache [batch, Hkv, S_max, Dh]`` of ``q [., Hq, Dh]``'s dtype and device,
+    ``Hq`` a positive multiple of ``Hkv``, ``Dh`` at most :data:`MAX_HEAD_DIM`
+    (``batch_source``: the argument ``batch`` comes from, for the message)."""
+    q_heads, head_dim = q.shape[1], q.shape[2]
+    check_tensor("k_cache", k_cache, ndim=4, device=q.device)
+    check_same_dtype("k_cache", k_cache, q.dtype, "q")
+    if k_cache.shape[0] != batch or k_cache.shape[3] != head_dim:
+        raise ValueError(
+            f"k_cache: expected shape [{batch}, Hkv, S_max, {head_dim}] "
+            f"({'B and Dh from q' if batch_source == 'q' else f'B from {batch_source}, Dh from q'}), "
+            f"got {tuple(k_cache.shape)}"
+        )
+    check_tensor("v_cache", v_cache, device=q.device, shape=k_cache.shape)
+    check_same_dtype("v_cache", v_cache, q.dtype, "q")
+    kv_heads = k_cache.shape[1]
+    if kv_heads == 0 or q_heads == 0 or q_heads % kv_heads:
+        raise ValueError(
+            f"q: expected a number of heads (q.shape[1] = {q_heads}) that is a positive multiple of "
+            f"the number of KV heads (k_cache.shape[1] = {kv_heads})"
+        )
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"q: expected a head dimension (q.shape[2]) in [1, {MAX_HEAD_DIM}], got {head_dim}")
+
+
+def check_request_heads(heads, batch: int, q_heads: int, kv_heads: int, device: torch.device):
+    """``heads`` (an int or a ``[batch]`` integer tensor in ``[0, Hq]``, multiples of the GQA
+    group) as ``(per-request tensor or None, the int or the bound)``; the tensor's values
+    are left to the caller's one copy to the host."""
+    group = q_heads // kv_heads
+    if heads is None:
+        raise TypeError(f"heads: expected an int or an integer tensor of shape ({batch},), got None")
+    if isinstance(heads, torch.Tensor):
+        # Device and shape first, so that the messages name q rather than check_widths' x.
+        check_tensor("heads", heads, device=device, shape=(batch,))
+    heads_per_request, num_heads = check_widths(
+        "heads", heads, high=q_heads, default=q_heads, token_shape=(batch,), device=device, check_values=False
+    )
+    if heads_per_request is None and num_heads % group:
+        raise ValueError(
+            f"heads: expected a multiple of the GQA group size {group} (Hq // Hkv = {q_heads} // {kv_heads}), "
+            f"got {num_heads}"
+        )
+    return heads_per_request, num_heads
 
 
 @outside_autocast("q", "k_cache", "v_cache")
@@ -241,41 +300,10 @@ def elastic_attention_decode(
     """
     check_tensor("q", q, dtypes=DTYPES, ndim=3)
     batch, q_heads, head_dim = q.shape
-    check_tensor("k_cache", k_cache, ndim=4, device=q.device)
-    check_same_dtype("k_cache", k_cache, q.dtype, "q")
-    if k_cache.shape[0] != batch or k_cache.shape[3] != head_dim:
-        raise ValueError(
-            f"k_cache: expected shape [{batch}, Hkv, S_max, {head_dim}] (B and Dh from q), got {tuple(k_cache.shape)}"
-        )
-    check_tensor("v_cache", v_cache, device=q.device, shape=k_cache.shape)
-    check_same_dtype("v_cache", v_cache, q.dtype, "q")
+    check_caches(q, k_cache, v_cache, batch)
     kv_heads, kv_len = k_cache.shape[1], k_cache.shape[2]
-    if kv_heads == 0 or q_heads == 0 or q_heads % kv_heads:
-        raise ValueError(
-            f"q: expected a number of heads (q.shape[1] = {q_heads}) that is a positive multiple of "
-            f"the number of KV heads (k_cache.shape[1] = {kv_heads})"
-        )
-    if not 1 <= head_dim <= MAX_HEAD_DIM:
-        raise ValueError(f"q: expected a head dimension (q.shape[2]) in [1, {MAX_HEAD_DIM}], got {head_dim}")
-    group = q_heads // kv_heads
-
-    check_tensor("cache_seqlens", cache_seqlens, device=q.device, shape=(batch,))
-    if cache_seqlens.dtype not in INTEGER_DTYPES:
-        raise TypeError(f"cache_seqlens: expected an integer tensor (int32 or int64), got dtype {cache_seqlens.dtype}")
-
-    if heads is None:
-        raise TypeError(f"heads: expected an int or an integer tensor of shape ({batch},), got None")
-    if isinstance(heads, torch.Tensor):
-        # Device and shape first, so that the messages name q rather than check_widths' x.
-        check_tensor("heads", heads, device=q.device, shape=(batch,))
-    heads_per_request, num_heads = check_widths(
-        "heads", heads, high=q_heads, default=q_heads, token_shape=(batch,), device=q.device, check_values=False
-    )
-    if heads_per_request is None and num_heads % group:
-        raise ValueError(
-            f"heads: expected a multiple of the GQA group size {group} (Hq // Hkv = {q_heads} // {kv_heads}), "
-            f"got {num_heads}"
-        )
+    check_cache_seqlens(cache_seqlens, batch, q.device)
+    heads_per_request, num_heads = check_request_heads(heads, batch, q_heads, kv_heads, q.device)
     if batch and value_checks_enabled(cache_seqlens):
         _check_values(cache_seqlens, heads_per_request, kv_len, q_heads, kv_heads)
 
