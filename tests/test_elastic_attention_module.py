@@ -84,3 +84,42 @@ def test_bad_kv_cap():
         block(torch.randn(3, 32), heads=torch.tensor([4, 2, 2]), kv_cap=2)
     with pytest.raises(ValueError, match="kv_heads: expected a divisor of q_heads=4, got 3"):
         ElasticAttention(32, 4, 3)
+
+
+@pytest.mark.parametrize("heads", [4, 2, "per_request"])
+@pytest.mark.parametrize("window", [None, 3])
+def test_extend_after_prefill_equals_one_prefill(heads, window):
+    torch.manual_seed(0)
+    block = ElasticAttention(64, 4, 2, 16, rotary=True, window=window).eval()
+    x = torch.randn(12, 64)
+    caps = torch.tensor([4, 2]) if heads == "per_request" else heads
+    token_caps = caps.repeat_interleave(torch.tensor([7, 5])) if heads == "per_request" else heads
+    with torch.no_grad():
+        whole = block(x, heads=token_caps, cu_seqlens=torch.tensor([0, 7, 12], dtype=torch.int32))
+        cache = KVCache.empty(2, 2, 10, 16)
+        block(torch.cat([x[:4], x[7:9]]), heads=caps.repeat_interleave(torch.tensor([4, 2])) if heads == "per_request"
+              else heads, cu_seqlens=torch.tensor([0, 4, 6], dtype=torch.int32), cache=cache)
+        out = block.extend(torch.cat([x[4:7], x[9:]]), cache, cu_seqlens=torch.tensor([0, 3, 6]), heads=caps)
+    torch.testing.assert_close(out, torch.cat([whole[4:7], whole[9:]]), rtol=1e-5, atol=1e-5)
+    assert cache.seqlens.tolist() == [7, 5]
+
+
+def test_extend_refuses_arguments_before_changing_the_cache():
+    block = ElasticAttention(64, 4, 2, 16).eval()
+    cache = KVCache.empty(2, 2, 8, 16)
+    with torch.no_grad():
+        block(torch.randn(9, 64), heads=4, cu_seqlens=torch.tensor([0, 4, 9], dtype=torch.int32), cache=cache)
+        before = cache.seqlens.clone(), cache.k.clone()
+        x = torch.randn(4, 64)
+        for kwargs, message in [
+            (dict(cu_seqlens=torch.tensor([0, 4]), heads=4), "cu_seqlens: expected shape \\(3,\\), got \\(2,\\)"),
+            (dict(cu_seqlens=torch.tensor([0, 0, 4]), heads=4), "cache: a request would hold 9 positions after this extension"
+                                                                 ", past its 8"),
+            (dict(cu_seqlens=torch.tensor([0, 2, 4]), heads=2), "heads: expected each request's KV cap as its cache was "
+                                                                  "filled \\(request 0: 4 query heads\\), got 2"),
+            (dict(cu_seqlens=torch.tensor([0, 2, 4]), heads=torch.tensor([4, 3])), "heads: expected every head count to be "
+                                                                                     "a multiple of the GQA group size 2"),
+        ]:
+            with pytest.raises(ValueError, match=message):
+                block.extend(x, cache, **kwargs)
+            assert torch.equal(cache.seqlens, before[0]) and torch.equal(cache.k, before[1])

@@ -719,21 +719,76 @@ def test_generate_continues_a_conversation_in_its_caches(budget):
         model.generate(turn2, budget=budget, max_new_tokens=20, caches=caches)
 
 
-def test_extend_refuses_caches_it_cannot_continue():
+def test_extend_refuses_what_it_cannot_continue_and_leaves_the_caches_as_they_were():
     config = FlextronConfig(arch="llama", vocab_size=VOCAB, d_model=64, n_layers=2, q_heads=4, kv_heads=2, ffn=128)
     model = FlextronForCausalLM(config).eval()
     ids = torch.randint(0, VOCAB, (2, 5))
     caches = model.new_caches(2, 8)
+    cases = [
+        (dict(input_ids=ids, caches=caches[:1]),
+         "caches: expected one cache per layer \\(2\\) with one request per sequence \\(2\\)"),
+        (dict(input_ids=ids, caches=caches), "caches: a request would hold 10 positions after this extension, past the caches' 8"),
+        (dict(input_ids=ids[0, :4], caches=caches, cu_seqlens=torch.tensor([0, 3, 2])),
+         "cu_seqlens: expected non-decreasing offsets from 0 to T=4"),
+        (dict(input_ids=ids[0, :4], caches=caches, cu_seqlens=torch.tensor([0.0, 2.7, 4.0])), "cu_seqlens: expected dtype in"),
+        (dict(input_ids=ids[0, :4], caches=caches, cu_seqlens=torch.tensor([[0, 2, 4]])), "cu_seqlens: expected 1 dimensions"),
+        (dict(input_ids=ids[:, :1], caches=caches, budget=torch.tensor([1.0, 0.5, 0.5])),
+         "budget: expected one value per sequence \\(2\\), got shape \\(3,\\)"),
+        (dict(input_ids=ids[:, :1], caches=caches, budget=torch.tensor([[1.0, 0.5]])), "budget: expected one value per sequence"),
+        # Filled at the full budget: a request continues at the budget it started with.
+        (dict(input_ids=ids[:, :1], caches=caches, budget=0.5), "heads: expected each request's KV cap as its cache was "
+                                                                   "filled \\(request 0: 4 query heads\\), got 2"),
+        (dict(input_ids=ids[:, :1], caches=caches, choices=[(128, torch.tensor([4, 3]))] * 2),
+         "choices\\[0\\] heads: expected multiples of the GQA group size 2"),
+        (dict(input_ids=ids[:, :1], caches=caches, choices=[(128, 3)] * 2),
+         "choices\\[0\\] heads: expected a multiple of the GQA group size 2, got 3"),
+        (dict(input_ids=ids[:, :1], caches=caches, choices=[(128, 4)]), "choices: expected one \\(mlp_width, heads\\) pair per layer \\(2\\), got 1"),
+        (dict(input_ids=ids[:, :1], caches=caches, choices=[(129, 4)] * 2), "choices\\[0\\] mlp_width: expected an int in \\[0, 128\\]"),
+        (dict(input_ids=ids[:, :1], caches=caches, choices=[(128, torch.tensor([4]))] * 2),
+         "choices\\[0\\] heads: expected shape \\(2,\\), got \\(1,\\)"),
+    ]
     with torch.no_grad():
         model(ids, caches=caches)
-        with pytest.raises(ValueError, match="caches: expected one cache per layer \\(2\\) with one request per sequence \\(2\\)"):
-            model.extend(ids, caches[:1])
-        with pytest.raises(ValueError, match="caches: a request would hold 10 positions after this extension, past the caches' 8"):
-            model.extend(ids, caches)
-        with pytest.raises(ValueError, match="cu_seqlens: expected non-decreasing offsets from 0 to T=4"):
-            model.extend(ids[0, :4], caches, cu_seqlens=torch.tensor([0, 3, 2]))
-        with pytest.raises(ValueError, match="budget: expected one value per sequence \\(2\\), got shape \\(3,\\)"):
-            model.extend(ids[:, :1], caches, budget=torch.tensor([1.0, 0.5, 0.5]))
+        before = [(c.seqlens.clone(), c.k.clone()) for c in caches]
+        for kwargs, message in cases:
+            with pytest.raises(ValueError if "dtype" not in message else TypeError, match=message):
+                model.extend(**kwargs)
+            for c, (seqlens, k) in zip(caches, before):
+                assert torch.equal(c.seqlens, seqlens) and torch.equal(c.k, k), message
+        assert model.extend(ids[:, :0], caches).shape == (2, 0, VOCAB)  # no new token: nothing changes
         caches[1].seqlens += 1
         with pytest.raises(ValueError, match="caches: expected every layer's cache to hold the same lengths"):
             model.extend(ids[:, :1], caches)
+    with pytest.raises(ValueError, match="choices\\[1\\] heads: expected a multiple of the GQA group size 2, got 1"):
+        model(ids, choices=[(128, 4), (128, 1)])  # the prefill refuses them too (they were silently wrong)
+
+
+def test_generate_refuses_caches_it_cannot_continue():
+    model = FlextronForCausalLM.from_hf(hf_model("llama"), mlp_choices=[[64, 128, 192, 256]] * 2)
+    ids = torch.randint(0, VOCAB, (2, 5))
+    caches = model.new_caches(2, 40)
+    caches[1] = model.new_caches(2, 12)[1]
+    with pytest.raises(ValueError, match="caches: 12 positions, too few for the 0 a request holds, its prompt and "
+                                         "max_new_tokens \\(15 in all\\)"):
+        model.generate(ids, max_new_tokens=10, caches=caches)
+    assert caches[0].seqlens.tolist() == [0, 0]
+    with pytest.raises(ValueError, match="caches: expected one cache per layer \\(2\\)"):
+        model.generate(ids, caches=caches[:1])
+    with pytest.raises(ValueError, match="max_new_tokens: expected an int >= 0, got -2"):
+        model.generate(ids, max_new_tokens=-2, caches=caches)
+    caches = model.new_caches(2, 40)
+    model.generate(ids, max_new_tokens=3, budget=1.0, caches=caches)
+    with pytest.raises(ValueError, match="heads: expected each request's KV cap as its cache was filled"):
+        model.generate(ids, max_new_tokens=3, budget=0.25, caches=caches)
+
+
+def test_extend_records_the_token_routers_choices_of_its_own_call():
+    model = FlextronForCausalLM.from_hf(hf_model("llama"), mlp_choices=[[64, 128, 192, 256]] * 2)
+    model.attach_routers(hidden=16, static=False, token=True)
+    model.eval()
+    model.record_token_choices = True
+    caches = model.new_caches(2, 40)
+    with torch.no_grad():
+        model(torch.randint(0, VOCAB, (2, 5)), caches=caches)
+        model.extend(torch.randint(0, VOCAB, (2, 3)), caches)
+    assert len(model.token_router_choices) == 2 and model.token_router_choices[0].shape == (6,)

@@ -276,8 +276,8 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
     def _pack(self, input_ids, cu_seqlens):
         if input_ids.dim() == 2:
             batch, seq_len = input_ids.shape
-            cu = torch.arange(0, batch * seq_len + 1, max(seq_len, 1), device=input_ids.device, dtype=torch.int32)
-            return input_ids.reshape(-1), cu[: batch + 1]
+            cu = torch.arange(batch + 1, device=input_ids.device, dtype=torch.int32) * seq_len
+            return input_ids.reshape(-1), cu
         if cu_seqlens is None:
             cu_seqlens = one_sequence(input_ids.numel(), input_ids.device)
         return input_ids, cu_seqlens.to(torch.int32)
@@ -342,8 +342,9 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
                 raise ValueError(f"cu_seqlens: expected at least 2 entries (B + 1), got {cu_seqlens.numel()}")
         ids, cu = self._pack(input_ids, cu_seqlens)
         num_tokens = ids.numel()
-        if isinstance(budget, torch.Tensor) and budget.numel() != cu.numel() - 1:
-            raise ValueError(f"budget: expected one value per sequence ({cu.numel() - 1}), got shape {tuple(budget.shape)}")
+        self._check_budget_shape(budget, cu.numel() - 1)
+        if choices is not None:
+            self._check_choices(choices, cu.numel() - 1, ids.device)
         self._check_packing(input_ids, cu, given=cu_seqlens is not None, caches=caches)
         seq_ids = torch.bucketize(torch.arange(num_tokens, device=ids.device), cu[1:].to(torch.int64), right=True)
         positions = torch.arange(num_tokens, device=ids.device) - cu.to(torch.int64)[seq_ids]
@@ -417,11 +418,15 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
         ``budget`` / ``choices`` as in :meth:`forward`; a request's head counts must be
         those its cache was filled with (the same budget does that). Equal, up to
         rounding, to the logits of one prefill over the whole sequences."""
+        if cu_seqlens is not None:
+            check_tensor("cu_seqlens", cu_seqlens, dtypes=INTEGER_DTYPES, ndim=1, device=input_ids.device)
         ids, cu = self._pack(input_ids, cu_seqlens)
         num_seqs, num_tokens = cu.numel() - 1, ids.numel()
-        if isinstance(budget, torch.Tensor) and budget.numel() != num_seqs:
-            raise ValueError(f"budget: expected one value per sequence ({num_seqs}), got shape {tuple(budget.shape)}")
+        self._check_budget_shape(budget, num_seqs)
+        if choices is not None:
+            self._check_choices(choices, num_seqs, ids.device)
         self._check_extension(caches, cu, num_seqs, num_tokens)
+        self.token_router_probs, self.token_router_choices = [], []
         if num_tokens == 0:
             return self.embed.weight.new_zeros(*input_ids.shape, self.config.vocab_size)
         _, positions = extend_positions(caches[0].seqlens, cu, num_tokens)
@@ -437,22 +442,30 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
         else:
             plans = self._plan(budget, num_seqs, ids.device)
             code = self._budget_code(budget, num_seqs, per_token)
+        # Every layer's arguments checked before any cache changes (a failure halfway would
+        # leave the layers' caches at different lengths).
+        for layer, cache, plan in zip(self.layers, caches, plans):
+            layer.attn._check_extension(cache, cu, plan["heads"], num_tokens)
         rotary = self.layers[0].attn.rotary_tables(positions, h.dtype)
-        with skip_width_value_checks() if choices is None else contextlib.nullcontext():
+        with skip_width_value_checks():
             for i, (layer, cache, plan) in enumerate(zip(self.layers, caches, plans)):
                 h = layer.extend(h, cache, cu_seqlens=cu, heads=plan["heads"], width=per_token(plan["width"]),
                                  token_router=None if code is None else self._token_router(i, code), rotary=rotary)
         logits = self.lm_head(self.final_norm(h))
         return logits.reshape(*input_ids.shape, -1) if input_ids.dim() == 2 else logits
 
-    def _check_extension(self, caches: list, cu: torch.Tensor, num_seqs: int, num_tokens: int) -> None:
-        """The caches an :meth:`extend` continues (one per layer, a request per sequence,
-        the same lengths in every layer) and that its tokens fit them: one copy to the host."""
-        if len(caches) != len(self.layers) or any(c.k.shape[0] != num_seqs for c in caches):
+    def _check_caches_batch(self, caches: list, num_seqs: int) -> None:
+        if not isinstance(caches, (list, tuple)) or len(caches) != len(self.layers) or any(
+                c.k.shape[0] != num_seqs for c in caches):
             raise ValueError(
                 f"caches: expected one cache per layer ({len(self.layers)}) with one request per sequence "
                 f"({num_seqs}), got {len(caches)} caches of batch {[c.k.shape[0] for c in caches][:4]}"
             )
+
+    def _check_extension(self, caches: list, cu: torch.Tensor, num_seqs: int, num_tokens: int) -> None:
+        """The caches an :meth:`extend` continues (one per layer, a request per sequence,
+        the same lengths in every layer) and that its tokens fit them: one copy to the host."""
+        self._check_caches_batch(caches, num_seqs)
         if not value_checks_enabled(cu):
             return
         lengths = torch.stack([c.seqlens.to(torch.int64) for c in caches])  # [layers, B]
@@ -467,6 +480,42 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
             raise ValueError(f"caches: a request would hold {longest} positions after this extension, past the "
                              f"caches' {room} (new_caches(batch, max_len) makes longer ones)")
         self.config.check_positions(longest, "the caches' lengths after the extension")
+
+    @staticmethod
+    def _check_budget_shape(budget: Budget, num_seqs: int) -> None:
+        if isinstance(budget, torch.Tensor) and (budget.dim() != 1 or budget.numel() != num_seqs):
+            raise ValueError(f"budget: expected one value per sequence ({num_seqs}), got shape {tuple(budget.shape)}")
+
+    def _check_choices(self, choices: list, num_seqs: int, device) -> None:
+        """``choices``: per layer ``(mlp_width, heads)``, each an int or a ``[B]`` integer
+        tensor, widths in ``[0, F]`` and head counts in ``[0, Hq]``, multiples of the GQA
+        group; values from one copy to the host."""
+        if not isinstance(choices, (list, tuple)) or len(choices) != len(self.layers):
+            raise ValueError(f"choices: expected one (mlp_width, heads) pair per layer ({len(self.layers)}), got "
+                             f"{len(choices) if isinstance(choices, (list, tuple)) else type(choices).__name__}")
+        bounds, summaries = [], []
+        for i, choice in enumerate(choices):
+            if not isinstance(choice, (list, tuple)) or len(choice) != 2:
+                raise ValueError(f"choices[{i}]: expected a pair (mlp_width, heads), got {choice!r}")
+            for name, value, high in (("mlp_width", choice[0], self.config.layer_ffn(i)),
+                                      ("heads", choice[1], self.config.layer_heads(i))):
+                where = f"choices[{i}] {name}"
+                if isinstance(value, torch.Tensor):
+                    check_tensor(where, value, dtypes=INTEGER_DTYPES, shape=(num_seqs,), device=device)
+                    if num_seqs and value_checks_enabled(value):
+                        summaries.append(torch.stack([value.min(), value.max(), (value % self.config.group).max()
+                                                      if name == "heads" else value.new_zeros(())]))
+                        bounds.append((where, high, name == "heads"))
+                    continue
+                if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= high:
+                    raise ValueError(f"{where}: expected an int in [0, {high}] or a ({num_seqs},) tensor, got {value!r}")
+                if name == "heads" and value % self.config.group:
+                    raise ValueError(f"{where}: expected a multiple of the GQA group size {self.config.group}, got {value}")
+        for (where, high, heads), (low, top, off) in zip(bounds, host_values(*summaries) if summaries else []):
+            if low < 0 or top > high:
+                raise ValueError(f"{where}: expected values in [0, {high}], got values in [{low}, {top}]")
+            if heads and off:
+                raise ValueError(f"{where}: expected multiples of the GQA group size {self.config.group}")
 
     @torch.no_grad()
     def choices_for(self, budget: float) -> list[tuple[int, int]]:
@@ -517,6 +566,8 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
         """
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids: expected [B, S] with S >= 1, got shape {tuple(input_ids.shape)}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
         if cuda_graph and not input_ids.is_cuda:
             raise ValueError(f"cuda_graph: CUDA graphs need input_ids and the model on a CUDA device, got {input_ids.device}")
         if cuda_graph is None:
@@ -529,10 +580,12 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
             budget = budget.to(input_ids.device)
         continued = caches is not None
         if continued:  # the prompts extend the caches; the new tokens need room after them
-            held = int(caches[0].seqlens.max()) if batch and len(caches) else 0
+            self._check_caches_batch(caches, batch)
+            held = int(caches[0].seqlens.max()) if batch else 0
             self.config.check_positions(held + total, "the caches' lengths + prompt length + max_new_tokens")
-            if caches and caches[0].k.shape[2] < held + total:
-                raise ValueError(f"caches: {caches[0].k.shape[2]} positions, too few for the {held} a request holds, "
+            room = min(c.k.shape[2] for c in caches)
+            if room < held + total:
+                raise ValueError(f"caches: {room} positions, too few for the {held} a request holds, "
                                  f"its prompt and max_new_tokens ({held + total} in all)")
             prefill = self.extend
         else:

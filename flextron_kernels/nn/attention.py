@@ -18,8 +18,18 @@ from torch import nn
 from flextron_kernels.nn.linear import ElasticLinear
 from flextron_kernels.nn.norm import RMSNorm
 from flextron_kernels.nn.rotary import apply_rotary, check_rope_scaling, rotary_cos_sin
-from flextron_kernels.ops.checks import value_checks_enabled
+from flextron_kernels.ops.checks import (
+    INTEGER_DTYPES,
+    check_cu_seqlens_values,
+    check_tensor,
+    host_values,
+    off_group,
+    skip_width_value_checks,
+    value_checks_enabled,
+    width_range,
+)
 from flextron_kernels.ops.elastic_attention import check_window, elastic_attention, one_sequence
+from flextron_kernels.ops.elastic_attention_decode import check_request_head_values, check_request_heads
 
 Heads = Union[int, torch.Tensor]
 
@@ -27,11 +37,14 @@ Heads = Union[int, torch.Tensor]
 @dataclass
 class KVCache:
     """One layer's cache: ``k, v [B, Hkv, S_max, Dh]``; request ``b`` holds
-    ``seqlens[b]`` positions. Heads past a request's KV cap are never written or read."""
+    ``seqlens[b]`` positions. Heads past a request's KV cap are never written or read.
+    ``heads [B]``: each request's KV cap in query heads, as a prefill filled it (None:
+    not recorded); an extension must keep it (:meth:`ElasticAttention.extend`)."""
 
     k: torch.Tensor
     v: torch.Tensor
     seqlens: torch.Tensor
+    heads: Optional[torch.Tensor] = None
 
     @classmethod
     def empty(cls, batch: int, kv_heads: int, max_len: int, head_dim: int, *, device=None, dtype=None) -> "KVCache":
@@ -150,6 +163,7 @@ class ElasticAttention(nn.Module):
             cache.k[seq_ids, :nkv, positions] = k.to(cache.k.dtype)
             cache.v[seq_ids, :nkv, positions] = v.to(cache.v.dtype)
             cache.seqlens.copy_(cu_seqlens[1:] - cu_seqlens[:-1])
+            cache.heads = _per_request(kv_cap, seq_ids, cu_seqlens.numel() - 1, x.device)
         if q.shape[1] == 0:  # no head at all: only the output projection's bias remains
             return self._output(q, heads)
         attn = elastic_attention(q, k, v, heads=q.shape[1] if not isinstance(heads, torch.Tensor) else heads,
@@ -194,6 +208,7 @@ class ElasticAttention(nn.Module):
 
         num_tokens = x.shape[0]
         heads = self.q_heads if heads is None else heads
+        self._check_extension(cache, cu_seqlens, heads, num_tokens)
         seq_ids, positions = extend_positions(cache.seqlens, cu_seqlens, num_tokens)
         token_heads = heads[seq_ids] if isinstance(heads, torch.Tensor) else heads
         q, k, v = self._project(x, token_heads, token_heads)
@@ -202,13 +217,59 @@ class ElasticAttention(nn.Module):
         cache.k[seq_ids, :nkv, positions] = k.to(cache.k.dtype)
         cache.v[seq_ids, :nkv, positions] = v.to(cache.v.dtype)
         cache.seqlens += (cu_seqlens[1:] - cu_seqlens[:-1]).to(cache.seqlens.dtype)
+        if cache.heads is None:
+            cache.heads = _per_request(heads, None, cache.seqlens.numel(), x.device)
         if q.shape[1] == 0:
             return self._output(q, token_heads)
-        attn = elastic_attention_extend(
-            q, cache.k[:, :nkv], cache.v[:, :nkv], cu_seqlens=cu_seqlens, cache_seqlens=cache.seqlens,
-            heads=q.shape[1] if not isinstance(heads, torch.Tensor) else heads, window=self.window,
-        )
+        with skip_width_value_checks():  # checked above, before the cache changed
+            attn = elastic_attention_extend(
+                q, cache.k[:, :nkv], cache.v[:, :nkv], cu_seqlens=cu_seqlens, cache_seqlens=cache.seqlens,
+                heads=q.shape[1] if not isinstance(heads, torch.Tensor) else heads, window=self.window,
+            )
         return self._output(attn, token_heads)
+
+    def _check_extension(self, cache: KVCache, cu_seqlens: torch.Tensor, heads: Heads, num_tokens: int) -> None:
+        """The arguments of :meth:`extend`, before it changes the cache: ``cu_seqlens`` of
+        the cache's requests, ``heads`` (an int or ``[B]``, multiples of the GQA group, and
+        the caps the cache was filled with), and room for the new tokens; values from one
+        copy to the host (none where value checks are skipped)."""
+        batch = cache.seqlens.numel()
+        check_tensor("cu_seqlens", cu_seqlens, dtypes=INTEGER_DTYPES, shape=(batch + 1,), device=cache.k.device)
+        counts, _ = check_request_heads(heads, batch, self.q_heads, self.kv_heads, cache.k.device)
+        if not (batch and value_checks_enabled(cu_seqlens)):
+            return
+        summaries = [cu_seqlens, cache.seqlens + (cu_seqlens[1:] - cu_seqlens[:-1])]
+        if counts is not None:
+            summaries += [width_range(counts), off_group(counts, self.group)]
+        if cache.heads is not None:  # a request that holds positions keeps its cap
+            given = counts if counts is not None else torch.full_like(cache.heads, heads)
+            changed = (given != cache.heads) & (cache.seqlens > 0)
+            summaries.append(torch.stack([changed.any(), changed.to(torch.int32).argmax()]).to(torch.int64))
+        values = host_values(*summaries)
+        check_cu_seqlens_values(values[0], num_tokens)
+        if max(values[1]) > cache.k.shape[2]:
+            raise ValueError(f"cache: a request would hold {max(values[1])} positions after this extension, past "
+                             f"its {cache.k.shape[2]} (S_max)")
+        if counts is not None:
+            check_request_head_values(values[2], values[3], self.q_heads, self.kv_heads)
+        if cache.heads is not None and values[-1][0]:
+            b = values[-1][1]
+            raise ValueError(
+                f"heads: expected each request's KV cap as its cache was filled (request {b}: "
+                f"{int(cache.heads[b])} query heads), got {int(counts[b]) if counts is not None else heads}: an "
+                f"extension continues a request at the budget it started with"
+            )
+
+
+def _per_request(caps: Heads, seq_ids: Optional[torch.Tensor], batch: int, device) -> torch.Tensor:
+    """Each request's KV cap ``[B]`` (int32) from an int, a ``[B]`` tensor (``seq_ids``
+    None) or a per-token ``[T]`` tensor (each sequence's largest; 0 for an empty one)."""
+    if not isinstance(caps, torch.Tensor):
+        return torch.full((batch,), caps, dtype=torch.int32, device=device)
+    if seq_ids is None:
+        return caps.to(device=device, dtype=torch.int32).clone()
+    per_seq = torch.zeros(batch, dtype=torch.int32, device=device)
+    return per_seq.scatter_reduce_(0, seq_ids, caps.reshape(-1).to(torch.int32), reduce="amax")
 
 
 def extend_positions(cache_seqlens: torch.Tensor, cu_seqlens: torch.Tensor, num_tokens: int):
