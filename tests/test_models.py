@@ -761,6 +761,8 @@ def test_extend_refuses_what_it_cannot_continue_and_leaves_the_caches_as_they_we
             model.extend(ids[:, :1], caches)
     with pytest.raises(ValueError, match="choices\\[1\\] heads: expected a multiple of the GQA group size 2, got 1"):
         model(ids, choices=[(128, 4), (128, 1)])  # the prefill refuses them too (they were silently wrong)
+    with pytest.raises(ValueError, match="choices\\[0\\] heads: expected a multiple of the GQA group size 2, got 3"):
+        model.decode_step(ids[:, 0], model.new_caches(2, 8), choices=[(128, 3)] * 2)  # and a decode step
 
 
 def test_generate_refuses_caches_it_cannot_continue():

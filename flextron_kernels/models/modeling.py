@@ -393,6 +393,8 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
                 f"tokens of shape {tuple(tokens.shape)} and {len(caches)} caches of batch "
                 f"{caches[0].k.shape[0] if caches else '-'} (new_caches(batch, max_len) makes them)"
             )
+        if choices is not None:  # on the host only where value checks run (not in a replayed step)
+            self._check_choices(choices, tokens.shape[0], tokens.device)
         h = self.embed(tokens)
         positions = caches[0].seqlens.to(torch.int64)  # every layer's cache holds the same lengths
         if self.pos_embed is not None:
@@ -445,7 +447,7 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
         # Every layer's arguments checked before any cache changes (a failure halfway would
         # leave the layers' caches at different lengths).
         for layer, cache, plan in zip(self.layers, caches, plans):
-            layer.attn._check_extension(cache, cu, plan["heads"], num_tokens)
+            layer.attn.check_extension(cache, cu, plan["heads"], num_tokens)
         rotary = self.layers[0].attn.rotary_tables(positions, h.dtype)
         with skip_width_value_checks():
             for i, (layer, cache, plan) in enumerate(zip(self.layers, caches, plans)):

@@ -208,7 +208,7 @@ class ElasticAttention(nn.Module):
 
         num_tokens = x.shape[0]
         heads = self.q_heads if heads is None else heads
-        self._check_extension(cache, cu_seqlens, heads, num_tokens)
+        self.check_extension(cache, cu_seqlens, heads, num_tokens)
         seq_ids, positions = extend_positions(cache.seqlens, cu_seqlens, num_tokens)
         token_heads = heads[seq_ids] if isinstance(heads, torch.Tensor) else heads
         q, k, v = self._project(x, token_heads, token_heads)
@@ -228,7 +228,7 @@ class ElasticAttention(nn.Module):
             )
         return self._output(attn, token_heads)
 
-    def _check_extension(self, cache: KVCache, cu_seqlens: torch.Tensor, heads: Heads, num_tokens: int) -> None:
+    def check_extension(self, cache: KVCache, cu_seqlens: torch.Tensor, heads: Heads, num_tokens: int) -> None:
         """The arguments of :meth:`extend`, before it changes the cache: ``cu_seqlens`` of
         the cache's requests, ``heads`` (an int or ``[B]``, multiples of the GQA group, and
         the caps the cache was filled with), and room for the new tokens; values from one
