@@ -123,3 +123,15 @@ def test_extend_refuses_arguments_before_changing_the_cache():
             with pytest.raises(ValueError, match=message):
                 block.extend(x, cache, **kwargs)
             assert torch.equal(cache.seqlens, before[0]) and torch.equal(cache.k, before[1])
+
+
+def test_a_request_that_held_nothing_starts_at_the_caps_of_its_first_extension():
+    block = ElasticAttention(64, 4, 2, 16).eval()
+    cache = KVCache.empty(2, 2, 8, 16)
+    with torch.no_grad():
+        block(torch.randn(3, 64), heads=4, cu_seqlens=torch.tensor([0, 3, 3], dtype=torch.int32), cache=cache)
+        block.extend(torch.randn(2, 64), cache, cu_seqlens=torch.tensor([0, 0, 2]), heads=torch.tensor([4, 2]))
+        assert cache.heads.tolist() == [4, 2]
+        block.extend(torch.randn(2, 64), cache, cu_seqlens=torch.tensor([0, 1, 2]), heads=torch.tensor([4, 2]))
+        with pytest.raises(ValueError, match="request 1: 2 query heads\\), got 4"):
+            block.extend(torch.randn(1, 64), cache, cu_seqlens=torch.tensor([0, 0, 1]), heads=4)

@@ -216,9 +216,10 @@ class ElasticAttention(nn.Module):
         nkv = k.shape[1]
         cache.k[seq_ids, :nkv, positions] = k.to(cache.k.dtype)
         cache.v[seq_ids, :nkv, positions] = v.to(cache.v.dtype)
+        caps = _per_request(heads, None, cache.seqlens.numel(), x.device)
+        # A request that held no position starts here, at these caps.
+        cache.heads = caps if cache.heads is None else torch.where(cache.seqlens > 0, cache.heads, caps)
         cache.seqlens += (cu_seqlens[1:] - cu_seqlens[:-1]).to(cache.seqlens.dtype)
-        if cache.heads is None:
-            cache.heads = _per_request(heads, None, cache.seqlens.numel(), x.device)
         if q.shape[1] == 0:
             return self._output(q, token_heads)
         with skip_width_value_checks():  # checked above, before the cache changed
