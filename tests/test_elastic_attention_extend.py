@@ -138,3 +138,18 @@ def test_torch_compile_fullgraph(device):
         eager = step(q, k, v, cu, held)
         compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(q, k, v, cu, held)
     torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("window", [None, 3])
+def test_bf16_error_within_twice_torch(window):
+    """On a GPU in bf16: within twice PyTorch's own bf16 error (the reference evaluated in
+    bf16 on the same inputs) of the fp64 reference."""
+    q, k, v, cu, held = make(NEW, HELD, 8, 2, 20, 64, dtype=torch.bfloat16, device="cuda", seed=9)
+    heads = torch.tensor([8, 4, 0, 8], device="cuda")
+    ours = fk.elastic_attention_extend(q, k, v, cu_seqlens=cu, cache_seqlens=held, heads=heads, window=window)
+    torch_bf16 = reference.elastic_attention_extend(q, k, v, cu_seqlens=cu, cache_seqlens=held, heads=heads, window=window)
+    want = exact(q, k, v, cu, held, heads, window=window)
+    ours_err = (ours.double().cpu() - want).abs().max().item()
+    torch_err = (torch_bf16.double().cpu() - want).abs().max().item()
+    assert torch.isfinite(ours).all() and ours_err <= 2 * torch_err + 1e-6, (ours_err, torch_err)
