@@ -734,7 +734,6 @@ def test_extend_refuses_what_it_cannot_continue_and_leaves_the_caches_as_they_we
         (dict(input_ids=ids[0, :4], caches=caches, cu_seqlens=torch.tensor([[0, 2, 4]])), "cu_seqlens: expected 1 dimensions"),
         (dict(input_ids=ids[:, :1], caches=caches, budget=torch.tensor([1.0, 0.5, 0.5])),
          "budget: expected one value per sequence \\(2\\), got shape \\(3,\\)"),
-        (dict(input_ids=ids[:, :1], caches=caches, budget=torch.tensor([[1.0, 0.5]])), "budget: expected one value per sequence"),
         # Filled at the full budget: a request continues at the budget it started with.
         (dict(input_ids=ids[:, :1], caches=caches, budget=0.5), "heads: expected each request's KV cap as its cache was "
                                                                    "filled \\(request 0: 4 query heads\\), got 2"),
@@ -794,3 +793,30 @@ def test_extend_records_the_token_routers_choices_of_its_own_call():
         model(torch.randint(0, VOCAB, (2, 5)), caches=caches)
         model.extend(torch.randint(0, VOCAB, (2, 3)), caches)
     assert len(model.token_router_choices) == 2 and model.token_router_choices[0].shape == (6,)
+
+
+def test_a_request_first_filled_by_a_decode_step_extends_at_its_caps():
+    model = FlextronForCausalLM.from_hf(hf_model("llama"))
+    ids = torch.randint(0, VOCAB, (9,))
+    budget = torch.tensor([1.0, 1.0])
+    caches = model.new_caches(2, 16)
+    with torch.no_grad():
+        model(ids[:5], cu_seqlens=torch.tensor([0, 5, 5], dtype=torch.int32), budget=budget, caches=caches)  # request 1 empty
+        model.decode_step(ids[5:7], caches, budget=budget)
+        assert caches[0].heads.tolist() == [4, 4]
+        got = model.extend(ids[7:9].repeat(2), caches, cu_seqlens=torch.tensor([0, 2, 4]), budget=budget)
+        whole = model(torch.cat([ids[6:7], ids[7:9]])[None], budget=1.0)[0]  # request 1: its decoded token, then these
+    torch.testing.assert_close(got[2:], whole[1:], rtol=1e-5, atol=1e-5)
+
+
+def test_forward_and_extend_of_empty_sequences(host_copies):
+    model = FlextronForCausalLM.from_hf(hf_model("llama"))
+    caches = model.new_caches(2, 8)
+    with torch.no_grad():
+        assert model(torch.zeros(2, 0, dtype=torch.long)).shape == (2, 0, VOCAB)
+        model(torch.randint(0, VOCAB, (2, 3)), caches=caches)
+        host_copies.clear()
+        model.extend(torch.randint(0, VOCAB, (2, 2)), caches)
+    # One copy to the host for every check of every layer, and one per layer for the
+    # attention's loop over the requests (their offsets): a check per layer made one more.
+    assert len(host_copies) == 1 + len(model.layers), host_copies

@@ -24,18 +24,21 @@ from flextron_kernels.models.config import FlextronConfig
 from flextron_kernels.models.graphs import capture
 from flextron_kernels.models.routers import StaticRouter, TokenRouter, encode_budget, select
 from flextron_kernels.nn import ElasticAttention, ElasticMLP, KVCache
-from flextron_kernels.nn.attention import extend_positions
+from flextron_kernels.nn.attention import cap_change, check_cap_change, extend_positions
 from flextron_kernels.nn.norm import RMSNorm
 from flextron_kernels.ops.checks import (
     FLOAT_DTYPES,
     INTEGER_DTYPES,
     check_cu_seqlens_values,
-    host_values,
     check_tensor,
+    host_values,
+    off_group,
     skip_width_value_checks,
     value_checks_enabled,
+    width_range,
 )
 from flextron_kernels.ops.elastic_attention import one_sequence
+from flextron_kernels.ops.elastic_attention_decode import check_request_head_values
 
 Budget = Union[None, float, torch.Tensor]
 
@@ -376,7 +379,7 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
                     token_router=None if code is None else self._token_router(i, code), rotary=rotary,
                 )
         logits = self.lm_head(self.final_norm(h))
-        return logits.reshape(*shape, -1) if input_ids.dim() == 2 else logits
+        return logits.reshape(*shape, logits.shape[-1]) if input_ids.dim() == 2 else logits
 
     def decode_step(self, tokens: torch.Tensor, caches: list, *, budget: Budget = None,
                     choices: Optional[list] = None) -> torch.Tensor:
@@ -427,14 +430,8 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
         self._check_budget_shape(budget, num_seqs)
         if choices is not None:
             self._check_choices(choices, num_seqs, ids.device)
-        self._check_extension(caches, cu, num_seqs, num_tokens)
+        self._check_caches_batch(caches, num_seqs)
         self.token_router_probs, self.token_router_choices = [], []
-        if num_tokens == 0:
-            return self.embed.weight.new_zeros(*input_ids.shape, self.config.vocab_size)
-        _, positions = extend_positions(caches[0].seqlens, cu, num_tokens)
-        h = self.embed(ids)
-        if self.pos_embed is not None:
-            h = h + self.pos_embed(positions)
 
         def per_token(value):
             return self._per_token(value, cu, num_tokens)
@@ -445,16 +442,24 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
             plans = self._plan(budget, num_seqs, ids.device)
             code = self._budget_code(budget, num_seqs, per_token)
         # Every layer's arguments checked before any cache changes (a failure halfway would
-        # leave the layers' caches at different lengths).
-        for layer, cache, plan in zip(self.layers, caches, plans):
-            layer.attn.check_extension(cache, cu, plan["heads"], num_tokens)
+        # leave the layers' caches at different lengths): their values in one copy.
+        with skip_width_value_checks():
+            for layer, cache, plan in zip(self.layers, caches, plans):
+                layer.attn.check_extension(cache, cu, plan["heads"], num_tokens)
+        self._check_extension(caches, cu, num_tokens, [plan["heads"] for plan in plans])
+        if num_tokens == 0:
+            return self.embed.weight.new_zeros(*input_ids.shape, self.config.vocab_size)
+        _, positions = extend_positions(caches[0].seqlens, cu, num_tokens)
+        h = self.embed(ids)
+        if self.pos_embed is not None:
+            h = h + self.pos_embed(positions)
         rotary = self.layers[0].attn.rotary_tables(positions, h.dtype)
         with skip_width_value_checks():
             for i, (layer, cache, plan) in enumerate(zip(self.layers, caches, plans)):
                 h = layer.extend(h, cache, cu_seqlens=cu, heads=plan["heads"], width=per_token(plan["width"]),
                                  token_router=None if code is None else self._token_router(i, code), rotary=rotary)
         logits = self.lm_head(self.final_norm(h))
-        return logits.reshape(*input_ids.shape, -1) if input_ids.dim() == 2 else logits
+        return logits.reshape(*input_ids.shape, logits.shape[-1]) if input_ids.dim() == 2 else logits
 
     def _check_caches_batch(self, caches: list, num_seqs: int) -> None:
         if not isinstance(caches, (list, tuple)) or len(caches) != len(self.layers) or any(
@@ -464,18 +469,34 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
                 f"({num_seqs}), got {len(caches)} caches of batch {[c.k.shape[0] for c in caches][:4]}"
             )
 
-    def _check_extension(self, caches: list, cu: torch.Tensor, num_seqs: int, num_tokens: int) -> None:
-        """The caches an :meth:`extend` continues (one per layer, a request per sequence,
-        the same lengths in every layer) and that its tokens fit them: one copy to the host."""
-        self._check_caches_batch(caches, num_seqs)
-        if not value_checks_enabled(cu):
+    def _check_extension(self, caches: list, cu: torch.Tensor, num_tokens: int, heads: list) -> None:
+        """The values an :meth:`extend` relies on, from one copy to the host: ``cu_seqlens``,
+        the same lengths in every layer's cache, room for the new tokens, and each layer's
+        head counts ``heads`` (per-request tensors in range and multiples of the GQA group;
+        every request's KV cap as its cache recorded it)."""
+        if not (cu.numel() > 1 and value_checks_enabled(cu)):
             return
         lengths = torch.stack([c.seqlens.to(torch.int64) for c in caches])  # [layers, B]
-        values = host_values(cu, lengths[0] + (cu[1:] - cu[:-1]), (lengths != lengths[0]).any())
+        summaries = [cu, lengths[0] + (cu[1:] - cu[:-1]), (lengths != lengths[0]).any()[None]]
+        for cache, count in zip(caches, heads):
+            if isinstance(count, torch.Tensor):
+                summaries += [width_range(count), off_group(count, self.config.group)]
+            if cache.heads is not None:
+                summaries.append(cap_change(cache, count))
+        values = host_values(*summaries)
         check_cu_seqlens_values(values[0], num_tokens)
         if values[2][0]:
             raise ValueError("caches: expected every layer's cache to hold the same lengths (the caches of one model's "
                              "requests), got layers that differ")
+        index = 3
+        for i, (cache, count) in enumerate(zip(caches, heads)):
+            if isinstance(count, torch.Tensor):
+                check_request_head_values(values[index], values[index + 1], self.config.layer_heads(i),
+                                          self.config.layer_heads(i) // self.config.group)
+                index += 2
+            if cache.heads is not None:
+                check_cap_change(values[index], cache, count)
+                index += 1
         room = min(c.k.shape[2] for c in caches)
         longest = max(values[1], default=0)
         if longest > room:
@@ -485,7 +506,7 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
 
     @staticmethod
     def _check_budget_shape(budget: Budget, num_seqs: int) -> None:
-        if isinstance(budget, torch.Tensor) and (budget.dim() != 1 or budget.numel() != num_seqs):
+        if isinstance(budget, torch.Tensor) and budget.numel() != num_seqs:
             raise ValueError(f"budget: expected one value per sequence ({num_seqs}), got shape {tuple(budget.shape)}")
 
     def _check_choices(self, choices: list, num_seqs: int, device) -> None:
@@ -568,8 +589,9 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
         """
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids: expected [B, S] with S >= 1, got shape {tuple(input_ids.shape)}")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        if isinstance(max_new_tokens, bool) or not hasattr(max_new_tokens, "__index__") or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
+        max_new_tokens = int(max_new_tokens)
         if cuda_graph and not input_ids.is_cuda:
             raise ValueError(f"cuda_graph: CUDA graphs need input_ids and the model on a CUDA device, got {input_ids.device}")
         if cuda_graph is None:

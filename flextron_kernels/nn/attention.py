@@ -187,6 +187,8 @@ class ElasticAttention(nn.Module):
         nkv = k.shape[1]
         cache.k[index, :nkv, positions] = k.to(cache.k.dtype)
         cache.v[index, :nkv, positions] = v.to(cache.v.dtype)
+        if cache.heads is not None:  # a request that held no position starts here, at these caps
+            cache.heads.copy_(torch.where(cache.seqlens > 0, cache.heads, heads))
         cache.seqlens += 1
         if q.shape[1] == 0:
             return self._output(q, heads)
@@ -243,9 +245,7 @@ class ElasticAttention(nn.Module):
         if counts is not None:
             summaries += [width_range(counts), off_group(counts, self.group)]
         if cache.heads is not None:  # a request that holds positions keeps its cap
-            given = counts if counts is not None else torch.full_like(cache.heads, heads)
-            changed = (given != cache.heads) & (cache.seqlens > 0)
-            summaries.append(torch.stack([changed.any(), changed.to(torch.int32).argmax()]).to(torch.int64))
+            summaries.append(cap_change(cache, heads))
         values = host_values(*summaries)
         check_cu_seqlens_values(values[0], num_tokens)
         if max(values[1]) > cache.k.shape[2]:
@@ -253,13 +253,27 @@ class ElasticAttention(nn.Module):
                              f"its {cache.k.shape[2]} (S_max)")
         if counts is not None:
             check_request_head_values(values[2], values[3], self.q_heads, self.kv_heads)
-        if cache.heads is not None and values[-1][0]:
-            b = values[-1][1]
-            raise ValueError(
-                f"heads: expected each request's KV cap as its cache was filled (request {b}: "
-                f"{int(cache.heads[b])} query heads), got {int(counts[b]) if counts is not None else heads}: an "
-                f"extension continues a request at the budget it started with"
-            )
+        if cache.heads is not None:
+            check_cap_change(values[-1], cache, heads)
+
+
+def cap_change(cache: KVCache, heads: Heads) -> torch.Tensor:
+    """``[whether a request that holds positions would change its KV cap, the first such
+    request]`` (int64, on the device, for :func:`host_values`); ``cache.heads`` recorded."""
+    given = heads if isinstance(heads, torch.Tensor) else torch.full_like(cache.heads, heads)
+    changed = (given != cache.heads) & (cache.seqlens > 0)
+    return torch.stack([changed.any(), changed.to(torch.int32).argmax()]).to(torch.int64)
+
+
+def check_cap_change(values, cache: KVCache, heads: Heads) -> None:
+    """:func:`cap_change`'s values, read on the host."""
+    if values[0]:
+        b = values[1]
+        given = int(heads[b]) if isinstance(heads, torch.Tensor) else heads
+        raise ValueError(
+            f"heads: expected each request's KV cap as its cache was filled (request {b}: {int(cache.heads[b])} "
+            f"query heads), got {given}: an extension continues a request at the budget it started with"
+        )
 
 
 def _per_request(caps: Heads, seq_ids: Optional[torch.Tensor], batch: int, device) -> torch.Tensor:
