@@ -38,8 +38,9 @@ Heads = Union[int, torch.Tensor]
 class KVCache:
     """One layer's cache: ``k, v [B, Hkv, S_max, Dh]``; request ``b`` holds
     ``seqlens[b]`` positions. Heads past a request's KV cap are never written or read.
-    ``heads [B]``: each request's KV cap in query heads, as a prefill filled it (None:
-    not recorded); an extension must keep it (:meth:`ElasticAttention.extend`)."""
+    ``heads [B]``: each request's KV cap in query heads, as a prefill or an extension
+    filled it (None, or -1 for a request: not recorded); an extension must keep it
+    (:meth:`ElasticAttention.extend`)."""
 
     k: torch.Tensor
     v: torch.Tensor
@@ -187,8 +188,6 @@ class ElasticAttention(nn.Module):
         nkv = k.shape[1]
         cache.k[index, :nkv, positions] = k.to(cache.k.dtype)
         cache.v[index, :nkv, positions] = v.to(cache.v.dtype)
-        if cache.heads is not None:  # a request that held no position starts here, at these caps
-            cache.heads.copy_(torch.where(cache.seqlens > 0, cache.heads, heads))
         cache.seqlens += 1
         if q.shape[1] == 0:
             return self._output(q, heads)
@@ -219,8 +218,8 @@ class ElasticAttention(nn.Module):
         cache.k[seq_ids, :nkv, positions] = k.to(cache.k.dtype)
         cache.v[seq_ids, :nkv, positions] = v.to(cache.v.dtype)
         caps = _per_request(heads, None, cache.seqlens.numel(), x.device)
-        # A request that held no position starts here, at these caps.
-        cache.heads = caps if cache.heads is None else torch.where(cache.seqlens > 0, cache.heads, caps)
+        # A request without a recorded cap (one that held no position) takes these.
+        cache.heads = caps if cache.heads is None else torch.where(_recorded(cache), cache.heads, caps)
         cache.seqlens += (cu_seqlens[1:] - cu_seqlens[:-1]).to(cache.seqlens.dtype)
         if q.shape[1] == 0:
             return self._output(q, token_heads)
@@ -261,7 +260,7 @@ def cap_change(cache: KVCache, heads: Heads) -> torch.Tensor:
     """``[whether a request that holds positions would change its KV cap, the first such
     request]`` (int64, on the device, for :func:`host_values`); ``cache.heads`` recorded."""
     given = heads if isinstance(heads, torch.Tensor) else torch.full_like(cache.heads, heads)
-    changed = (given != cache.heads) & (cache.seqlens > 0)
+    changed = (given != cache.heads) & _recorded(cache)
     return torch.stack([changed.any(), changed.to(torch.int32).argmax()]).to(torch.int64)
 
 
@@ -276,14 +275,20 @@ def check_cap_change(values, cache: KVCache, heads: Heads) -> None:
         )
 
 
+def _recorded(cache: KVCache) -> torch.Tensor:
+    """``[B]`` bool: the requests whose KV cap ``cache.heads`` holds (they hold positions,
+    and a prefill or extension recorded it; a decode step records none)."""
+    return (cache.seqlens > 0) & (cache.heads >= 0)
+
+
 def _per_request(caps: Heads, seq_ids: Optional[torch.Tensor], batch: int, device) -> torch.Tensor:
     """Each request's KV cap ``[B]`` (int32) from an int, a ``[B]`` tensor (``seq_ids``
-    None) or a per-token ``[T]`` tensor (each sequence's largest; 0 for an empty one)."""
+    None) or a per-token ``[T]`` tensor (each sequence's largest; -1, none, for an empty one)."""
     if not isinstance(caps, torch.Tensor):
         return torch.full((batch,), caps, dtype=torch.int32, device=device)
     if seq_ids is None:
         return caps.to(device=device, dtype=torch.int32).clone()
-    per_seq = torch.zeros(batch, dtype=torch.int32, device=device)
+    per_seq = torch.full((batch,), -1, dtype=torch.int32, device=device)
     return per_seq.scatter_reduce_(0, seq_ids, caps.reshape(-1).to(torch.int32), reduce="amax")
 
 
