@@ -24,7 +24,7 @@ from flextron_kernels.models.config import FlextronConfig
 from flextron_kernels.models.graphs import capture
 from flextron_kernels.models.routers import StaticRouter, TokenRouter, encode_budget, select
 from flextron_kernels.nn import ElasticAttention, ElasticMLP, KVCache
-from flextron_kernels.nn.attention import cap_change, check_cap_change, extend_positions
+from flextron_kernels.nn.attention import extend_positions
 from flextron_kernels.nn.norm import RMSNorm
 from flextron_kernels.ops.checks import (
     FLOAT_DTYPES,
@@ -32,13 +32,10 @@ from flextron_kernels.ops.checks import (
     check_cu_seqlens_values,
     check_tensor,
     host_values,
-    off_group,
     skip_width_value_checks,
     value_checks_enabled,
-    width_range,
 )
 from flextron_kernels.ops.elastic_attention import one_sequence
-from flextron_kernels.ops.elastic_attention_decode import check_request_head_values
 
 Budget = Union[None, float, torch.Tensor]
 
@@ -443,10 +440,9 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
             code = self._budget_code(budget, num_seqs, per_token)
         # Every layer's arguments checked before any cache changes (a failure halfway would
         # leave the layers' caches at different lengths): their values in one copy.
-        with skip_width_value_checks():
-            for layer, cache, plan in zip(self.layers, caches, plans):
-                layer.attn.check_extension(cache, cu, plan["heads"], num_tokens)
-        self._check_extension(caches, cu, num_tokens, [plan["heads"] for plan in plans])
+        self._check_extension(caches, cu, num_tokens, [
+            layer.attn.extension_checks(cache, cu, plan["heads"], num_tokens)
+            for layer, cache, plan in zip(self.layers, caches, plans)])
         if num_tokens == 0:
             return self.embed.weight.new_zeros(*input_ids.shape, self.config.vocab_size)
         _, positions = extend_positions(caches[0].seqlens, cu, num_tokens)
@@ -469,40 +465,29 @@ class FlextronForCausalLM(ElasticBudgets, nn.Module):
                 f"({num_seqs}), got {len(caches)} caches of batch {[c.k.shape[0] for c in caches][:4]}"
             )
 
-    def _check_extension(self, caches: list, cu: torch.Tensor, num_tokens: int, heads: list) -> None:
-        """The values an :meth:`extend` relies on, from one copy to the host: ``cu_seqlens``,
-        the same lengths in every layer's cache, room for the new tokens, and each layer's
-        head counts ``heads`` (per-request tensors in range and multiples of the GQA group;
-        every request's KV cap as its cache recorded it)."""
+    def _check_extension(self, caches: list, cu: torch.Tensor, num_tokens: int, layer_checks: list) -> None:
+        """The values an :meth:`extend` relies on, from one copy to the host: the same
+        lengths in every layer's cache, the model's positions, and each layer's checks
+        (``layer_checks``: :meth:`ElasticAttention.extension_checks` per layer)."""
         if not (cu.numel() > 1 and value_checks_enabled(cu)):
             return
         lengths = torch.stack([c.seqlens.to(torch.int64) for c in caches])  # [layers, B]
-        summaries = [cu, lengths[0] + (cu[1:] - cu[:-1]), (lengths != lengths[0]).any()[None]]
-        for cache, count in zip(caches, heads):
-            if isinstance(count, torch.Tensor):
-                summaries += [width_range(count), off_group(count, self.config.group)]
-            if cache.heads is not None:
-                summaries.append(cap_change(cache, count))
+        summaries = [(lengths != lengths[0]).any()[None]] + [t for layer, _ in layer_checks for t in layer]
         values = host_values(*summaries)
-        check_cu_seqlens_values(values[0], num_tokens)
-        if values[2][0]:
+        first = values[1:1 + len(layer_checks[0][0])]
+        check_cu_seqlens_values(first[0], num_tokens)
+        if values[0][0]:
             raise ValueError("caches: expected every layer's cache to hold the same lengths (the caches of one model's "
                              "requests), got layers that differ")
-        index = 3
-        for i, (cache, count) in enumerate(zip(caches, heads)):
-            if isinstance(count, torch.Tensor):
-                check_request_head_values(values[index], values[index + 1], self.config.layer_heads(i),
-                                          self.config.layer_heads(i) // self.config.group)
-                index += 2
-            if cache.heads is not None:
-                check_cap_change(values[index], cache, count)
-                index += 1
-        room = min(c.k.shape[2] for c in caches)
-        longest = max(values[1], default=0)
+        room, longest = min(c.k.shape[2] for c in caches), max(first[1], default=0)
         if longest > room:
             raise ValueError(f"caches: a request would hold {longest} positions after this extension, past the "
                              f"caches' {room} (new_caches(batch, max_len) makes longer ones)")
         self.config.check_positions(longest, "the caches' lengths after the extension")
+        index = 1
+        for layer, check_values in layer_checks:
+            check_values(values[index:index + len(layer)])
+            index += len(layer)
 
     @staticmethod
     def _check_budget_shape(budget: Budget, num_seqs: int) -> None:

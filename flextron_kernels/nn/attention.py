@@ -235,25 +235,35 @@ class ElasticAttention(nn.Module):
         the cache's requests, ``heads`` (an int or ``[B]``, multiples of the GQA group, and
         the caps the cache was filled with), and room for the new tokens; values from one
         copy to the host (none where value checks are skipped)."""
+        summaries, check_values = self.extension_checks(cache, cu_seqlens, heads, num_tokens)
+        if cache.seqlens.numel() and value_checks_enabled(cu_seqlens):
+            check_values(host_values(*summaries))
+
+    def extension_checks(self, cache: KVCache, cu_seqlens: torch.Tensor, heads: Heads, num_tokens: int):
+        """:meth:`check_extension` in two parts, so that a caller can check several layers
+        from one copy to the host: the checks that need no value run now; returns the
+        tensors whose values the others need (on the device) and the function that checks
+        those values, read on the host (as :func:`host_values` gives them)."""
         batch = cache.seqlens.numel()
         check_tensor("cu_seqlens", cu_seqlens, dtypes=INTEGER_DTYPES, shape=(batch + 1,), device=cache.k.device)
         counts, _ = check_request_heads(heads, batch, self.q_heads, self.kv_heads, cache.k.device)
-        if not (batch and value_checks_enabled(cu_seqlens)):
-            return
         summaries = [cu_seqlens, cache.seqlens + (cu_seqlens[1:] - cu_seqlens[:-1])]
         if counts is not None:
             summaries += [width_range(counts), off_group(counts, self.group)]
         if cache.heads is not None:  # a request that holds positions keeps its cap
             summaries.append(cap_change(cache, heads))
-        values = host_values(*summaries)
-        check_cu_seqlens_values(values[0], num_tokens)
-        if max(values[1]) > cache.k.shape[2]:
-            raise ValueError(f"cache: a request would hold {max(values[1])} positions after this extension, past "
-                             f"its {cache.k.shape[2]} (S_max)")
-        if counts is not None:
-            check_request_head_values(values[2], values[3], self.q_heads, self.kv_heads)
-        if cache.heads is not None:
-            check_cap_change(values[-1], cache, heads)
+
+        def check_values(values):
+            check_cu_seqlens_values(values[0], num_tokens)
+            if max(values[1]) > cache.k.shape[2]:
+                raise ValueError(f"cache: a request would hold {max(values[1])} positions after this extension, past "
+                                 f"its {cache.k.shape[2]} (S_max)")
+            if counts is not None:
+                check_request_head_values(values[2], values[3], self.q_heads, self.kv_heads)
+            if cache.heads is not None:
+                check_cap_change(values[-1], cache, heads)
+
+        return summaries, check_values
 
 
 def cap_change(cache: KVCache, heads: Heads) -> torch.Tensor:
